@@ -1,0 +1,365 @@
+"""The world: zones, listeners, origins, custom hostnames and DNS data, from TOML.
+
+Loading validates everything once and raises `WorldError` with one line naming the
+file and the key, so no user mistake ever surfaces as a traceback. The loaded `World`
+is immutable; run-time changes (model, custom hostname states) make a new one with
+`replace`, so pure code can hold a snapshot without locks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+MODELS = ("host", "v1", "v1-waf", "v2", "v2-strict")
+HOSTNAME_STATUSES = ("pending", "active", "moved", "deleted")
+ORIGIN_KINDS = ("victim", "saas", "collector")
+RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT")
+
+
+class WorldError(ValueError):
+    """A broken world file: `str()` is the one line shown to the user."""
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    host: str
+    port: int
+    zone: str | None = None  # the SaaS zone this dedicated v1 address belongs to
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    hosts: tuple[str, ...]
+    payload: bool = False
+
+
+@dataclass(frozen=True)
+class Origin:
+    name: str
+    kind: str
+    host: str
+    port: int
+    tenants: tuple[Tenant, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class WafRule:
+    id: str
+    expression: str
+    action: str = "block"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class CustomHostname:
+    name: str
+    zone: str
+    status: str = "pending"
+
+
+@dataclass(frozen=True)
+class Zone:
+    name: str
+    origin: str
+    hosts: tuple[str, ...]
+    saas: bool = False
+    cname_target: str | None = None
+    v1_listener: str | None = None
+    v1_allowlisted: bool = False
+    rules: tuple[WafRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class Record:
+    name: str
+    type: str
+    value: str
+    ttl: int
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class World:
+    model: str
+    tlds: tuple[str, ...]
+    listeners: tuple[Listener, ...]
+    origins: tuple[Origin, ...]
+    zones: tuple[Zone, ...]
+    custom_hostnames: tuple[CustomHostname, ...]
+    records: tuple[Record, ...]
+    dns_zones: tuple[str, ...]
+    resolver: Endpoint
+    control: Endpoint
+    source: str = "<memory>"
+    ttl: int = 60
+
+    # Indexes, built once per snapshot: decide() runs on every request.
+    @cached_property
+    def listener_by_name(self) -> dict[str, Listener]:
+        return {l.name: l for l in self.listeners}
+
+    @cached_property
+    def origin_by_name(self) -> dict[str, Origin]:
+        return {o.name: o for o in self.origins}
+
+    @cached_property
+    def zone_by_name(self) -> dict[str, Zone]:
+        return {z.name: z for z in self.zones}
+
+    @cached_property
+    def zone_by_host(self) -> dict[str, Zone]:
+        return {h: z for z in self.zones for h in z.hosts}
+
+    @cached_property
+    def hostname_by_name(self) -> dict[str, CustomHostname]:
+        # A deleted registration is history, not a claim on the name.
+        return {c.name: c for c in self.custom_hostnames if c.status != "deleted"}
+
+    def active_hostnames(self, zone: str) -> tuple[str, ...]:
+        return tuple(c.name for c in self.custom_hostnames if c.zone == zone and c.status == "active")
+
+    def authorized_hosts(self, zone: Zone) -> tuple[str, ...]:
+        """The names a zone's owner sends to its origin: its own and its active custom hostnames."""
+        return zone.hosts + self.active_hostnames(zone.name)
+
+    def with_model(self, model: str) -> "World":
+        if model not in MODELS:
+            raise WorldError(f"unknown model {model!r} (choose from {', '.join(MODELS)})")
+        return dataclasses.replace(self, model=model)
+
+    def with_hostnames(self, hostnames: tuple[CustomHostname, ...]) -> "World":
+        return dataclasses.replace(self, custom_hostnames=tuple(hostnames))
+
+    def with_ports(self, ports: dict[str, int]) -> "World":
+        """Rebind actors (by listener/origin name, or 'resolver'/'control') to other ports."""
+        listeners = tuple(dataclasses.replace(l, port=ports.get(l.name, l.port)) for l in self.listeners)
+        origins = tuple(dataclasses.replace(o, port=ports.get(o.name, o.port)) for o in self.origins)
+        resolver = Endpoint(self.resolver.host, ports.get("resolver", self.resolver.port))
+        control = Endpoint(self.control.host, ports.get("control", self.control.port))
+        return dataclasses.replace(self, listeners=listeners, origins=origins, resolver=resolver, control=control)
+
+    def address_of(self, ref: str) -> str:
+        """Resolve a DNS value `listener:NAME` / `origin:NAME` to an address."""
+        kind, _, name = ref.partition(":")
+        if kind == "listener" and name in self.listener_by_name:
+            return self.listener_by_name[name].host
+        if kind == "origin" and name in self.origin_by_name:
+            return self.origin_by_name[name].host
+        return ref
+
+
+def default_path() -> Path:
+    return Path(str(resources.files("lab") / "lab.toml"))
+
+
+def load(path: str | Path | None = None) -> World:
+    path = Path(path) if path else default_path()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise WorldError(f"{path}: no such file") from None
+    except OSError as e:
+        raise WorldError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise WorldError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise WorldError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, str(path))
+
+
+def parse(data: dict[str, Any], source: str = "<memory>") -> World:
+    return _Parser(source).world(data)
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, msg: str) -> WorldError:
+        return WorldError(f"{self.source}: {key}: {msg}")
+
+    def get(self, table: dict, key: str, where: str, typ: type | tuple, default: Any = ...) -> Any:
+        if key not in table:
+            if default is ...:
+                raise self.fail(f"{where}.{key}" if where else key, "missing")
+            return default
+        value = table[key]
+        if isinstance(value, bool) and typ is int or not isinstance(value, typ):
+            names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise self.fail(f"{where}.{key}" if where else key, f"expected {names}, got {type(value).__name__}")
+        return value
+
+    def ip(self, table: dict, where: str) -> str:
+        value = self.get(table, "host", where, str)
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise self.fail(f"{where}.host", f"not an IP address: {value!r}") from None
+
+    def port(self, table: dict, where: str) -> int:
+        value = self.get(table, "port", where, int)
+        if not 0 <= value <= 65535:
+            raise self.fail(f"{where}.port", f"out of range: {value}")
+        return value
+
+    def name(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, f"expected a host name, got {value!r}")
+        from lab.hostnorm import HostError, normalize
+
+        try:
+            return normalize(value, allow_wildcard=True)
+        except HostError as e:
+            raise self.fail(key, str(e)) from None
+
+    def world(self, data: dict) -> World:
+        lab = self.get(data, "lab", "", dict, {})
+        model = self.get(lab, "model", "lab", str, "v1")
+        if model not in MODELS:
+            raise self.fail("lab.model", f"unknown model {model!r} (choose from {', '.join(MODELS)})")
+        tlds = tuple(self.get(lab, "tlds", "lab", list, ["example", "test"]))
+        resolver_t = self.get(data, "resolver", "", dict, {"host": "127.0.0.2", "port": 5353})
+        control_t = self.get(data, "control", "", dict, {"host": "127.0.0.1", "port": 8000})
+        resolver = Endpoint(self.ip(resolver_t, "resolver"), self.port(resolver_t, "resolver"))
+        control = Endpoint(self.ip(control_t, "control"), self.port(control_t, "control"))
+        ttl = self.get(resolver_t, "ttl", "resolver", int, 60)
+
+        listeners = tuple(self.listener(t, f"listener[{i}]") for i, t in enumerate(self.get(data, "listener", "", list)))
+        origins = tuple(
+            self.origin(n, t, f"origin.{n}") for n, t in self.get(data, "origin", "", dict).items()
+        )
+        zones, hostnames = [], []
+        for i, t in enumerate(self.get(data, "zone", "", list)):
+            zone, hs = self.zone(t, f"zone[{i}]")
+            zones.append(zone)
+            hostnames.extend(hs)
+        dns = self.get(data, "dns", "", dict, {})
+        dns_zones = tuple(self.name(z, "dns.zones") for z in self.get(dns, "zones", "dns", list, []))
+        records = tuple(self.record(t, f"dns.record[{i}]", ttl) for i, t in enumerate(self.get(dns, "record", "dns", list, [])))
+
+        self.check_unique([(l.host, l.port) for l in listeners] + [(o.host, o.port) for o in origins]
+                          + [(resolver.host, resolver.port), (control.host, control.port)],
+                          [f"listener {l.name}" for l in listeners] + [f"origin.{o.name}" for o in origins]
+                          + ["resolver", "control"])
+        self.check_unique([l.name for l in listeners], [f"listener {l.name}" for l in listeners], what="name")
+        self.check_unique([z.name for z in zones], [f"zone {z.name}" for z in zones], what="name")
+        self.check_unique([h.name for h in hostnames], [f"custom hostname {h.name}" for h in hostnames], what="name")
+        self.check_unique([h for z in zones for h in z.hosts], [f"zone {z.name}" for z in zones for _ in z.hosts], what="host")
+        world = World(model=model, tlds=tlds, listeners=listeners, origins=origins, zones=tuple(zones),
+                      custom_hostnames=tuple(hostnames), records=records, dns_zones=dns_zones,
+                      resolver=resolver, control=control, source=self.source, ttl=ttl)
+        self.check_references(world)
+        return world
+
+    def check_unique(self, keys: list, labels: list[str], what: str = "address") -> None:
+        seen: dict = {}
+        for key, label in zip(keys, labels):
+            if key in seen and not (what == "address" and key[1] == 0):
+                shown = f"{key[0]}:{key[1]}" if isinstance(key, tuple) else key
+                raise WorldError(f"{self.source}: {label}: duplicate {what} {shown} (also {seen[key]})")
+            seen.setdefault(key, label)
+
+    def check_references(self, w: World) -> None:
+        for i, z in enumerate(w.zones):
+            if z.origin not in w.origin_by_name:
+                raise self.fail(f"zone[{i}].origin", f"unknown origin {z.origin!r}")
+            if z.v1_listener is not None and z.v1_listener not in w.listener_by_name:
+                raise self.fail(f"zone[{i}].v1_listener", f"unknown listener {z.v1_listener!r}")
+        for i, l in enumerate(w.listeners):
+            if l.zone is not None and l.zone not in w.zone_by_name:
+                raise self.fail(f"listener[{i}].zone", f"unknown zone {l.zone!r}")
+        for i, r in enumerate(w.records):
+            kind, _, name = r.value.partition(":")
+            if r.type in ("A", "AAAA") and kind in ("listener", "origin"):
+                known = w.listener_by_name if kind == "listener" else w.origin_by_name
+                if name not in known:
+                    raise self.fail(f"dns.record[{i}].value", f"unknown {kind} {name!r}")
+            elif r.type in ("A", "AAAA"):
+                try:
+                    addr = ipaddress.ip_address(r.value)
+                except ValueError:
+                    raise self.fail(f"dns.record[{i}].value", f"not an IP address: {r.value!r}") from None
+                if addr.version != (4 if r.type == "A" else 6):
+                    raise self.fail(f"dns.record[{i}].value", f"{r.value} is not an {r.type} address")
+
+    def listener(self, t: dict, where: str) -> Listener:
+        if not isinstance(t, dict):
+            raise self.fail(where, "expected a table")
+        zone = self.get(t, "zone", where, str, None)
+        return Listener(self.get(t, "name", where, str), self.ip(t, where), self.port(t, where),
+                        self.name(zone, f"{where}.zone") if zone else None)
+
+    def origin(self, name: str, t: dict, where: str) -> Origin:
+        if not isinstance(t, dict):
+            raise self.fail(where, "expected a table")
+        kind = self.get(t, "kind", where, str)
+        if kind not in ORIGIN_KINDS:
+            raise self.fail(f"{where}.kind", f"unknown kind {kind!r} (choose from {', '.join(ORIGIN_KINDS)})")
+        tenants = tuple(
+            Tenant(self.get(tt, "name", f"{where}.tenant[{i}]", str),
+                   tuple(self.name(h, f"{where}.tenant[{i}].hosts") for h in self.get(tt, "hosts", f"{where}.tenant[{i}]", list)),
+                   self.get(tt, "payload", f"{where}.tenant[{i}]", bool, False))
+            for i, tt in enumerate(self.get(t, "tenant", where, list, []))
+        )
+        return Origin(name, kind, self.ip(t, where), self.port(t, where), tenants)
+
+    def zone(self, t: dict, where: str) -> tuple[Zone, list[CustomHostname]]:
+        if not isinstance(t, dict):
+            raise self.fail(where, "expected a table")
+        name = self.name(self.get(t, "name", where, str), f"{where}.name")
+        hosts = tuple(self.name(h, f"{where}.hosts") for h in self.get(t, "hosts", where, list))
+        for h in hosts:
+            if h != name and not h.endswith("." + name):
+                raise self.fail(f"{where}.hosts", f"{h} is not inside zone {name}")
+        rules = tuple(
+            WafRule(self.get(r, "id", f"{where}.rule[{i}]", str), self.get(r, "expression", f"{where}.rule[{i}]", str),
+                    self.get(r, "action", f"{where}.rule[{i}]", str, "block"),
+                    self.get(r, "description", f"{where}.rule[{i}]", str, ""))
+            for i, r in enumerate(self.get(t, "rule", where, list, []))
+        )
+        for i, r in enumerate(rules):
+            if r.action not in ("block", "allow"):
+                raise self.fail(f"{where}.rule[{i}].action", f"unknown action {r.action!r} (block or allow)")
+        target = self.get(t, "cname_target", where, str, None)
+        zone = Zone(name, self.get(t, "origin", where, str), hosts, self.get(t, "saas", where, bool, False),
+                    self.name(target, f"{where}.cname_target") if target else None,
+                    self.get(t, "v1_listener", where, str, None), self.get(t, "v1_allowlisted", where, bool, False), rules)
+        hostnames = []
+        for i, h in enumerate(self.get(t, "custom_hostname", where, list, [])):
+            key = f"{where}.custom_hostname[{i}]"
+            status = self.get(h, "status", key, str, "pending")
+            if status not in HOSTNAME_STATUSES:
+                raise self.fail(f"{key}.status", f"unknown status {status!r} (choose from {', '.join(HOSTNAME_STATUSES)})")
+            hostnames.append(CustomHostname(self.name(self.get(h, "name", key, str), f"{key}.name"), name, status))
+        if hostnames and not zone.saas:
+            raise self.fail(f"{where}.custom_hostname", "only a SaaS zone (saas = true) has custom hostnames")
+        return zone, hostnames
+
+    def record(self, t: dict, where: str, ttl: int) -> Record:
+        rtype = self.get(t, "type", where, str).upper()
+        if rtype not in RECORD_TYPES:
+            raise self.fail(f"{where}.type", f"unsupported type {rtype!r} (choose from {', '.join(RECORD_TYPES)})")
+        value = self.get(t, "value", where, str)
+        if rtype == "CNAME":
+            value = self.name(value, f"{where}.value")
+        return Record(self.name(self.get(t, "name", where, str), f"{where}.name"), rtype, value,
+                      self.get(t, "ttl", where, int, ttl))
