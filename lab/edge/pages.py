@@ -1,0 +1,49 @@
+"""The edge's own answers (refusals, upstream failures), looking like a CDN's error pages.
+
+Pure: a Decision in, (status, headers, body) out; both engines serve exactly these bytes.
+"""
+from __future__ import annotations
+
+import html
+import json
+from http import HTTPStatus
+
+from lab.policy import Decision
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{status} {phrase} | sni-lab edge</title>
+<style>body{{font:16px system-ui,sans-serif;margin:3em auto;max-width:42em;color:#222}}
+code{{background:#f3f3f3;padding:.1em .3em}}h1{{color:#b00}}</style></head>
+<body><h1>Error {status}: {phrase}</h1>
+<p>The sni-lab edge answered this request itself; no origin was contacted.</p>
+<p>Lab error code: <code>{code}</code></p><p>{reason}</p>
+<p><small>model <code>{model}</code> &middot; rule <code>{rule}</code></small></p></body></html>
+"""
+
+
+def wants_json(accept: str | None) -> bool:
+    return bool(accept) and "application/json" in accept and "text/html" not in accept
+
+
+def refusal(decision: Decision, accept: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+    status = decision.status
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    if wants_json(accept):
+        body = json.dumps({"status": status, "code": decision.code, "reason": decision.reason,
+                           "model": decision.model, "rule": decision.rule, "host": decision.host}).encode()
+        ctype = "application/json"
+    else:
+        body = _PAGE.format(status=status, phrase=phrase, code=html.escape(decision.code),
+                            reason=html.escape(decision.reason), model=html.escape(decision.model),
+                            rule=html.escape(decision.rule)).encode()
+        ctype = "text/html; charset=utf-8"
+    headers = [("Content-Type", ctype), ("Cache-Control", "no-store"), ("X-Lab-Decision", decision.header())]
+    return status, headers, body
+
+
+def upstream_failure(decision: Decision, error: str, accept: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The decision routed, but the origin could not be reached: 502, saying which and why."""
+    failed = Decision(model=decision.model, rule=decision.rule, status=502, code="origin-unreachable",
+                      reason=f"origin {decision.origin} failed: {error}", host=decision.host)
+    status, headers, body = refusal(failed, accept)
+    return status, headers[:-1] + [("X-Lab-Decision", decision.header())], body

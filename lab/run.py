@@ -1,0 +1,165 @@
+"""The whole world in one process: origins, resolver, edge. Used by `sni-lab up` and tests."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from lab.events import Events
+from lab.pki import LabCA
+from lab.topology import World, load
+
+ENGINES = ("native", "mitmproxy")
+
+
+class Lab:
+    """`async with Lab(world, certs) as lab:` -> everything bound, `lab.endpoints` says where."""
+
+    def __init__(self, world: World, certs_dir: str | Path = "certs", engine: str = "native",
+                 events: Events | None = None, log=lambda msg: None) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}")
+        self.world = world
+        self.engine_name = engine
+        self.events = events or Events()
+        self.ca = LabCA.open(certs_dir, tuple(world.tlds), log=log)
+        self.origins = self.resolver = self.edge = None
+        self.endpoints: dict = {}
+
+    async def start(self) -> dict:
+        from lab.dns import Resolver
+        from lab.origins import Origins
+
+        try:
+            self.origins = Origins(self.world, self.events)
+            bound = await self.origins.start()
+            self.world = self.world.with_ports({name: port for name, (_, port) in bound.items()})
+            self.resolver = Resolver(self.world, self.events)
+            dns_host, dns_port = await self.resolver.start()
+            self.world = self.world.with_ports({"resolver": dns_port})
+            self.edge = self._make_edge()
+            edge_bound = await self.edge.start()
+            self.world = self.world.with_ports({name: port for name, (_, port) in edge_bound.items()})
+            self.edge.set_world(self.world)
+            self.resolver.update_world(self.world)
+        except BaseException:
+            await self.stop()
+            raise
+        self.endpoints = {
+            "model": self.world.model,
+            "engine": self.engine_name,
+            "ca": str(self.ca.cert_path.resolve()),
+            "edge": [{"name": l.name, "host": l.host, "port": l.port, "zone": l.zone} for l in self.world.listeners],
+            "origins": {o.name: o.url for o in self.world.origins},
+            "dns": {"host": dns_host, "port": dns_port},
+        }
+        return self.endpoints
+
+    def _make_edge(self):
+        if self.engine_name == "mitmproxy":
+            try:
+                from lab.edge.mitm import MitmEdge
+            except ImportError:
+                raise RuntimeError("the mitmproxy engine needs the extra: pip install 'sni-lab[mitmproxy]'") from None
+            return MitmEdge(self.world, self.events, self.ca)
+        from lab.edge.native import NativeEdge
+
+        return NativeEdge(self.world, self.events, self.ca)
+
+    def set_world(self, world: World) -> None:
+        self.world = world
+        if self.edge is not None:
+            self.edge.set_world(world)
+        if self.resolver is not None:
+            self.resolver.update_world(world)
+
+    def set_model(self, model: str) -> None:
+        self.set_world(self.world.with_model(model))
+        self.endpoints["model"] = model
+        self.events.emit("lab.model", model=model)
+
+    async def stop(self) -> None:
+        for part in (self.edge, self.resolver, self.origins):
+            if part is not None:
+                await part.stop()
+        self.edge = self.resolver = self.origins = None
+
+    async def __aenter__(self) -> "Lab":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+def bind_hint(e: OSError) -> str:
+    msg = str(e.strerror or e)
+    if e.errno == errno.EADDRINUSE:
+        return f"{msg} (another `sni-lab up` or program holds the port; stop it or pick other ports with --config)"
+    if e.errno == errno.EADDRNOTAVAIL and sys.platform == "darwin":
+        return (f"{msg}: macOS has only 127.0.0.1 on loopback; add the lab's addresses with "
+                f"`for i in 2 10 11 12 31 32 33 34; do sudo ifconfig lo0 alias 127.0.0.$i up; done`, "
+                f"or run the lab with `docker compose up`")
+    return msg
+
+
+def up(args) -> int:
+    from lab.cli import UserError
+
+    world = load(args.config)
+    if args.model:
+        world = world.with_model(args.model)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    return asyncio.run(_serve(world, args))
+
+
+async def _serve(world: World, args) -> int:
+    started = time.perf_counter()
+    lab = Lab(world, args.certs, engine=args.engine, log=lambda m: print(m, file=sys.stderr))
+    try:
+        endpoints = await lab.start()
+    except OSError as e:
+        print(f"sni-lab: error: {bind_hint(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        print(f"sni-lab: error: {e}", file=sys.stderr)
+        return 1
+    state = Path(args.state)
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
+    ready_ms = (time.perf_counter() - started) * 1000
+    if args.json:
+        print(json.dumps({"ready_ms": round(ready_ms, 1), **endpoints}), flush=True)
+    else:
+        print(f"sni-lab ready in {ready_ms:.0f} ms: model {endpoints['model']}, engine {endpoints['engine']}")
+        for l in endpoints["edge"]:
+            print(f"  edge     {l['name']:<10} https://{l['host']}:{l['port']}" + (f"  (v1 address of {l['zone']})" if l["zone"] else ""))
+        for name, url in endpoints["origins"].items():
+            print(f"  origin   {name:<10} {url}")
+        print(f"  dns      {endpoints['dns']['host']}:{endpoints['dns']['port']} (udp+tcp)")
+        print(f"  ca       {endpoints['ca']}")
+        print(f"  try: curl --cacert {endpoints['ca']} --resolve www.victim.example:{endpoints['edge'][1]['port']}:"
+              f"{endpoints['edge'][1]['host']} https://www.victim.example:{endpoints['edge'][1]['port']}/ -i")
+        print(f"  endpoints written to {state / 'endpoints.json'}; Ctrl-C to stop", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    try:
+        await asyncio.wait_for(lab.stop(), 2)
+    except TimeoutError:
+        pass
+    (state / "endpoints.json").unlink(missing_ok=True)
+    print("sni-lab stopped", file=sys.stderr)
+    return 0

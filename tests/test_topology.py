@@ -1,0 +1,95 @@
+"""The world file: the default loads; each kind of mistake is one line naming file and key."""
+import subprocess
+import sys
+
+import pytest
+
+from lab.hostnorm import HostError, normalize
+from lab.topology import WorldError, load, parse
+
+
+def test_default_world(world):
+    assert world.model == "v1"
+    assert {l.name: l.host for l in world.listeners} == {"anycast": "127.0.0.10", "saas-v1": "127.0.0.11",
+                                                          "saas2-v1": "127.0.0.12"}
+    saas = world.zone_by_name["saas.example"]
+    assert saas.saas and saas.v1_allowlisted and saas.v1_listener == "saas-v1"
+    assert not world.zone_by_name["saas2.example"].v1_allowlisted
+    assert world.authorized_hosts(saas)[-1] == "shop.customer.example"
+    assert world.address_of("listener:saas-v1") == "127.0.0.11"
+
+
+def _broken(tmp_path, old, new):
+    from lab.topology import default_path
+
+    text = default_path().read_text()
+    assert old in text
+    path = tmp_path / "lab.toml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ('origin = "victim"', 'origin = "nowhere"', "zone[0].origin: unknown origin 'nowhere'"),
+    ('host = "127.0.0.11"', 'host = "127.0.0.10"', "duplicate address 127.0.0.10:8443"),
+    ('host = "127.0.0.31"', 'host = "127.0.0.300"', "origin.victim.host: not an IP address"),
+    ('model = "v1"', 'model = "v3"', "lab.model: unknown model 'v3'"),
+    ('v1_listener = "saas-v1"', 'v1_listener = "nope"', "zone[1].v1_listener: unknown listener 'nope'"),
+    ('value = "listener:anycast"', 'value = "listener:nope"', "dns.record[0].value: unknown listener 'nope'"),
+    ('port = 8443', 'port = "8443"', "listener[0].port: expected int, got str"),
+    ('status = "active"', 'status = "verified"', "custom_hostname[0].status: unknown status 'verified'"),
+    ('[[zone]]', '[[zone]\n', "not valid TOML"),
+])
+def test_broken_world_names_file_and_key(tmp_path, old, new, expected):
+    path = _broken(tmp_path, old, new)
+    with pytest.raises(WorldError) as e:
+        load(path)
+    assert str(path) in str(e.value)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(WorldError, match="no such file"):
+        load("/nonexistent/lab.toml")
+
+
+@pytest.mark.parametrize("raw,norm", [
+    ("WWW.Victim.Example", "www.victim.example"), ("www.victim.example.", "www.victim.example"),
+    ("www.victim.example:8443", "www.victim.example"), ("www.victim.example.:443", "www.victim.example"),
+    ("bücher.example", "xn--bcher-kva.example"), ("127.0.0.1:80", "127.0.0.1"), ("[::1]:443", "::1"),
+])
+def test_normalize(raw, norm):
+    assert normalize(raw) == norm
+
+
+@pytest.mark.parametrize("raw", ["", "a b.example", "x.example:port", "[::1", "-bad.example", "a..example", "*.example"])
+def test_normalize_rejects(raw):
+    with pytest.raises(HostError):
+        normalize(raw)
+
+
+def test_cli_broken_world_one_line_exit_2(tmp_path):
+    path = _broken(tmp_path, 'origin = "victim"', 'origin = "nowhere"')
+    out = subprocess.run([sys.executable, "-m", "lab", "certs", "show", "--config", str(path), "--certs", str(tmp_path / "c")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "unknown origin 'nowhere'" in out.stderr
+
+
+def test_cli_help_version_and_certs_show(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lab", *a], capture_output=True, text=True)
+    assert "certs" in run("--help").stdout
+    for cmd in (["certs", "--help"], ["up", "--help"], ["dig", "--help"], ["certs", "issue", "--help"]):
+        assert run(*cmd).returncode == 0
+    assert run("--version").stdout.startswith("sni-lab ")
+    shown = run("certs", "show", "--certs", str(tmp_path), "--json")
+    assert shown.returncode == 0
+    import json
+    items = json.loads(shown.stdout)
+    assert items[0]["subject"] == "CN=sni-lab root CA,O=sni-lab" and len(items[0]["sha256"]) == 95
+    issued = run("certs", "issue", "www.google.com", "--certs", str(tmp_path))
+    assert issued.returncode == 2 and "outside the lab TLDs" in issued.stderr
+    bad = run("up", "--model", "v9")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
