@@ -13,7 +13,7 @@ from collections import deque
 from typing import Any, Callable
 
 KINDS = ("dns.answer", "dns.error", "tls.clienthello", "tls.cert", "tls.error", "route.decision",
-         "origin.hit", "hostname.status", "lab.model")
+         "origin.hit", "origin.error", "hostname.status", "lab.model")
 
 Event = dict[str, Any]
 Subscriber = Callable[[Event], None]

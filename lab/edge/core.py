@@ -6,7 +6,6 @@ HTTP/1.1 and HTTP/2 both hand a request here as plain values and get back
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -88,7 +87,6 @@ class EdgeCore:
     async def forward(self, decision: Decision, req: Request, accept: str | None) -> Response:
         origin = self.world.origin_by_name[decision.origin]
         headers = _forward_headers(req, decision.host)
-        started = time.perf_counter()
         try:
             async with self.session.request(req.method, origin.url + req.path_qs, headers=headers,
                                             data=req.body or None, allow_redirects=False) as resp:
@@ -100,12 +98,8 @@ class EdgeCore:
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             error = str(e) or type(e).__name__
-            self.events.emit("origin.hit", trace=req.trace, conn=req.conn, origin=decision.origin, status=None,
-                             error=error, ms=round((time.perf_counter() - started) * 1000, 2))
+            self.events.emit("origin.error", trace=req.trace, conn=req.conn, origin=decision.origin, error=error)
             return pages.upstream_failure(decision, error, accept)
-        stamped = next((v for k, v in out if k.lower() == "x-lab-origin"), None)
-        self.events.emit("origin.hit", trace=req.trace, conn=req.conn, origin=decision.origin, stamped=stamped,
-                         status=status, ms=round((time.perf_counter() - started) * 1000, 2))
         out.append(("X-Lab-Decision", decision.header()))
         return status, out, body
 
