@@ -19,8 +19,13 @@ Event = dict[str, Any]
 Subscriber = Callable[[Event], None]
 
 
+_PREFIX = os.urandom(4).hex()
+_COUNTER = itertools.count(1)
+
+
 def new_trace() -> str:
-    return os.urandom(8).hex()
+    # Unique per process run without a syscall per request: random prefix, then a counter.
+    return f"{_PREFIX}{next(_COUNTER):08x}"
 
 
 class Events:

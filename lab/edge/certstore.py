@@ -19,6 +19,10 @@ def server_context(cert: str | None = None, key: str | None = None) -> ssl.SSLCo
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(ALPN)
+    # No resumption: a resumed session skips the SNI callback, and the lab's point is that
+    # every connection's certificate is chosen by its SNI, in front of the audience.
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
     if cert:
         ctx.load_cert_chain(cert, key)
     return ctx

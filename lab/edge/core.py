@@ -5,19 +5,19 @@ HTTP/1.1 and HTTP/2 both hand a request here as plain values and get back
 """
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
-
-import aiohttp
+from typing import Callable
 
 from lab.edge import pages
+from lab.edge.upstream import OriginPool
 from lab.events import Events
 from lab.policy import Decision, Target, decide
 from lab.topology import Listener, World
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length"})
-MAX_BODY = 16 * 1024 * 1024
 _TRACE = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")
 
 Response = tuple[int, list[tuple[str, str]], bytes]
@@ -48,19 +48,15 @@ class EdgeCore:
     def __init__(self, world: World, events: Events) -> None:
         self.world = world
         self.events = events
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: OriginPool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=512, limit_per_host=256, keepalive_timeout=30, use_dns_cache=False,
-                                         force_close=False, enable_cleanup_closed=False)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                                             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
-                                             timeout=aiohttp.ClientTimeout(total=30, connect=5))
+        self.pool = OriginPool()
 
     async def stop(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def trace_of(self, headers: list[tuple[str, str]], fallback: str) -> str:
         # A probe may name its own trace id so its DNS query and this request tell one story.
@@ -77,31 +73,38 @@ class EdgeCore:
                          method=req.method, path=req.target.path)
         return decision
 
-    async def handle(self, listener: Listener, req: Request) -> Response:
+    def handle(self, listener: Listener, req: Request, respond: Callable[[Response], None]) -> None:
+        """Decide, then answer through `respond` (at once for a refusal, later for a forward)."""
         decision = self.decide(listener, req)
         accept = next((v for k, v in req.headers if k.lower() == "accept"), None)
         if not decision.routed:
-            return pages.refusal(decision, accept)
-        return await self.forward(decision, req, accept)
-
-    async def forward(self, decision: Decision, req: Request, accept: str | None) -> Response:
+            respond(pages.refusal(decision, accept))
+            return
         origin = self.world.origin_by_name[decision.origin]
-        headers = _forward_headers(req, decision.host)
-        try:
-            async with self.session.request(req.method, origin.url + req.path_qs, headers=headers,
-                                            data=req.body or None, allow_redirects=False) as resp:
-                body = await resp.content.read(MAX_BODY + 1)
-                if len(body) > MAX_BODY:
-                    raise aiohttp.ClientPayloadError(f"response larger than {MAX_BODY} bytes")
-                out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers
-                       if k.lower().decode("latin-1") not in HOP_BY_HOP]
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            error = str(e) or type(e).__name__
-            self.events.emit("origin.error", trace=req.trace, conn=req.conn, origin=decision.origin, error=error)
-            return pages.upstream_failure(decision, error, accept)
-        out.append(("X-Lab-Decision", decision.header()))
-        return status, out, body
+
+        def done(status, headers, body) -> None:
+            if status is None:
+                self.events.emit("origin.error", trace=req.trace, conn=req.conn, origin=decision.origin, error=headers)
+                respond(pages.upstream_failure(decision, headers, accept))
+                return
+            out = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+            out.append(("X-Lab-Decision", decision.header()))
+            respond((status, out, body))
+
+        self.pool.request(origin.host, origin.port, _request_bytes(req, decision.host), req.method == "HEAD", done)
+
+    async def handle_async(self, listener: Listener, req: Request) -> Response:
+        future = asyncio.get_running_loop().create_future()
+        self.handle(listener, req, lambda r: future.done() or future.set_result(r))
+        return await future
+
+
+def _request_bytes(req: Request, host: str | None) -> bytes:
+    lines = [f"{req.method} {req.path_qs} HTTP/1.1"]
+    lines += [f"{name}: {value}" for name, value in _forward_headers(req, host)]
+    if req.body or req.method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(req.body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + req.body
 
 
 def _forward_headers(req: Request, host: str | None) -> list[tuple[str, str]]:

@@ -1,70 +1,141 @@
-"""HTTP/1.1 over the edge's TLS connection, served by aiohttp's own server protocol."""
+"""HTTP/1.1 on the edge: aiohttp's request parser (llhttp), responses in order, no task per request.
+
+Requests on one connection are answered strictly in order (pipelining); a request
+without a body is decided and forwarded straight from `data_received`.
+"""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from http import HTTPStatus
 
-from aiohttp import web, web_protocol, web_server
-from multidict import CIMultiDict
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser
+from aiohttp.streams import EMPTY_PAYLOAD
 
 from lab.edge import pages
-from lab.edge.core import EdgeCore, Request, absolute_authority
+from lab.edge.core import EdgeCore, Request, Response, absolute_authority
 from lab.policy import Decision, Target, decide
 
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+MAX_BODY = 1024 * 1024
 
-class _Handler(web_protocol.RequestHandler):
-    """aiohttp's protocol, with the edge's error page for requests its parser refuses."""
 
-    edge: "HTTP1Server"
+class H1Protocol(asyncio.Protocol):
+    def __init__(self, core: EdgeCore, conn) -> None:
+        self.core = core
+        self.conn = conn  # the TLSConnection: our transport
+        self.parser = HttpRequestParser(self, asyncio.get_running_loop(), 2 ** 16, max_line_size=8190,
+                                        max_field_size=8190, auto_decompress=False)
+        self.queue: deque = deque()
+        self.busy = False
+        self.closed = False
+        self._reading_paused = False  # read by aiohttp's StreamReader for request bodies
 
-    def handle_error(self, request, status=500, exc=None, message=None):
-        if status >= 500:
-            return super().handle_error(request, status, exc, message)
-        text = str(getattr(exc, "message", None) or message or exc or "bad request")
-        conn = self.transport
-        listener = conn.listener
+    def connection_made(self, transport) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            messages, _, _ = self.parser.feed_data(data)
+        except HttpProcessingError as e:
+            self.queue.append((None, e))
+        else:
+            self.queue.extend(messages)
+        self._next()
+
+    def _next(self) -> None:
+        while self.queue and not self.busy and not self.closed:
+            message, payload = self.queue.popleft()
+            self.busy = True
+            if message is None:
+                self._malformed(payload)
+            elif payload is EMPTY_PAYLOAD:
+                self._dispatch(message, b"")
+            else:
+                asyncio.get_running_loop().create_task(self._with_body(message, payload))
+
+    async def _with_body(self, message, payload) -> None:
+        try:
+            body = await payload.read()
+        except Exception as e:  # a broken body is the client's mistake: answer it, do not crash
+            self._malformed(e)
+            return
+        if len(body) > MAX_BODY:
+            self._malformed(ValueError(f"request body larger than {MAX_BODY} bytes"))
+            return
+        self._dispatch(message, body)
+
+    def _dispatch(self, message, body: bytes) -> None:
+        conn = self.conn
+        raw = message.path
+        absolute = absolute_authority(raw)
+        path_qs = raw
+        if absolute is not None:
+            rest = raw.split("://", 1)[1]
+            path_qs = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.raw_headers]
+        req = Request(method=message.method,
+                      target=Target(hosts=tuple(v for k, v in headers if k.lower() == "host"), absolute=absolute,
+                                    path=path_qs.split("?", 1)[0]),
+                      path_qs=path_qs, headers=headers, body=body, client=conn.peer[0], sni=conn.sni,
+                      conn=conn.conn_id, trace="")
+        req.trace = self.core.trace_of(headers, conn.next_trace())
+        close = message.should_close
+        self.core.handle(conn.listener, req, lambda response: self._respond(response, close))
+
+    def _respond(self, response: Response, close: bool) -> None:
+        status, headers, body = response
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        lines.append(f"Content-Length: {len(body)}")
+        if close:
+            lines.append("Connection: close")
+        self.conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body)
+        self.busy = False
+        if close:
+            self.closed = True
+            self.conn.close()
+        else:
+            self._next()
+
+    def _malformed(self, exc: Exception) -> None:
+        text = str(getattr(exc, "message", None) or exc or "bad request")
+        conn = self.conn
+        world = self.core.world
         if "Duplicate 'Host'" in text:
             # The parser saw two Host headers; the policy owns what that means.
-            decision = decide(listener, conn.sni, Target(hosts=("?", "?")), self.edge.core.world)
+            decision = decide(conn.listener, conn.sni, Target(hosts=("?", "?")), world)
         else:
-            decision = Decision(model=self.edge.core.world.model, rule="bad-request", status=400, code="bad-request",
-                                reason=f"malformed request: {text}")
-        self.edge.core.events.emit("route.decision", trace=conn.next_trace(), conn=conn.conn_id,
-                                   listener=listener.name, sni=conn.sni, host=None, model=decision.model,
-                                   rule=decision.rule, origin=None, status=decision.status, code=decision.code,
-                                   reason=decision.reason)
-        st, headers, body = pages.refusal(decision)
-        resp = web.Response(status=st, body=body, headers=CIMultiDict(headers))
-        resp.force_close()
-        return resp
+            decision = Decision(model=world.model, rule="bad-request", status=400, code="bad-request",
+                                reason=f"{world.model}: malformed request: {text}")
+        self.core.events.emit("route.decision", trace=conn.next_trace(), conn=conn.conn_id, listener=conn.listener.name,
+                              sni=conn.sni, host=None, model=decision.model, rule=decision.rule, origin=None,
+                              status=decision.status, code=decision.code, reason=decision.reason)
+        self._respond(pages.refusal(decision), close=True)
 
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+        self.conn.pause_reading()
 
-class HTTP1Server:
-    def __init__(self, core: EdgeCore) -> None:
-        self.core = core
-        self.server: web_server.Server | None = None
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        self.conn.resume_reading()
 
-    def protocol(self, conn) -> asyncio.Protocol:
-        if self.server is None:
-            self.server = web_server.Server(self.handle, access_log=None)
-        handler = _Handler(self.server, loop=asyncio.get_running_loop(), access_log=None, keepalive_timeout=75)
-        handler.edge = self
-        return handler
+    def eof_received(self) -> None:
+        try:
+            self.parser.feed_eof()
+        except HttpProcessingError:
+            pass
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        conn = request.transport
-        raw = request.raw_path
-        absolute = absolute_authority(raw)
-        path_qs = request.rel_url.raw_path_qs if absolute else raw
-        req = Request(method=request.method,
-                      target=Target(hosts=tuple(request.headers.getall("Host", ())), absolute=absolute,
-                                    path=request.rel_url.raw_path),
-                      path_qs=path_qs, headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
-                      body=await request.read() if request.body_exists else b"", client=conn.peer[0], sni=conn.sni,
-                      conn=conn.conn_id, trace="")
-        req.trace = self.core.trace_of(req.headers, conn.next_trace())
-        status, headers, body = await self.core.handle(conn.listener, req)
-        return web.Response(status=status, body=body, headers=CIMultiDict(headers))
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.queue.clear()
 
-    async def shutdown(self) -> None:
-        if self.server is not None:
-            await self.server.shutdown(0.5)
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass

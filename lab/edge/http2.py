@@ -91,7 +91,7 @@ class H2Protocol(asyncio.Protocol):
                       conn=self.conn.conn_id, trace="")
         req.trace = self.core.trace_of(plain, self.conn.next_trace())
         try:
-            status, out, payload = await self.core.handle(self.conn.listener, req)
+            status, out, payload = await self.core.handle_async(self.conn.listener, req)
             response = [(":status", str(status))] + [(k.lower(), v) for k, v in out
                                                      if k.lower() not in _CONNECTION_SPECIFIC]
             response.append(("content-length", str(len(payload))))

@@ -5,7 +5,7 @@ import asyncio
 
 from lab.edge.certstore import CertStore, server_context
 from lab.edge.core import EdgeCore
-from lab.edge.http1 import HTTP1Server
+from lab.edge.http1 import H1Protocol
 from lab.edge.http2 import H2Protocol
 from lab.edge.tls import TLSConnection, sni_callback
 from lab.events import Events
@@ -21,7 +21,6 @@ class NativeEdge:
         self.certs = CertStore(ca)
         self.certs.load(world)
         self.core = EdgeCore(world, events)
-        self.http1 = HTTP1Server(self.core)
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[TLSConnection] = set()
         # No certificate on the listener's own context: without SNI, or with an unknown
@@ -39,7 +38,7 @@ class NativeEdge:
         self.core.world = world
 
     def _app(self, conn: TLSConnection, alpn: str) -> asyncio.Protocol:
-        return H2Protocol(self.core, conn) if alpn == "h2" else self.http1.protocol(conn)
+        return H2Protocol(self.core, conn) if alpn == "h2" else H1Protocol(self.core, conn)
 
     def _protocol(self, listener: Listener):
         def factory() -> TLSConnection:
@@ -77,5 +76,4 @@ class NativeEdge:
             await server.wait_closed()
         self.servers.clear()
         self.connections.clear()
-        await self.http1.shutdown()
         await self.core.stop()
