@@ -187,7 +187,14 @@ def load(path: str | Path | None = None) -> World:
 
 
 def parse(data: dict[str, Any], source: str = "<memory>") -> World:
-    return _Parser(source).world(data)
+    world = _Parser(source).world(data)
+    from lab import waf  # waf builds on these types; import here, not at the top
+
+    try:
+        waf.check_world(world)
+    except waf.WafError as e:
+        raise WorldError(f"{source}: {e}".split("\n")[0]) from None  # one line; the caret drawing adds nothing here
+    return world
 
 
 class _Parser:

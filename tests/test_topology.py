@@ -93,3 +93,12 @@ def test_cli_help_version_and_certs_show(tmp_path):
     assert issued.returncode == 2 and "outside the lab TLDs" in issued.stderr
     bad = run("up", "--model", "v9")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_rule_that_does_not_compile_is_rejected_at_load(tmp_path):
+    path = _broken(tmp_path, 'v1_allowlisted = true        # on the v1 allowlist: keeps v1 routing under v1-waf',
+                   'v1_allowlisted = true\n\n[[zone.rule]]\nid = "broken"\nexpression = "http.host == "')
+    with pytest.raises(WorldError) as e:
+        load(path)
+    assert "zone saas.example rule 'broken'" in str(e.value) and str(path) in str(e.value)
+    assert "Syntax error" in str(e.value) and "\n" not in str(e.value)

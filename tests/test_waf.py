@@ -1,0 +1,196 @@
+"""lab.waf: the v1 host allowlist and per-zone CEL rules, without a socket."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lab import topology, waf
+from lab.hostnorm import normalize
+from lab.topology import CustomHostname, WafRule
+
+SAAS = "saas.example"
+
+
+@pytest.fixture(scope="module")
+def world() -> topology.World:
+    return topology.load()
+
+
+def with_rules(world: topology.World, *rules: WafRule, zone: str = SAAS) -> tuple[topology.World, topology.Zone]:
+    zones = tuple(dataclasses.replace(z, rules=rules) if z.name == zone else z for z in world.zones)
+    w = dataclasses.replace(world, zones=zones)
+    return w, w.zone_by_name[zone]
+
+
+def check(world, zone, host, *, path="/", sni=None, dst="127.0.0.11", allowlist=True):
+    return waf.evaluate(world, zone, host=host, sni=host if sni is None else sni, dst=dst, path=path,
+                        include_allowlist=allowlist)
+
+
+# --- the built-in allowlist -------------------------------------------------------------
+
+def test_allowlist_blocks_the_victims_name_on_the_saas_zone(world):
+    hit = check(world, world.zone_by_name[SAAS], "www.victim.example")
+    assert hit == waf.RuleHit(waf.ALLOWLIST_RULE_ID, "block", waf.allowlist_rule().description)
+
+
+@pytest.mark.parametrize("host", ["app.saas.example", "saas.example", "customers.saas.example",
+                                  "shop.customer.example"])  # the last: an ACTIVE custom hostname
+def test_allowlist_lets_authorized_hosts_through(world, host):
+    assert check(world, world.zone_by_name[SAAS], host) is None
+
+
+def test_allowlist_is_only_applied_when_asked(world):
+    # policy.decide asks for it only under v1-waf on allowlisted zones.
+    assert check(world, world.zone_by_name[SAAS], "www.victim.example", allowlist=False) is None
+
+
+@pytest.mark.parametrize("status", ["pending", "moved", "deleted"])
+def test_a_registration_that_is_not_active_authorizes_nothing(world, status):
+    w = world.with_hostnames(world.custom_hostnames + (CustomHostname("newshop.test", SAAS, status),))
+    hit = check(w, w.zone_by_name[SAAS], "newshop.test")
+    assert hit is not None and hit.rule_id == waf.ALLOWLIST_RULE_ID
+
+
+def test_activating_a_hostname_authorizes_it_in_the_next_snapshot(world):
+    pending = world.with_hostnames(world.custom_hostnames + (CustomHostname("newshop.test", SAAS, "pending"),))
+    active = world.with_hostnames(world.custom_hostnames + (CustomHostname("newshop.test", SAAS, "active"),))
+    assert check(pending, pending.zone_by_name[SAAS], "newshop.test") is not None
+    assert check(active, active.zone_by_name[SAAS], "newshop.test") is None
+    # ...and the older snapshot still says no: the cached context is per authorized list.
+    assert check(pending, pending.zone_by_name[SAAS], "newshop.test") is not None
+
+
+@pytest.mark.parametrize("host", ["", "app.saas.example.evil.test", "xapp.saas.example", "saas.example.",
+                                  "APP.SAAS.EXAMPLE", "app.saas.example:8443"])
+def test_empty_lookalike_and_unnormalised_hosts_are_blocked(world, host):
+    # The caller normalises (lab.hostnorm); the rule compares exactly, so anything it
+    # did not normalise fails closed instead of slipping through.
+    assert check(world, world.zone_by_name[SAAS], host) is not None
+
+
+@pytest.mark.parametrize("raw", ["APP.SAAS.EXAMPLE", "app.saas.example.", "App.Saas.Example:8443"])
+def test_normalised_spellings_of_an_authorized_host_pass(world, raw):
+    assert check(world, world.zone_by_name[SAAS], normalize(raw)) is None
+
+
+def hosts(names):
+    return st.one_of(
+        st.sampled_from(names),
+        st.tuples(st.sampled_from(["x", "www.", "-", "a.b."]), st.sampled_from(names)).map("".join),
+        st.sampled_from(names).map(lambda n: n + ".evil.test"),
+        st.from_regex(r"[a-z0-9-]{1,10}(\.[a-z0-9-]{1,10}){0,3}", fullmatch=True),
+        st.text(max_size=30),
+    )
+
+
+_WORLD = topology.load().with_hostnames(topology.load().custom_hostnames
+                                        + (CustomHostname("pending.test", SAAS, "pending"),))
+_NAMES = sorted({h for z in _WORLD.zones for h in z.hosts} | {c.name for c in _WORLD.custom_hostnames})
+
+
+@settings(max_examples=300, deadline=None)
+@given(host=hosts(_NAMES), zone=st.sampled_from(_WORLD.zones))
+def test_property_blocked_iff_host_not_authorized(host, zone):
+    hit = waf.evaluate(_WORLD, zone, host=host, sni=host, dst="127.0.0.11", path="/", include_allowlist=True)
+    assert (hit is not None) == (host not in _WORLD.authorized_hosts(zone))
+
+
+# --- custom rules -----------------------------------------------------------------------
+
+def test_a_custom_rule_blocks_with_its_id_and_description(world):
+    w, z = with_rules(world, WafRule("no-admin", 'http.path.startsWith("/admin")', "block", "admin is internal"))
+    assert check(w, z, "app.saas.example", path="/admin/users") == waf.RuleHit("no-admin", "block", "admin is internal")
+    assert check(w, z, "app.saas.example", path="/shop") is None
+
+
+def test_rules_run_in_order_and_the_allowlist_comes_last(world):
+    w, z = with_rules(world, WafRule("first", 'http.path == "/x"'), WafRule("second", "true"))
+    assert check(w, z, "www.victim.example", path="/x").rule_id == "first"
+    assert check(w, z, "www.victim.example", path="/y").rule_id == "second"
+
+
+def test_an_allow_match_stops_evaluation(world):
+    w, z = with_rules(world, WafRule("health", 'http.path == "/health"', "allow"), WafRule("all", "true"))
+    assert check(w, z, "www.victim.example", path="/health") is None  # skips "all" and the allowlist
+    assert check(w, z, "www.victim.example", path="/").rule_id == "all"
+
+
+def test_an_allow_rule_that_does_not_match_changes_nothing(world):
+    w, z = with_rules(world, WafRule("ops", 'ssl.sni == "ops.saas.example"', "allow"))
+    assert check(w, z, "www.victim.example").rule_id == waf.ALLOWLIST_RULE_ID
+    assert check(w, z, "www.victim.example", sni="ops.saas.example") is None
+
+
+def test_every_field_is_visible_to_rules(world):
+    w, z = with_rules(world, WafRule("all-fields", 'http.host == "app.saas.example" && ssl.sni == "s.test" && '
+                                     'ip.dst == "127.0.0.11" && http.path == "/p" && zone.name == "saas.example" && '
+                                     '"shop.customer.example" in zone.authorized'))
+    assert check(w, z, "app.saas.example", sni="s.test", path="/p", allowlist=False).rule_id == "all-fields"
+    assert check(w, z, "app.saas.example", sni="s.test", path="/q", allowlist=False) is None
+
+
+def test_absent_sni_is_the_empty_string(world):
+    w, z = with_rules(world, WafRule("no-sni", 'ssl.sni == ""'))
+    assert check(w, z, "app.saas.example", sni="", allowlist=False).rule_id == "no-sni"
+    assert check(w, z, "app.saas.example", sni="app.saas.example", allowlist=False) is None
+
+
+# --- failures ---------------------------------------------------------------------------
+
+def test_a_broken_expression_raises_waferror_with_the_compilers_message(world):
+    w, z = with_rules(world, WafRule("ok", "true"), WafRule("bad", "http.host =="))
+    with pytest.raises(waf.WafError) as e:
+        waf.compile_zone(z)
+    assert str(e.value).startswith("zone saas.example rule 'bad': ")
+    assert "Syntax error" in str(e.value) and "http.host ==" in str(e.value)
+    assert isinstance(e.value, ValueError) and e.value.rule_id == "bad"
+    with pytest.raises(waf.WafError, match="rule 'bad'"):
+        waf.check_world(w)
+
+
+def test_evaluate_never_raises_even_on_a_broken_expression(world):
+    w, z = with_rules(world, WafRule("bad", "http.host =="))
+    hit = check(w, z, "app.saas.example")
+    assert hit.rule_id == "bad" and hit.action == "block" and "fail" in hit.description
+
+
+@pytest.mark.parametrize("expression", ['http.nosuch == "x"', 'nosuch.field == "x"', "http.host + 1 == 2",
+                                        "1 / 0 == 1", "http.host"])  # the last is not a bool
+@pytest.mark.parametrize("action", ["block", "allow"])
+def test_a_rule_that_fails_at_evaluation_blocks(world, expression, action):
+    w, z = with_rules(world, WafRule("oops", expression, action, "would be fine"))
+    hit = check(w, z, "app.saas.example", allowlist=False)
+    assert hit is not None and hit.rule_id == "oops" and hit.action == "block"
+    assert "fail closed" in hit.description
+
+
+def test_check_world_accepts_the_default_world(world):
+    waf.check_world(world)
+
+
+def test_compiled_rules_are_reused_not_recompiled(world, monkeypatch):
+    w, z = with_rules(world, WafRule("no-admin", 'http.path.startsWith("/admin")'))
+    waf.check_world(w)
+    assert waf.compile_zone(z) is waf.compile_zone(z)
+
+    def boom(expression):
+        raise AssertionError(f"recompiled {expression!r}")
+
+    monkeypatch.setattr(waf.cel, "compile", boom)
+    assert check(w, z, "app.saas.example", path="/admin").rule_id == "no-admin"
+    assert check(w, z, "www.victim.example").rule_id == waf.ALLOWLIST_RULE_ID
+
+
+def test_waf_is_pure():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(waf))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and m.split(".")[-1] in ("edge", "dns", "control", "origins", "asyncio",
+                                                                    "socket")}
