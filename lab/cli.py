@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from lab import __version__
+from lab.remote import RemoteError
 from lab.topology import MODELS, WorldError, load
 
 
@@ -57,7 +59,54 @@ def build_parser() -> argparse.ArgumentParser:
     dig.add_argument("--server", metavar="HOST:PORT", help="resolver address (default: the running lab's)")
     dig.add_argument("--state", metavar="DIR", default=".lab")
     _add_common(dig)
+    _control_parsers(sub)
     return parser
+
+
+def _state_opts(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--state", metavar="DIR", default=".lab", help="the running lab's state directory (default: .lab/)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _control_parsers(sub) -> None:
+    hosts = sub.add_parser("hostnames", help="custom hostnames of SaaS zones (via the control plane)")
+    hs = hosts.add_subparsers(dest="action", metavar="ACTION")
+    add = _state_opts(hs.add_parser("add", help="register NAME (starts pending)"))
+    add.add_argument("name")
+    add.add_argument("--zone", help="SaaS zone (default: the first SaaS zone of the world)")
+    _state_opts(hs.add_parser("list", help="list custom hostnames and their status"))
+    for action, text in (("verify", "verify now: TXT/HTTP ownership and DNS target"), ("rm", "delete (terminal)")):
+        _state_opts(hs.add_parser(action, help=text)).add_argument("ref", metavar="NAME|ID")
+
+    dns = sub.add_parser("dns", help="DNS admin: records and poisoning overrides (via the control plane)")
+    ds = dns.add_subparsers(dest="action", metavar="ACTION")
+    dset = _state_opts(ds.add_parser("set", help="set a record: NAME TYPE VALUE..."))
+    dset.add_argument("name")
+    dset.add_argument("type", type=str.upper, choices=("A", "AAAA", "CNAME", "TXT"))
+    dset.add_argument("value", nargs="+")
+    dset.add_argument("--ttl", type=int)
+    poison = _state_opts(ds.add_parser("poison", help="force NAME to answer VALUE (an override)"))
+    poison.add_argument("name")
+    poison.add_argument("value", nargs="+")
+    poison.add_argument("--type", default="A", type=str.upper, choices=("A", "AAAA", "CNAME", "TXT"))
+    poison.add_argument("--client", metavar="IP", help="only this client address sees it (targeted poisoning)")
+    poison.add_argument("--expires", type=float, metavar="SECONDS", help="remove it after SECONDS")
+    clear = _state_opts(ds.add_parser("clear", help="remove overrides: one id, every one of a NAME, or all"))
+    clear.add_argument("ref", nargs="?", metavar="NAME|ID")
+    _state_opts(ds.add_parser("list", help="records and overrides"))
+
+    model = _state_opts(sub.add_parser("model", help="show or switch the running edge's model"))
+    model.add_argument("name", nargs="?", choices=MODELS)
+
+    events = _state_opts(sub.add_parser("events", help="the lab's events (DNS, TLS, decisions, origins, hostnames)"))
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--since", type=int, default=0, metavar="ID")
+    events.add_argument("--trace", help="only one client request's story")
+    events.add_argument("--kind", help="only events whose kind starts with this, e.g. route or dns")
+
+    reset = _state_opts(sub.add_parser("reset", help="forget hostnames, DNS changes, model and events (lab stopped)"))
+    reset.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
 
 def _ca(args, log=None):
@@ -127,7 +176,128 @@ def cmd_dig(args) -> int:
     return dig_command(args)
 
 
-COMMANDS = {"certs": cmd_certs, "up": cmd_up, "dig": cmd_dig}
+def _print(args, data, human) -> int:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        human(data)
+    return 0
+
+
+def _hostname_line(h: dict) -> None:
+    print(f"{h['name']:<28} {h['status']:<8} {h['zone']:<16} {h['id']}")
+    print(f"{'':<28} {h['reason']}")
+
+
+def cmd_hostnames(args) -> int:
+    from lab.remote import Api
+
+    if args.action is None:
+        raise UserError("hostnames: choose an action: add, list, verify, rm")
+    api = Api(args.state)
+    if args.action == "add":
+        body = {"hostname": args.name, **({"zone": args.zone} if args.zone else {})}
+        return _print(args, api.call("POST", "/hostnames", body), _hostname_line)
+    if args.action == "list":
+        return _print(args, api.call("GET", "/hostnames"), lambda hs: [_hostname_line(h) for h in hs] or print("none"))
+    from urllib.parse import quote
+
+    ref = quote(args.ref, safe="")
+    if args.action == "verify":
+        return _print(args, api.call("POST", f"/hostnames/{ref}/verify"), _hostname_line)
+    return _print(args, api.call("DELETE", f"/hostnames/{ref}"), _hostname_line)
+
+
+def cmd_dns(args) -> int:
+    from urllib.parse import quote
+
+    from lab.remote import Api
+
+    if args.action is None:
+        raise UserError("dns: choose an action: set, poison, clear, list")
+    api = Api(args.state)
+    show_override = lambda o: print(f"{o['id']}: {o['name']} {o['type']} -> {', '.join(o['values']) or '(no data)'}"
+                                    + (f" for client {o['client']}" if o["client"] else "")
+                                    + (f", expires {time.strftime('%H:%M:%S', time.localtime(o['expires']))}" if o["expires"] else ""))
+    if args.action == "set":
+        body = {"name": args.name, "type": args.type, "value": args.value, **({"ttl": args.ttl} if args.ttl else {})}
+        return _print(args, api.call("POST", "/dns/records", body),
+                      lambda r: print(f"{r['name']} {r['ttl']} {r['type']} {', '.join(r['value'])}"))
+    if args.action == "poison":
+        body = {"name": args.name, "type": args.type, "value": args.value}
+        if args.client:
+            body["client"] = args.client
+        if args.expires is not None:
+            body["expires_in"] = args.expires
+        return _print(args, api.call("POST", "/dns/overrides", body), show_override)
+    if args.action == "clear":
+        refs = [args.ref] if args.ref else sorted({o["id"] for o in api.call("GET", "/dns/overrides")})
+        removed = sum(api.call("DELETE", f"/dns/overrides/{quote(r, safe='')}")["removed"] for r in refs)
+        return _print(args, {"removed": removed}, lambda d: print(f"removed {d['removed']} override(s)"))
+    data = {"records": api.call("GET", "/dns/records"), "overrides": api.call("GET", "/dns/overrides")}
+
+    def human(d):
+        for r in d["records"]:
+            print(f"{r['name']:<40} {r.get('ttl', ''):>5} {r['type']:<5} {', '.join(r['values']) if 'values' in r else r.get('value')}")
+        for o in d["overrides"]:
+            show_override(o)
+    return _print(args, data, human)
+
+
+def cmd_model(args) -> int:
+    from lab.remote import Api
+
+    api = Api(args.state)
+    data = api.call("PUT", "/model", {"model": args.name}) if args.name else api.call("GET", "/model")
+    return _print(args, data, lambda d: print(d["model"]))
+
+
+def _event_line(e: dict) -> str:
+    skip = {"id", "ts", "kind", "trace"}
+    fields = " ".join(f"{k}={v}" for k, v in e.items() if k not in skip and v not in (None, "", []))
+    return f"{time.strftime('%H:%M:%S', time.localtime(e['ts']))} #{e['id']:<6} {e['kind']:<16} {e.get('trace') or '-':<16} {fields}"
+
+
+def cmd_events(args) -> int:
+    from urllib.parse import urlencode
+
+    from lab.remote import Api
+
+    api = Api(args.state)
+    query = urlencode({k: v for k, v in (("since", args.since), ("trace", args.trace), ("kind", args.kind)) if v})
+    if not args.follow:
+        return _print(args, api.call("GET", f"/events?{query}"), lambda es: [print(_event_line(e)) for e in es])
+    try:
+        for e in api.stream(f"/events?{query}"):
+            print(json.dumps(e) if args.json else _event_line(e), flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_reset(args) -> int:
+    from lab.state import State, StateError
+
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError("reset: this forgets every hostname, DNS change and event; pass --yes to confirm")
+        if input(f"forget everything in {args.state}/ (hostnames, DNS changes, model, events)? [y/N] ").lower() not in ("y", "yes"):
+            print("nothing changed")
+            return 1
+    try:
+        state = State(args.state, exclusive=True)
+    except StateError as e:
+        raise UserError(f"reset: {e} (stop the running lab first)", 1) from None
+    try:
+        state.reset()
+    finally:
+        state.close()
+    Path(args.state, "endpoints.json").unlink(missing_ok=True)
+    return _print(args, {"reset": True}, lambda d: print(f"{args.state}/: state cleared; the next `sni-lab up` starts from the world file"))
+
+
+COMMANDS = {"certs": cmd_certs, "up": cmd_up, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
+            "model": cmd_model, "events": cmd_events, "reset": cmd_reset}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
-    except (UserError, WorldError) as e:
+    except (UserError, WorldError, RemoteError) as e:
         print(f"sni-lab: error: {e}", file=sys.stderr)
         return getattr(e, "code", 2)
     except KeyboardInterrupt:

@@ -29,9 +29,9 @@ def new_trace() -> str:
 
 
 class Events:
-    def __init__(self, maxlen: int = 20000) -> None:
+    def __init__(self, maxlen: int = 20000, start_id: int = 1) -> None:
         self._buf: deque[Event] = deque(maxlen=maxlen)
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(start_id)  # continue after the stored log, so ids stay unique
         self._subscribers: list[Subscriber] = []
 
     def emit(self, kind: str, trace: str | None = None, **data: Any) -> Event:
@@ -44,6 +44,9 @@ class Events:
     def since(self, last_id: int = 0, limit: int | None = None) -> list[Event]:
         out = [e for e in self._buf if e["id"] > last_id]
         return out[:limit] if limit else out
+
+    def oldest_id(self) -> int | None:
+        return self._buf[0]["id"] if self._buf else None
 
     def trace(self, trace: str) -> list[Event]:
         return [e for e in self._buf if e["trace"] == trace]

@@ -21,12 +21,27 @@ class Lab:
     """`async with Lab(world, certs) as lab:` -> everything bound, `lab.endpoints` says where."""
 
     def __init__(self, world: World, certs_dir: str | Path = "certs", engine: str = "native",
-                 events: Events | None = None, log=lambda msg: None) -> None:
+                 events: Events | None = None, log=lambda msg: None, state_dir: str | Path | None = None,
+                 model: str | None = None, verify_interval: float | None = None) -> None:
+        """`state_dir` turns on the control plane and durable state; `model` (an explicit
+        choice) wins over the saved one and is saved."""
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}")
-        self.world = world
         self.engine_name = engine
-        self.events = events or Events()
+        self.state = self.control = self.sink = None
+        if state_dir is not None:
+            from lab.state import State
+
+            self.state = State(state_dir, exclusive=True)
+            saved = self.state.get("model")
+            if model:
+                self.state.set("model", model)
+            world = world.with_model(model or saved or world.model)
+        elif model:
+            world = world.with_model(model)
+        self.world = world
+        self.verify_interval = verify_interval
+        self.events = events or Events(start_id=self.state.last_event_id() + 1 if self.state else 1)
         self.ca = LabCA.open(certs_dir, tuple(world.tlds), log=log)
         self.origins = self.resolver = self.edge = None
         self.endpoints: dict = {}
@@ -47,6 +62,8 @@ class Lab:
             self.world = self.world.with_ports({name: port for name, (_, port) in edge_bound.items()})
             self.edge.set_world(self.world)
             self.resolver.update_world(self.world)
+            if self.state is not None:
+                await self._start_control()
         except BaseException:
             await self.stop()
             raise
@@ -58,7 +75,20 @@ class Lab:
             "origins": {o.name: o.url for o in self.world.origins},
             "dns": {"host": dns_host, "port": dns_port},
         }
+        if self.control is not None:
+            self.endpoints["control"] = {"url": self.control.url, "token": self.control.token}
         return self.endpoints
+
+    async def _start_control(self) -> None:
+        from lab.control import VERIFY_INTERVAL, Control
+        from lab.state import EventSink
+
+        self.control = Control(self, self.state, interval=self.verify_interval or VERIFY_INTERVAL)
+        self.control.restore()
+        _, port = await self.control.start(self.world.control.host, self.world.control.port)
+        self.world = self.world.with_ports({"control": port})
+        self.sink = EventSink(self.events, self.state)
+        await self.sink.start()
 
     def _make_edge(self):
         if self.engine_name == "mitmproxy":
@@ -84,10 +114,16 @@ class Lab:
         self.events.emit("lab.model", model=model)
 
     async def stop(self) -> None:
-        for part in (self.edge, self.resolver, self.origins):
+        for part in (self.control, self.edge, self.resolver, self.origins):
             if part is not None:
                 await part.stop()
-        self.edge = self.resolver = self.origins = None
+        self.control = self.edge = self.resolver = self.origins = None
+        if self.sink is not None:
+            await self.sink.close()
+            self.sink = None
+        if self.state is not None:
+            self.state.close()
+            self.state = None
 
     async def __aenter__(self) -> "Lab":
         await self.start()
@@ -112,8 +148,6 @@ def up(args) -> int:
     from lab.cli import UserError
 
     world = load(args.config)
-    if args.model:
-        world = world.with_model(args.model)
     try:
         import uvloop
 
@@ -125,7 +159,14 @@ def up(args) -> int:
 
 async def _serve(world: World, args) -> int:
     started = time.perf_counter()
-    lab = Lab(world, args.certs, engine=args.engine, log=lambda m: print(m, file=sys.stderr))
+    from lab.state import StateError
+
+    try:
+        lab = Lab(world, args.certs, engine=args.engine, log=lambda m: print(m, file=sys.stderr), state_dir=args.state,
+                  model=args.model)
+    except StateError as e:
+        print(f"sni-lab: error: {e}", file=sys.stderr)
+        return 1
     try:
         endpoints = await lab.start()
     except OSError as e:
@@ -135,8 +176,10 @@ async def _serve(world: World, args) -> int:
         print(f"sni-lab: error: {e}", file=sys.stderr)
         return 1
     state = Path(args.state)
-    state.mkdir(parents=True, exist_ok=True)
-    (state / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
+    # 0600: it carries the control plane's token.
+    fd = os.open(state / "endpoints.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(endpoints, indent=2) + "\n")
     ready_ms = (time.perf_counter() - started) * 1000
     if args.json:
         print(json.dumps({"ready_ms": round(ready_ms, 1), **endpoints}), flush=True)
@@ -147,9 +190,11 @@ async def _serve(world: World, args) -> int:
         for name, url in endpoints["origins"].items():
             print(f"  origin   {name:<10} {url}")
         print(f"  dns      {endpoints['dns']['host']}:{endpoints['dns']['port']} (udp+tcp)")
+        print(f"  control  {endpoints['control']['url']}  token {endpoints['control']['token']}")
         print(f"  ca       {endpoints['ca']}")
-        print(f"  try: curl --cacert {endpoints['ca']} --resolve www.victim.example:{endpoints['edge'][1]['port']}:"
-              f"{endpoints['edge'][1]['host']} https://www.victim.example:{endpoints['edge'][1]['port']}/ -i")
+        v1 = next((l for l in endpoints["edge"] if l["zone"]), endpoints["edge"][0])
+        print(f"  try: curl -i --cacert {endpoints['ca']} --resolve www.victim.example:{v1['port']}:{v1['host']} "
+              f"https://www.victim.example:{v1['port']}/")
         print(f"  endpoints written to {state / 'endpoints.json'}; Ctrl-C to stop", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -109,6 +109,7 @@ class World:
     control: Endpoint
     source: str = "<memory>"
     ttl: int = 60
+    challenge_port: int = 80  # where the verifier fetches HTTP ownership tokens
 
     # Indexes, built once per snapshot: decide() runs on every request.
     @cached_property
@@ -153,7 +154,8 @@ class World:
         origins = tuple(dataclasses.replace(o, port=ports.get(o.name, o.port)) for o in self.origins)
         resolver = Endpoint(self.resolver.host, ports.get("resolver", self.resolver.port))
         control = Endpoint(self.control.host, ports.get("control", self.control.port))
-        return dataclasses.replace(self, listeners=listeners, origins=origins, resolver=resolver, control=control)
+        return dataclasses.replace(self, listeners=listeners, origins=origins, resolver=resolver, control=control,
+                                   challenge_port=ports.get("challenge", self.challenge_port))
 
     def address_of(self, ref: str) -> str:
         """Resolve a DNS value `listener:NAME` / `origin:NAME` to an address."""
@@ -249,6 +251,7 @@ class _Parser:
         resolver = Endpoint(self.ip(resolver_t, "resolver"), self.port(resolver_t, "resolver"))
         control = Endpoint(self.ip(control_t, "control"), self.port(control_t, "control"))
         ttl = self.get(resolver_t, "ttl", "resolver", int, 60)
+        challenge_port = self.get(control_t, "challenge_port", "control", int, 80)
 
         listeners = tuple(self.listener(t, f"listener[{i}]") for i, t in enumerate(self.get(data, "listener", "", list)))
         origins = tuple(
@@ -273,7 +276,8 @@ class _Parser:
         self.check_unique([h for z in zones for h in z.hosts], [f"zone {z.name}" for z in zones for _ in z.hosts], what="host")
         world = World(model=model, tlds=tlds, listeners=listeners, origins=origins, zones=tuple(zones),
                       custom_hostnames=tuple(hostnames), records=records, dns_zones=dns_zones,
-                      resolver=resolver, control=control, source=self.source, ttl=ttl)
+                      resolver=resolver, control=control, source=self.source, ttl=ttl,
+                      challenge_port=challenge_port)
         self.check_references(world)
         return world
 

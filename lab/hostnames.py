@@ -1,0 +1,239 @@
+"""The life of a custom hostname of a SaaS zone (DESIGN.md glossary; issue [4]).
+
+    pending --(ownership proven + DNS points at the zone's target)--> active
+    active  --(DNS no longer points at the target)------------------> moved
+    moved   --(points again + ownership proven again)---------------> active
+    any     --(delete)----------------------------------------------> deleted (terminal)
+
+v1 routed a registration as soon as it existed, which is the whole flaw: anyone could
+claim www.victim.example. v2 routes only `active` hostnames, and `active` needs proof of
+control that a mere tenant of the SaaS cannot forge: a token in the name's own DNS
+(TXT) or on its own web server (HTTP). Pointing DNS at the target is not proof — a
+poisoned resolver makes any name point anywhere.
+
+Pure: no I/O, no clock, no randomness. The control plane passes in time, ids and tokens,
+and the verifier (I/O) condenses what it saw into `Evidence`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from lab import topology
+from lab.hostnorm import HostError, is_ip, normalize
+
+TXT_PREFIX = "_sni-lab-custom-hostname"
+HTTP_PREFIX = "/.well-known/sni-lab-custom-hostname-challenge/"
+STATUSES = topology.HOSTNAME_STATUSES
+# `ownership` of a hostname declared active in the world file: no proof was ever run.
+OWNERSHIP_WORLD = "world"
+
+
+class HostnameError(ValueError):
+    """A user mistake (bad name, unknown zone, duplicate...): `str()` is the one line to show."""
+
+
+def txt_name(hostname: str) -> str:
+    return f"{TXT_PREFIX}.{hostname}"
+
+
+def http_path(record: "Hostname | str") -> str:
+    """The challenge path; by id (not name) so a re-registration gets a fresh path."""
+    return HTTP_PREFIX + (record if isinstance(record, str) else record.id)
+
+
+@dataclass(frozen=True)
+class Hostname:
+    id: str
+    name: str
+    zone: str
+    status: str
+    txt_token: str
+    http_token: str
+    reason: str
+    created: float
+    updated: float
+    ownership: str | None = None  # "txt" | "http" once proven ("world" when seeded active)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["txt_name"] = txt_name(self.name)
+        d["http_path"] = http_path(self)
+        d["routable"] = routable(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Hostname":
+        """Inverse of `to_dict` (derived keys are ignored)."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    def as_custom_hostname(self) -> topology.CustomHostname:
+        return topology.CustomHostname(self.name, self.zone, self.status)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the verifier found, once, for one hostname.
+
+    Trust note for the verifier: the evidence is only as good as where it was fetched
+    from. Resolve through the lab resolver *without* client-targeted overrides, and do
+    not fetch the HTTP token through the SaaS edge itself (a name poisoned to the SaaS
+    address would reach the SaaS origin, where the attacker is a tenant).
+    """
+    txt: tuple[str, ...]      # TXT strings at txt_name(hostname); () if none / NXDOMAIN
+    http: str | None          # body served at http_path; None when unreachable / not 200
+    points_to_target: bool    # resolves (CNAME chain or same addresses) to the zone's cname_target
+    dns: str                  # short description for reasons: "CNAME customers.saas.example", "NXDOMAIN"
+
+
+@dataclass(frozen=True)
+class Transition:
+    hostname: str
+    zone: str
+    old: str
+    new: str
+    reason: str
+
+
+def create(name: str, zone: str, *, world: topology.World, existing: Iterable[Hostname], id: str,
+           txt_token: str, http_token: str, now: float) -> Hostname:
+    """A new registration: always `pending`, whoever asks and whatever DNS says today."""
+    if not id or not txt_token or not http_token:
+        # An empty token would be "found" in an empty TXT string or an empty HTTP body.
+        raise ValueError("create() needs a non-empty id, txt_token and http_token")
+    host = _hostname(name)
+    z = _saas_zone(zone, world)
+    if not any(host.endswith("." + tld) for tld in world.tlds):
+        # The lab CA is name-constrained to these: it could never issue this name's certificate.
+        raise HostnameError(f"{host} is outside the lab's TLDs ({', '.join('.' + t for t in world.tlds)})")
+    if host in z.hosts or host == z.cname_target:
+        raise HostnameError(f"{host} is already a name of zone {z.name}, not a custom hostname")
+    existing = list(existing)
+    if any(e.id == id for e in existing):
+        raise ValueError(f"hostname id {id!r} is already used")
+    # `existing` (the control plane's state) is authoritative for every name it knows,
+    # deleted ones included; the world file's declarations count only for the others.
+    known = {e.name for e in existing}
+    claims = [(e.name, e.zone, e.status) for e in existing]
+    claims += [(c.name, c.zone, c.status) for c in world.custom_hostnames if c.name not in known]
+    for other, other_zone, status in claims:
+        if other == host and status != "deleted":
+            raise HostnameError(f"{host} is already registered as a custom hostname of {other_zone} ({status})")
+    reason = (f"add TXT {txt_name(host)} = {txt_token} or serve {http_token} at {http_path(id)}; "
+              f"point {host} at {z.cname_target}")
+    return Hostname(id, host, z.name, "pending", txt_token, http_token, reason, now, now)
+
+
+def from_world(c: topology.CustomHostname, *, id: str, txt_token: str, http_token: str, now: float,
+               source: str = "the world file") -> Hostname:
+    """Adopt a hostname the world file declares (the seed), e.g. on the first start with empty state."""
+    ownership = OWNERSHIP_WORLD if c.status == "active" else None
+    return Hostname(id, c.name, c.zone, c.status, txt_token, http_token,
+                    f"declared {c.status} in {source}", now, now, ownership)
+
+
+def verify(h: Hostname, ev: Evidence, *, target: str, now: float) -> tuple[Hostname, Transition | None]:
+    """Apply one round of evidence. Returns `h` itself when nothing changed (nothing to save)."""
+    if h.status == "deleted":
+        return h, None
+    via = _ownership(h, ev)
+    dns = _show(ev.dns, 80, quote=False)
+    if h.status == "pending":
+        if via and ev.points_to_target:
+            return _move(h, "active", f"ownership proven by {via.upper()}; {h.name} points at {target} ({dns})",
+                         now, ownership=via)
+        if via:
+            return _note(h, f"ownership proven by {via.upper()}; {h.name} does not point at {target} yet ({dns})",
+                         now), None
+        return _note(h, _not_owned(h, ev) + f"; {h.name}: {dns}", now), None
+    if h.status == "active":
+        # Ownership is not re-checked: removing the TXT after activation is normal. DNS is.
+        if not ev.points_to_target:
+            return _move(h, "moved", f"DNS no longer points at {target} ({dns})", now)
+        return h, None
+    # moved: the name left us, so coming back needs fresh proof (it may have changed hands).
+    if not ev.points_to_target:
+        return _note(h, f"DNS still does not point at {target} ({dns})", now), None
+    if via:
+        return _move(h, "active", f"{h.name} points at {target} again ({dns}); ownership proven by {via.upper()}",
+                     now, ownership=via)
+    return _note(h, f"{h.name} points at {target} again ({dns}) but " + _not_owned(h, ev), now), None
+
+
+def delete(h: Hostname, *, now: float) -> tuple[Hostname, Transition]:
+    if h.status == "deleted":
+        raise HostnameError(f"{h.name} is already deleted")
+    return _move(h, "deleted", f"deleted (was {h.status})", now)
+
+
+def routable(h: Hostname) -> bool:
+    return h.status == "active"
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _hostname(name: str) -> str:
+    if not isinstance(name, str):
+        raise HostnameError(f"expected a host name, got {name!r}")
+    try:
+        host = normalize(name)  # no wildcards: one registration proves one name
+    except HostError as e:
+        raise HostnameError(str(e)) from None
+    if is_ip(host):
+        raise HostnameError(f"{host} is an IP address, not a host name")
+    if "." not in host:
+        raise HostnameError(f"{host} is not a fully qualified name")
+    if "_" in host:
+        # Not a valid host name for a certificate, and keeps the TXT_PREFIX namespace ours.
+        raise HostnameError(f"{host}: underscores are not allowed in a host name")
+    if len(txt_name(host)) > 253:
+        raise HostnameError(f"{host} is too long for its TXT record name {TXT_PREFIX}.<name>")
+    return host
+
+
+def _saas_zone(zone: str, world: topology.World) -> topology.Zone:
+    try:
+        z = world.zone_by_name.get(normalize(zone)) if isinstance(zone, str) else None
+    except HostError:
+        z = None
+    if z is None:
+        raise HostnameError(f"unknown zone {zone!r}")
+    if not z.saas:
+        raise HostnameError(f"zone {z.name} is not a SaaS zone; only a SaaS zone has custom hostnames")
+    if not z.cname_target:
+        raise HostnameError(f"SaaS zone {z.name} has no cname_target to point custom hostnames at")
+    return z
+
+
+def _ownership(h: Hostname, ev: Evidence) -> str | None:
+    # Exact matches only, and never an empty token (create() refuses them; seeds could not).
+    if h.txt_token and h.txt_token in ev.txt:
+        return "txt"
+    if h.http_token and ev.http is not None and ev.http.strip() == h.http_token:
+        return "http"
+    return None
+
+
+def _not_owned(h: Hostname, ev: Evidence) -> str:
+    found_txt = ", ".join(_show(t) for t in ev.txt[:3]) + (f" (+{len(ev.txt) - 3} more)" if len(ev.txt) > 3 else "")
+    found_http = "nothing" if ev.http is None else _show(ev.http)
+    return (f"ownership not proven: looked for TXT {txt_name(h.name)} = {h.txt_token}, found {found_txt or 'none'}; "
+            f"looked for {h.http_token} at {http_path(h)}, found {found_http}")
+
+
+def _show(s: str, limit: int = 40, quote: bool = True) -> str:
+    """Evidence is written by whoever controls the name: keep reasons one short printable line."""
+    s = "".join(c if c.isprintable() else "?" for c in str(s).strip())
+    s = s[:limit] + "..." if len(s) > limit else s
+    return f'"{s}"' if quote else s
+
+
+def _note(h: Hostname, reason: str, now: float) -> Hostname:
+    return h if reason == h.reason else dataclasses.replace(h, reason=reason, updated=now)
+
+
+def _move(h: Hostname, new: str, reason: str, now: float, **changes: Any) -> tuple[Hostname, Transition]:
+    moved = dataclasses.replace(h, status=new, reason=reason, updated=now, **changes)
+    return moved, Transition(h.name, h.zone, h.status, new, reason)

@@ -1,0 +1,405 @@
+"""Durable state of a running lab, in one SQLite file: `<state dir>/state.db`.
+
+Keeps what a restart must not lose: custom hostnames, DNS records and overrides set
+through the admin, settings (e.g. the model) and the event log. stdlib sqlite3 in WAL
+mode: readers never block the writer, and a commit is an append to the WAL (fsync only
+at checkpoints with synchronous=NORMAL), cheap enough for batched event writes.
+
+Every write is one transaction, so a failure leaves nothing half-written. Every SQLite
+error leaves this module as `StateError` with one line naming the file (or, for a
+duplicate live hostname, `HostnameError`), so no user ever sees a traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from lab.events import Event, Events
+from lab.hostnames import Hostname, HostnameError
+from lab.hostnorm import HostError, normalize
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "state.db"
+LOCK_NAME = "state.lock"
+SCHEMA_VERSION = 1
+# PRAGMA application_id marks the file as ours ("SNIL"), so a foreign SQLite file is refused.
+APPLICATION_ID = 0x534E494C
+
+SCHEMA = """
+CREATE TABLE hostnames (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, zone TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'active', 'moved', 'deleted')),
+    txt_token TEXT NOT NULL, http_token TEXT NOT NULL, reason TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL, ownership TEXT);
+-- At most one live registration per name, even if two API calls race past create().
+CREATE UNIQUE INDEX hostnames_live_name ON hostnames (name) WHERE status != 'deleted';
+CREATE TABLE records (
+    name TEXT NOT NULL, type TEXT NOT NULL, value TEXT NOT NULL, ttl INTEGER NOT NULL,
+    PRIMARY KEY (name, type, value));
+-- id has no declared type: it round-trips as given (str or int).
+CREATE TABLE overrides (
+    id PRIMARY KEY NOT NULL, name TEXT NOT NULL, type TEXT NOT NULL, value TEXT NOT NULL,
+    client TEXT, expires REAL, ttl INTEGER NOT NULL);
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, trace TEXT, data TEXT NOT NULL);
+"""
+TABLES = ("hostnames", "records", "overrides", "settings", "events")
+HOSTNAME_FIELDS = ("id", "name", "zone", "status", "txt_token", "http_token", "reason", "created", "updated",
+                   "ownership")
+OVERRIDE_FIELDS = ("id", "name", "type", "value", "client", "expires", "ttl")
+OVERRIDE_TTL = 60
+
+
+class StateError(RuntimeError):
+    """The state database cannot be used: `str()` is the one line shown to the user."""
+
+
+class State:
+    """One connection, guarded by a lock: the event sink writes from a worker thread."""
+
+    def __init__(self, directory: str | Path = ".lab", *, exclusive: bool = False, timeout: float = 5.0) -> None:
+        """`exclusive`: hold an advisory lock on the directory while open (for `sni-lab up`
+        and `reset`, so two labs never share state). `timeout`: how long to wait for another
+        process' write lock before StateError."""
+        self.directory = Path(directory)
+        self.path = self.directory / DB_NAME
+        self._lock = threading.RLock()
+        self._lockfile: int | None = None
+        self._db: sqlite3.Connection | None = None
+        try:
+            # 0700: tokens and the event log are nobody else's business (umask can only narrow it).
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if exclusive:
+                self._lockfile = _lock(self.directory / LOCK_NAME, self.directory)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            if os.stat(self.path).st_mode & 0o077:
+                os.chmod(self.path, 0o600)  # WAL and shm files copy the db file's mode
+        except OSError as e:
+            self.close()
+            raise StateError(f"{self.path}: cannot open: {e.strerror}") from None
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
+            self._db.row_factory = sqlite3.Row
+            with self._errors():
+                self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        db = self._db
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+        if app_id != APPLICATION_ID and (app_id or version or has_tables):
+            raise StateError(f"{self.path}: not an sni-lab state database")
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{self.path}: written by a newer sni-lab (schema {version}, this one knows "
+                             f"{SCHEMA_VERSION})")
+        if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise StateError(f"{self.path}: cannot switch to WAL mode (network file system?)")
+        db.execute("PRAGMA synchronous=NORMAL")
+        if version == 0:
+            with self._tx() as c:
+                # Re-read under the write lock: another process may have created it meanwhile.
+                if c.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    # Statement by statement: executescript() would COMMIT on its own, mid-transaction.
+                    for stmt in filter(str.strip, SCHEMA.split(";")):
+                        c.execute(stmt)
+                    c.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                    c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # Future schema versions migrate here, one `if version < N:` step each.
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if self._lockfile is not None:
+                os.close(self._lockfile)  # releases the flock
+                self._lockfile = None
+
+    def __enter__(self) -> "State":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Translate SQLite's exceptions into one line naming the file."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            msg = str(e)
+            if "not a database" in msg:
+                raise StateError(f"{self.path}: not an sni-lab state database (not SQLite)") from None
+            if "locked" in msg or "busy" in msg:
+                raise StateError(f"{self.path}: is locked by another process") from None
+            if "malformed" in msg or "corrupt" in msg:
+                raise StateError(f"{self.path}: corrupted ({msg}); move it away to start afresh") from None
+            raise StateError(f"{self.path}: {msg}") from None
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it or nothing. BEGIN IMMEDIATE takes the write
+        lock up front, so a busy database fails here rather than halfway."""
+        with self._lock, self._errors():
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may already have rolled back (disk full, ...)
+                    db.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock, self._errors():
+            return self._conn().execute(sql, tuple(args)).fetchall()
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StateError(f"{self.path}: state is closed")
+        return self._db
+
+    # -- custom hostnames ----------------------------------------------------------
+
+    def hostnames(self, include_deleted: bool = True) -> list[Hostname]:
+        where = "" if include_deleted else "WHERE status != 'deleted'"
+        return [_hostname(r) for r in self._read(f"SELECT * FROM hostnames {where} ORDER BY created, rowid")]
+
+    def hostname(self, id_or_name: str) -> Hostname | None:
+        """By id; else by name: the live registration, or the latest deleted one (history)."""
+        rows = self._read("SELECT * FROM hostnames WHERE id = ?", (id_or_name,))
+        if not rows:
+            try:
+                name = normalize(id_or_name)
+            except (HostError, TypeError):
+                return None
+            rows = self._read("SELECT * FROM hostnames WHERE name = ? "
+                              "ORDER BY status = 'deleted', updated DESC LIMIT 1", (name,))
+        return _hostname(rows[0]) if rows else None
+
+    def save_hostname(self, h: Hostname) -> None:
+        cols = ", ".join(HOSTNAME_FIELDS)
+        updates = ", ".join(f"{f} = excluded.{f}" for f in HOSTNAME_FIELDS[1:])
+        with self._tx() as db:
+            try:
+                db.execute(f"INSERT INTO hostnames ({cols}) VALUES ({', '.join('?' * len(HOSTNAME_FIELDS))}) "
+                           f"ON CONFLICT (id) DO UPDATE SET {updates}",
+                           tuple(getattr(h, f) for f in HOSTNAME_FIELDS))
+            except sqlite3.IntegrityError as e:
+                if "hostnames.name" not in str(e):
+                    raise
+                # The unique index caught a race that create()'s duplicate check could not see.
+                raise HostnameError(f"{h.name} is already registered as a custom hostname") from None
+
+    # -- DNS admin -----------------------------------------------------------------
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._read("SELECT name, type, value, ttl FROM records ORDER BY rowid")]
+
+    def set_record(self, name: str, rtype: str, value: str | Iterable[str], ttl: int) -> None:
+        """Replace the whole RRset (name, type): setting a CNAME moves it, it does not add a second.
+        Pass a list of values for an RRset of several (two A addresses, several TXT strings)."""
+        values = [value] if isinstance(value, str) else list(dict.fromkeys(value))
+        with self._tx() as db:
+            db.execute("DELETE FROM records WHERE name = ? AND type = ?", (name, rtype.upper()))
+            db.executemany("INSERT INTO records (name, type, value, ttl) VALUES (?, ?, ?, ?)",
+                           [(name, rtype.upper(), v, ttl) for v in values])
+
+    def delete_record(self, name: str, rtype: str | None = None) -> int:
+        with self._tx() as db:
+            if rtype is None:
+                return db.execute("DELETE FROM records WHERE name = ?", (name,)).rowcount
+            return db.execute("DELETE FROM records WHERE name = ? AND type = ?", (name, rtype.upper())).rowcount
+
+    def overrides(self) -> list[dict[str, Any]]:
+        """All overrides, expired ones included until purge_expired() runs."""
+        cols = ", ".join(OVERRIDE_FIELDS)
+        return [dict(r) for r in self._read(f"SELECT {cols} FROM overrides ORDER BY rowid")]
+
+    def save_override(self, d: dict[str, Any]) -> None:
+        """Upsert by d["id"]. Keys: id, name, type, value, [client], [expires: epoch], [ttl]."""
+        unknown = set(d) - set(OVERRIDE_FIELDS)
+        missing = {"id", "name", "type", "value"} - set(d)
+        if unknown or missing:
+            raise ValueError(f"override: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+        row = {"client": None, "expires": None, "ttl": OVERRIDE_TTL, **d}
+        row["type"] = str(row["type"]).upper()
+        cols = ", ".join(OVERRIDE_FIELDS)
+        updates = ", ".join(f"{f} = excluded.{f}" for f in OVERRIDE_FIELDS[1:])
+        with self._tx() as db:
+            db.execute(f"INSERT INTO overrides ({cols}) VALUES ({', '.join('?' * len(OVERRIDE_FIELDS))}) "
+                       f"ON CONFLICT (id) DO UPDATE SET {updates}", tuple(row[f] for f in OVERRIDE_FIELDS))
+
+    def delete_override(self, id: Any) -> int:
+        with self._tx() as db:
+            return db.execute("DELETE FROM overrides WHERE id = ?", (id,)).rowcount
+
+    def purge_expired(self, now: float) -> int:
+        with self._tx() as db:
+            return db.execute("DELETE FROM overrides WHERE expires IS NOT NULL AND expires <= ?", (now,)).rowcount
+
+    # -- settings ------------------------------------------------------------------
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        rows = self._read("SELECT value FROM settings WHERE key = ?", (key,))
+        return rows[0][0] if rows else default
+
+    def set(self, key: str, value: str | None) -> None:
+        """`None` removes the key. Values are strings: callers own their encoding."""
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"setting {key!r}: expected str, got {type(value).__name__}")
+        with self._tx() as db:
+            if value is None:
+                db.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                db.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # -- events --------------------------------------------------------------------
+
+    def add_events(self, events: list[Event]) -> int:
+        """Append a batch in one transaction; returns how many were stored.
+
+        An id already stored is skipped, so re-delivering a batch is harmless; a shortfall
+        means the in-memory counter restarted below last_event_id() (see Events start)."""
+        rows = [(e["id"], e["ts"], e["kind"], e.get("trace"),
+                 json.dumps({k: v for k, v in e.items() if k not in ("id", "ts", "kind", "trace")},
+                            default=str, separators=(",", ":")))
+                for e in events]
+        with self._tx() as db:
+            # executemany's rowcount sums the rows each statement inserted.
+            # ON CONFLICT (id), not OR IGNORE: that would also silently skip a NOT NULL violation.
+            return db.executemany("INSERT INTO events (id, ts, kind, trace, data) VALUES (?, ?, ?, ?, ?) "
+                                  "ON CONFLICT (id) DO NOTHING", rows).rowcount
+
+    def events(self, since: int = 0, limit: int = 1000) -> list[Event]:
+        rows = self._read("SELECT id, ts, kind, trace, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                          (since, limit))
+        return [{"id": r["id"], "ts": r["ts"], "kind": r["kind"], "trace": r["trace"], **json.loads(r["data"])}
+                for r in rows]
+
+    def last_event_id(self) -> int:
+        return self._read("SELECT coalesce(max(id), 0) FROM events")[0][0]
+
+    # -- everything ----------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Delete everything (`sni-lab reset`); the schema stays."""
+        with self._tx() as db:
+            for table in TABLES:
+                db.execute(f"DELETE FROM {table}")
+
+
+def _hostname(row: sqlite3.Row) -> Hostname:
+    return Hostname(**{f: row[f] for f in HOSTNAME_FIELDS})
+
+
+def _lock(path: Path, directory: Path) -> int:
+    """An advisory lock held while the State is open, so two labs never share one state dir."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; SQLite's own locking still protects the data
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateError(f"{directory}: is locked by another process (is `sni-lab up` running?)") from None
+    return fd
+
+
+class EventSink:
+    """Copies every event of `events` into `state`, in batches, off the request path.
+
+    `emit()` only appends to a bounded deque here; a task writes the batch every
+    `interval` seconds in a worker thread. If the database cannot keep up (locked, slow
+    disk) the oldest events are dropped and counted in `dropped`, never the process' memory.
+    """
+
+    def __init__(self, events: Events, state: State, interval: float = 0.5, max_buffer: int = 10000) -> None:
+        self.events = events
+        self.state = state
+        self.interval = interval
+        self.max_buffer = max_buffer
+        self.dropped = 0        # events lost because the buffer was full
+        self.skipped = 0        # events whose id was already stored
+        self.flushes = 0        # batches written
+        self.last_error: str | None = None
+        self._buf: collections.deque[Event] = collections.deque()
+        self._unsubscribe: Any = None
+        self._task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+
+    def _push(self, event: Event) -> None:
+        if len(self._buf) >= self.max_buffer:
+            self._buf.popleft()
+            self.dropped += 1
+        self._buf.append(event)
+
+    async def start(self) -> None:
+        # Events emitted before the sink started (startup) are still in the ring buffer.
+        last = await asyncio.to_thread(self.state.last_event_id)
+        for event in self.events.since(last):
+            self._push(event)
+        self._unsubscribe = self.events.subscribe(self._push)
+        self._task = asyncio.create_task(self._run(), name="lab.state.EventSink")
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._buf:
+            return
+        batch = list(self._buf)
+        self._buf.clear()
+        try:
+            stored = await asyncio.to_thread(self.state.add_events, batch)
+        except (StateError, sqlite3.Error) as e:
+            # Keep the batch for the next round, ahead of newer events, within the bound.
+            self.last_error = str(e)
+            log.warning("event log: %s (%d events kept for retry)", e, len(batch))
+            newer = list(self._buf)
+            self._buf.clear()
+            for event in batch + newer:
+                self._push(event)
+            return
+        self.flushes += 1
+        if stored < len(batch):
+            if not self.skipped:
+                log.warning("event log: ids already stored were skipped; start Events after "
+                            "State.last_event_id() so ids stay unique across restarts")
+            self.skipped += len(batch) - stored
+
+    async def close(self) -> None:
+        """Stop, then write what is left. Never cancels a write halfway."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await self.flush()

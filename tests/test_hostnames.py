@@ -1,0 +1,227 @@
+"""The custom hostname state machine (issue [4]): a registration routes nothing until its
+owner proves control of the name, and DNS pointing at the target is never proof."""
+import dataclasses
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lab.hostnames import (Evidence, Hostname, HostnameError, create, delete, from_world, http_path, routable,
+                           txt_name, verify)
+
+TARGET = "customers.saas.example"
+POISONED = Evidence(txt=(), http=None, points_to_target=True, dns="A 127.0.0.11 (override)")
+_ids = itertools.count(1)
+
+
+def new(world, name="www.newshop.test", zone="saas.example", existing=(), now=100.0):
+    n = next(_ids)
+    return create(name, zone, world=world, existing=existing, id=f"h{n}", txt_token=f"txt-{n}",
+                  http_token=f"http-{n}", now=now)
+
+
+def owned_txt(h, points=True, dns="CNAME customers.saas.example"):
+    return Evidence(txt=("v=spf1 -all", h.txt_token), http=None, points_to_target=points, dns=dns)
+
+
+def test_create_is_pending_and_says_what_to_do(world):
+    h = new(world, "WWW.NewShop.Test.")
+    assert (h.name, h.zone, h.status, h.ownership) == ("www.newshop.test", "saas.example", "pending", None)
+    assert h.created == h.updated == 100.0
+    assert not routable(h)
+    assert txt_name(h.name) == "_sni-lab-custom-hostname.www.newshop.test"
+    assert http_path(h) == f"/.well-known/sni-lab-custom-hostname-challenge/{h.id}"
+    assert f"add TXT {txt_name(h.name)} = {h.txt_token}" in h.reason
+    assert http_path(h) in h.reason and h.http_token in h.reason
+    assert h.reason.endswith(f"point www.newshop.test at {TARGET}")
+    d = h.to_dict()
+    assert d["txt_name"] == txt_name(h.name) and d["http_path"] == http_path(h) and d["routable"] is False
+    assert Hostname.from_dict(d) == h
+    c = h.as_custom_hostname()
+    assert (c.name, c.zone, c.status) == ("www.newshop.test", "saas.example", "pending")
+
+
+def test_attacker_claiming_the_victim_stays_pending(world):
+    # v1 never checked: registering another zone's name is allowed, it just never routes.
+    h = new(world, "www.victim.example")
+    forged = [
+        POISONED,
+        Evidence(txt=("txt-guess", h.txt_token.upper(), " " + h.txt_token), http="<html>attacker page</html>",
+                 points_to_target=True, dns="CNAME customers.saas.example"),
+        Evidence(txt=(), http="", points_to_target=True, dns="A 127.0.0.11"),
+        Evidence(txt=(h.http_token,), http=h.txt_token, points_to_target=True, dns="A 127.0.0.11"),
+        Evidence(txt=(), http=None, points_to_target=False, dns="A 127.0.0.10"),
+    ]
+    for i in range(50):
+        h, t = verify(h, forged[i % len(forged)], target=TARGET, now=200.0 + i)
+        assert t is None and h.status == "pending" and not routable(h)
+        assert h.ownership is None
+    assert "ownership not proven" in h.reason
+
+
+def test_not_owned_reason_names_what_was_looked_for_and_found(world):
+    h = new(world, "www.victim.example")
+    ev = Evidence(txt=("something-else\nsecond line",), http="x" * 500, points_to_target=True, dns="A 127.0.0.11")
+    h2, t = verify(h, ev, target=TARGET, now=101.0)
+    assert t is None and h2.status == "pending" and h2.updated == 101.0
+    assert txt_name(h.name) in h2.reason and h.txt_token in h2.reason and http_path(h) in h2.reason
+    assert "something-else?second line" in h2.reason and "A 127.0.0.11" in h2.reason
+    assert "\n" not in h2.reason and len(h2.reason) < 400  # one line, evidence truncated
+    # Same evidence again: nothing changed, the very same object comes back (nothing to save).
+    h3, t = verify(h2, ev, target=TARGET, now=102.0)
+    assert h3 is h2 and t is None
+
+
+def test_legit_txt_and_cname_is_active_in_one_verify(world):
+    h = new(world)
+    h2, t = verify(h, owned_txt(h), target=TARGET, now=150.0)
+    assert h2.status == "active" and h2.ownership == "txt" and routable(h2)
+    assert h2.updated == 150.0 and h2.created == h.created
+    assert t is not None and (t.hostname, t.zone, t.old, t.new) == (h.name, "saas.example", "pending", "active")
+    assert t.reason == h2.reason and "TXT" in t.reason and TARGET in t.reason
+
+
+def test_http_token_proves_ownership(world):
+    h = new(world)
+    ev = Evidence(txt=(), http=f"  {h.http_token}\n", points_to_target=True, dns="CNAME customers.saas.example")
+    h2, t = verify(h, ev, target=TARGET, now=150.0)
+    assert h2.status == "active" and h2.ownership == "http" and t.new == "active"
+
+
+def test_owned_but_not_pointing_stays_pending(world):
+    h = new(world)
+    h2, t = verify(h, owned_txt(h, points=False, dns="A 203.0.113.9"), target=TARGET, now=150.0)
+    assert t is None and h2.status == "pending" and not routable(h2)
+    assert h2.reason == (f"ownership proven by TXT; www.newshop.test does not point at {TARGET} yet "
+                         "(A 203.0.113.9)")
+    h3, t = verify(h2, owned_txt(h), target=TARGET, now=160.0)
+    assert h3.status == "active" and t.old == "pending"
+
+
+def test_active_moves_when_dns_changes_and_comes_back(world):
+    h = new(world)
+    active, _ = verify(h, owned_txt(h), target=TARGET, now=150.0)
+    # Still pointing, token gone: activation does not depend on keeping the TXT.
+    same, t = verify(active, Evidence((), None, True, "CNAME customers.saas.example"), target=TARGET, now=151.0)
+    assert same is active and t is None
+    moved, t = verify(active, Evidence((), None, False, "CNAME elsewhere.example"), target=TARGET, now=160.0)
+    assert moved.status == "moved" and not routable(moved)
+    assert (t.old, t.new) == ("active", "moved")
+    assert t.reason == f"DNS no longer points at {TARGET} (CNAME elsewhere.example)"
+    still, t = verify(moved, Evidence((), None, False, "NXDOMAIN"), target=TARGET, now=161.0)
+    assert still.status == "moved" and t is None and "NXDOMAIN" in still.reason
+    # Back at the target but without proof: the name may have changed hands.
+    back, t = verify(still, Evidence((), None, True, "CNAME customers.saas.example"), target=TARGET, now=162.0)
+    assert back.status == "moved" and t is None and "ownership not proven" in back.reason
+    again, t = verify(back, owned_txt(h), target=TARGET, now=170.0)
+    assert again.status == "active" and (t.old, t.new) == ("moved", "active") and routable(again)
+
+
+def test_deleted_is_terminal(world):
+    h = new(world)
+    active, _ = verify(h, owned_txt(h), target=TARGET, now=150.0)
+    gone, t = delete(active, now=200.0)
+    assert gone.status == "deleted" and (t.old, t.new) == ("active", "deleted") and not routable(gone)
+    for ev in (owned_txt(h), POISONED, owned_txt(h, points=False)):
+        same, t = verify(gone, ev, target=TARGET, now=300.0)
+        assert same is gone and t is None
+    with pytest.raises(HostnameError, match="already deleted"):
+        delete(gone, now=301.0)
+
+
+def test_duplicate_registration_refused_unless_deleted(world):
+    h = new(world)
+    with pytest.raises(HostnameError, match="www.newshop.test is already registered .* saas.example"):
+        new(world, "www.NEWSHOP.test", existing=[h])
+    with pytest.raises(HostnameError, match="already registered"):
+        new(world, "www.newshop.test", zone="saas2.example", existing=[h])  # any zone
+    gone, _ = delete(h, now=101.0)
+    again = new(world, "www.newshop.test", zone="saas2.example", existing=[gone])
+    assert again.status == "pending" and again.zone == "saas2.example" and again.id != h.id
+
+
+def test_world_declared_hostnames_count_unless_state_knows_them(world):
+    with pytest.raises(HostnameError, match="shop.customer.example is already registered"):
+        new(world, "shop.customer.example")
+    seed = from_world(world.hostname_by_name["shop.customer.example"], id="seed1", txt_token="t", http_token="u",
+                      now=1.0, source="lab.toml")
+    assert seed.status == "active" and seed.ownership == "world" and routable(seed)
+    assert seed.reason == "declared active in lab.toml"
+    gone, _ = delete(seed, now=2.0)
+    assert new(world, "shop.customer.example", existing=[gone]).status == "pending"
+
+
+@pytest.mark.parametrize("zone,message", [
+    ("nope.example", "unknown zone 'nope.example'"),
+    ("not a zone", "unknown zone"),
+    ("victim.example", "zone victim.example is not a SaaS zone"),
+])
+def test_unknown_or_non_saas_zone_refused(world, zone, message):
+    with pytest.raises(HostnameError, match=message):
+        new(world, zone=zone)
+
+
+def test_zone_names_are_normalised(world):
+    assert new(world, "a.newshop.test", zone="SaaS.Example.").zone == "saas.example"
+
+
+@pytest.mark.parametrize("name,message", [
+    ("", "empty host"),
+    ("   ", "empty host"),
+    ("bad host.example", "bad host"),
+    ("-x.example", "bad host"),
+    ("*.newshop.test", "bad host"),
+    ("127.0.0.11", "IP address"),
+    ("::1", "IP address"),
+    ("localhost", "not a fully qualified name"),
+    ("_acme.newshop.test", "underscores"),
+    ("www.newshop.com", "outside the lab's TLDs"),
+    (("a" * 60 + ".") * 3 + "b" * 40 + ".newshop.test", "too long for its TXT record name"),
+    ("app.saas.example", "already a name of zone saas.example"),
+    (TARGET, "already a name of zone saas.example"),
+])
+def test_bad_names_refused(world, name, message):
+    with pytest.raises(HostnameError, match=message):
+        new(world, name)
+
+
+def test_another_zones_names_may_be_registered(world):
+    # The SaaS provider's own names under another SaaS zone: allowed, pending like any other.
+    assert new(world, "app.saas.example", zone="saas2.example").status == "pending"
+
+
+def test_empty_tokens_are_a_programming_error(world):
+    with pytest.raises(ValueError, match="non-empty"):
+        create("x.newshop.test", "saas.example", world=world, existing=(), id="x", txt_token="", http_token="h",
+               now=0.0)
+    # Even a hand-built record with empty tokens is never "proven" by empty evidence.
+    h = dataclasses.replace(new(world), txt_token="", http_token="")
+    h2, _ = verify(h, Evidence(("",), "", True, "A 127.0.0.11"), target=TARGET, now=1.0)
+    assert h2.status == "pending"
+
+
+# -- property: no evidence without the token ever activates -------------------------
+
+TOKEN_TXT, TOKEN_HTTP = "txt-secret-token", "http-secret-token"
+no_token_txt = st.lists(st.text(max_size=30).filter(lambda s: s != TOKEN_TXT), max_size=4).map(tuple)
+no_token_http = st.none() | st.text(max_size=30).filter(lambda s: s.strip() != TOKEN_HTTP)
+forged_evidence = st.builds(Evidence, txt=no_token_txt, http=no_token_http, points_to_target=st.booleans(),
+                            dns=st.text(max_size=40))
+
+
+def _hostname(world, status):
+    h = create("www.victim.example", "saas.example", world=world, existing=(), id="p", txt_token=TOKEN_TXT,
+               http_token=TOKEN_HTTP, now=0.0)
+    return dataclasses.replace(h, status=status)
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=st.sampled_from(["pending", "moved", "deleted"]), evidence=st.lists(forged_evidence, max_size=20))
+def test_no_forged_evidence_ever_activates(world, start, evidence):
+    h = _hostname(world, start)
+    for i, ev in enumerate(evidence):
+        h, t = verify(h, ev, target=TARGET, now=float(i + 1))
+        assert h.status != "active" and not routable(h)
+        assert t is None or t.new != "active"
+        assert "\n" not in h.reason
