@@ -60,7 +60,34 @@ def build_parser() -> argparse.ArgumentParser:
     dig.add_argument("--state", metavar="DIR", default=".lab")
     _add_common(dig)
     _control_parsers(sub)
+    _scenario_parsers(sub)
     return parser
+
+
+def _scenario_parsers(sub) -> None:
+    def common(p, several_models: bool = True):
+        p.add_argument("--model", metavar="M[,M]" if several_models else "M",
+                       help="models to run (default: all)" if several_models else "the model (default: the world's)")
+        p.add_argument("--engine", metavar="E[,E]", help="engines: native, mitmproxy (several: compare verdicts)")
+        p.add_argument("--scenarios", metavar="DIR", help="scenario directory (default: the project's scenarios/)")
+        p.add_argument("--fresh", action="store_true", help="start a lab in-process even if one is running")
+        _state_opts(p)
+        p.add_argument("--config", metavar="PATH", help="world file (default: the packaged lab.toml)")
+        p.add_argument("--certs", metavar="DIR", default="certs")
+
+    run = sub.add_parser("run", help="run scenarios under every model and judge them",
+                         description="Run NAME... (files in scenarios/, paths, or directories).")
+    run.add_argument("names", nargs="+", metavar="NAME")
+    common(run)
+    matrix = sub.add_parser("matrix", help="the whole catalog x models, as a table of verdicts")
+    matrix.add_argument("--tag", action="append", help="only scenarios with this tag (repeatable)")
+    common(matrix)
+    for p in (run, matrix):
+        p.add_argument("--junit", metavar="FILE", help="also write JUnit XML")
+        p.add_argument("--markdown", metavar="FILE", help="also write a Markdown report")
+    explain = sub.add_parser("explain", help="one case told step by step: DNS, SNI, certificate, decision, origin, verdict")
+    explain.add_argument("name", metavar="NAME")
+    common(explain, several_models=False)
 
 
 def _state_opts(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -296,7 +323,17 @@ def cmd_reset(args) -> int:
     return _print(args, {"reset": True}, lambda d: print(f"{args.state}/: state cleared; the next `sni-lab up` starts from the world file"))
 
 
-COMMANDS = {"certs": cmd_certs, "up": cmd_up, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
+def cmd_scenarios(args) -> int:
+    from lab.matrix import explain_command, run_command
+    from lab.scenarios import ScenarioError
+
+    try:
+        return explain_command(args) if args.command == "explain" else run_command(args)
+    except ScenarioError as e:
+        raise UserError(str(e)) from None
+
+
+COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
             "model": cmd_model, "events": cmd_events, "reset": cmd_reset}
 
 

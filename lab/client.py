@@ -77,16 +77,18 @@ def _cert_names(sslobj) -> list[str]:
 
 
 async def probe(address: str, port: int, sni: str | None, requests: list[dict], ca: str, http2: bool = False,
-                timeout: float = 5.0) -> Outcome:
-    """requests: dicts with `host` (Host or :authority; None to omit), `path`, `method`, `headers` (extra
+                timeout: float = 5.0, local_addr: str | None = None) -> Outcome:
+    """`local_addr` picks the client's source address (127.0.0.0/8 has many).
+
+    requests: dicts with `host` (Host or :authority; None to omit), `path`, `method`, `headers` (extra
     (name, value) pairs) or `raw` (bytes sent as-is over HTTP/1.x, for what a polite client won't send)."""
     out = Outcome(address, port, sni)
     started = time.perf_counter()
     ctx = client_context(ca, ["h2"] if http2 else ["http/1.1"])
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(address, port, ssl=ctx, server_hostname=sni or None,
-                                    ssl_handshake_timeout=timeout), timeout)
+            asyncio.open_connection(address, port, ssl=ctx, server_hostname=sni or None, ssl_handshake_timeout=timeout,
+                                    local_addr=(local_addr, 0) if local_addr else None), timeout)
     except ssl.SSLCertVerificationError as e:
         out.tls_error = f"certificate rejected: {e.verify_message}"
         out.ms = (time.perf_counter() - started) * 1000
@@ -153,7 +155,10 @@ async def _chunked(reader: asyncio.StreamReader) -> bytes:
 
 async def _h2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: list[dict]) -> list[Response]:
     """Several requests on one HTTP/2 connection, as a browser coalescing hosts would send them."""
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    # No outbound validation: the probe must be able to send what a polite client would not
+    # (a host header disagreeing with :authority) to see what the edge makes of it.
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8",
+                                                                validate_outbound_headers=False))
     conn.initiate_connection()
     streams: dict[int, list] = {}
     for req in requests:

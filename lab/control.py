@@ -171,7 +171,7 @@ class Control:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
         r = app.router
         r.add_get("/health", self.health)
-        r.add_get("/openapi.json", lambda _: _json(spec()))
+        r.add_get("/openapi.json", self.openapi)
         r.add_get("/hostnames", self.list_hostnames)
         r.add_post("/hostnames", self.create_hostname)
         r.add_get("/hostnames/{ref}", self.get_hostname)
@@ -232,6 +232,9 @@ class Control:
         if h is None:
             raise ApiError(404, f"no custom hostname {request.match_info['ref']!r}")
         return h
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _json(spec())
 
     async def health(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "model": self.lab.world.model, "engine": self.lab.engine_name})

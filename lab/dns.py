@@ -18,6 +18,7 @@ parse, and TCP clients are bounded in number, size and idle time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import itertools
@@ -63,7 +64,8 @@ class Override:
     created: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "name": self.name, "type": self.type, "values": list(self.values),
+        value = self.values[0] if len(self.values) == 1 else list(self.values) or None  # as given
+        return {"id": self.id, "name": self.name, "type": self.type, "value": value, "values": list(self.values),
                 "client": self.client, "expires": self.expires, "ttl": self.ttl, "created": self.created}
 
 
@@ -86,6 +88,9 @@ class _Limiter:
 
 
 class Resolver:
+    """The lab resolver: `await start()`, then change what it says with set_record,
+    delete_record, set_override, remove_override and update_world at any time."""
+
     # Tunables, per instance (tests shorten the timeout).
     tcp_idle_timeout = 10.0
     max_tcp_clients = 128
@@ -129,7 +134,7 @@ class Resolver:
             if (other == "CNAME") != (rtype == "CNAME") and self._effective(name, other):
                 self._edits[(name, other)] = ()
         self._edits[(name, rtype)] = tuple((v, ttl) for v in values)
-        self._serial += 1
+        self._serial = (self._serial + 1) & 0xFFFFFFFF
         self._rebuild()
 
     def delete_record(self, name: str, rtype: str | None = None) -> int:
@@ -141,7 +146,7 @@ class Resolver:
             count += len(self._effective(name, t))
             self._edits[(name, t)] = ()
         if count:
-            self._serial += 1
+            self._serial = (self._serial + 1) & 0xFFFFFFFF
             self._rebuild()
         return count
 
@@ -353,7 +358,7 @@ class Resolver:
             answer = []
         # The whole event but its id and time, built once per cache entry: the client
         # is part of the cache key so that a hit costs a single emit. Few keys on purpose.
-        fields = {"name": name, "type": qtype, "rcode": RCODE.get(rcode, str(rcode)),
+        fields = {"name": name, "type": qtype, "rcode": "BADVERS" if rcode == BADVERS else RCODE.get(rcode, str(rcode)),
                   "answers": [_text(r[3]) for r in answer], "client": client, "transport": transport,
                   "poisoned": bool(used), "override": used[0].id if used else None}
         if truncated:
@@ -509,18 +514,27 @@ class Resolver:
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         """Listen on UDP and TCP; port 0 picks a port free for both. Returns (host, port)."""
+        if self._udp is not None:
+            raise RuntimeError(f"the resolver is already listening on {self.address[0]}:{self.address[1]}")
         host = host or self.world.resolver.host
         port = self.world.resolver.port if port is None else port
         udp, tcp = _bind_pair(host, port)
         loop = asyncio.get_running_loop()
-        self._udp, _ = await loop.create_datagram_endpoint(lambda: _UDP(self, udp), sock=udp)
+        self._udp, self._udp_proto = await loop.create_datagram_endpoint(lambda: _UDP(self, udp), sock=udp)
         self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp, limit=MAX_QUERY + 2)
         self.address = (host, tcp.getsockname()[1])
         return self.address
 
+    @property
+    def tcp_clients(self) -> int:
+        """TCP connections being served now (at most max_tcp_clients)."""
+        return len(self._tcp_tasks)
+
     async def stop(self) -> None:
         if self._udp is not None:
             self._udp.close()
+            with contextlib.suppress(TimeoutError):  # the port is free when stop() returns
+                await asyncio.wait_for(asyncio.shield(self._udp_proto.closed), 1)
             self._udp = None
         if self._tcp is not None:
             self._tcp.close()
@@ -587,6 +601,7 @@ class _UDP(asyncio.DatagramProtocol):
         # send buffer is full the answer is dropped, never queued (UDP clients retry),
         # so memory stays bounded under a flood.
         self.sendto = sock.sendto
+        self.closed = asyncio.get_running_loop().create_future()
 
     def datagram_received(self, data: bytes, addr) -> None:
         # Resolver.answer, inlined: this is the path every query takes.
@@ -608,6 +623,10 @@ class _UDP(asyncio.DatagramProtocol):
 
     def error_received(self, exc) -> None:
         pass  # ICMP errors from clients that went away
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
@@ -680,16 +699,18 @@ class _UDPClient(asyncio.DatagramProtocol):
 
 
 async def query(name: str, rtype: str = "A", host: str = "127.0.0.2", port: int = 5353, tcp: bool = False,
-                timeout: float = 2.0) -> DNSRecord:
+                timeout: float = 2.0, source: str | None = None) -> DNSRecord:
     """Ask the lab resolver; a truncated UDP answer is asked again over TCP, like dig.
+    `source` picks the client address (a targeted poisoning answers one address only).
 
     Raises ValueError (bad name or type), TimeoutError, OSError (refused, unreachable)."""
-    return (await _query(name, rtype, host, port, tcp, timeout))[0]
+    return (await _query(name, rtype, host, port, tcp, timeout, source))[0]
 
 
-async def _query(name: str, rtype: str, host: str, port: int, tcp: bool, timeout: float) -> tuple[DNSRecord, str]:
+async def _query(name: str, rtype: str, host: str, port: int, tcp: bool, timeout: float,
+                 source: str | None = None) -> tuple[DNSRecord, str]:
     t = str(rtype).upper()
-    if not hasattr(QTYPE, t) or t == "OPT":
+    if _qtype_code(t) is None:
         raise ValueError(f"unknown record type {rtype!r}")
     try:
         label = DNSLabel(name)
@@ -700,7 +721,8 @@ async def _query(name: str, rtype: str, host: str, port: int, tcp: bool, timeout
     data = q.pack()
     if not tcp:
         loop = asyncio.get_running_loop()
-        udp, proto = await loop.create_datagram_endpoint(lambda: _UDPClient(q.header.id), remote_addr=(host, port))
+        udp, proto = await loop.create_datagram_endpoint(lambda: _UDPClient(q.header.id), remote_addr=(host, port),
+                                                         local_addr=(source, 0) if source else None)
         try:
             udp.sendto(data)
             reply = DNSRecord.parse(await asyncio.wait_for(proto.done, timeout))
@@ -708,13 +730,24 @@ async def _query(name: str, rtype: str, host: str, port: int, tcp: bool, timeout
             udp.close()
         if not reply.header.tc:
             return reply, "UDP"
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, local_addr=(source, 0) if source else None), timeout)
     try:
         writer.write(len(data).to_bytes(2, "big") + data)
         size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), timeout), "big")
         return DNSRecord.parse(await asyncio.wait_for(reader.readexactly(size), timeout)), "TCP"
     finally:
         writer.close()
+
+
+def _qtype_code(rtype: str) -> int | None:
+    """The number of a query type by name (A, TXT, TYPE65...), None when unknown."""
+    if rtype == "OPT":
+        return None
+    try:
+        return getattr(QTYPE, rtype)
+    except Exception:  # noqa: BLE001 - dnslib raises DNSError for unknown names
+        return None
 
 
 def _server_of(args) -> tuple[str, int]:
@@ -742,7 +775,7 @@ def dig_command(args) -> int:
         return code
 
     rtype = str(getattr(args, "type", None) or "A").upper()
-    if not hasattr(QTYPE, rtype) or rtype == "OPT":
+    if _qtype_code(rtype) is None:
         return fail(f"unknown record type {rtype!r} (e.g. A, AAAA, CNAME, TXT, NS, SOA)", 2)
     try:
         name = normalize(args.name, allow_wildcard=True)

@@ -13,18 +13,48 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
+from lab.edge import pages
 from lab.edge.core import EdgeCore, Request
-from lab.policy import Target
+from lab.policy import Decision, Target
 
 MAX_REQUEST_BODY = 1024 * 1024
 _CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+
+
+_PSEUDO = frozenset({":method", ":scheme", ":path", ":authority"})
+
+
+def malformed(headers: list[tuple[str, str]]) -> str | None:
+    """What h2's inbound validation would have said (RFC 9113 8.2-8.3), minus the host check."""
+    seen_regular = False
+    pseudo = {}
+    for name, value in headers:
+        if not name or name != name.lower() or any(c in name for c in "\r\n\0 ") or ":" in name[1:]:
+            return f"bad header name {name!r}"
+        if any(c in value for c in "\r\n\0"):
+            return f"bad value in header {name}"
+        if name.startswith(":"):
+            if seen_regular or name not in _PSEUDO or name in pseudo:
+                return f"misplaced or unknown pseudo-header {name}"
+            pseudo[name] = value
+        else:
+            seen_regular = True
+            if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
+                return f"connection-specific header {name}"
+    missing = [p for p in (":method", ":scheme", ":path") if p not in pseudo]
+    if missing and pseudo.get(":method") != "CONNECT":
+        return f"missing {', '.join(missing)}"
+    return None
 
 
 class H2Protocol(asyncio.Protocol):
     def __init__(self, core: EdgeCore, conn) -> None:
         self.core = core
         self.conn = conn  # the TLSConnection: our transport
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        # h2 would kill the whole connection over a host header that disagrees with :authority;
+        # the policy answers that request with a 400 instead, so the edge checks headers itself.
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8", validate_inbound_headers=False))
         self.streams: dict[int, tuple[list, bytearray]] = {}
         self.tasks: dict[int, asyncio.Task] = {}
         self.window_open = asyncio.Event()
@@ -81,6 +111,10 @@ class H2Protocol(asyncio.Protocol):
 
     async def _respond(self, stream_id: int) -> None:
         headers, body = self.streams.pop(stream_id)
+        problem = malformed(headers)
+        if problem:
+            self._refuse_malformed(stream_id, problem)
+            return
         pseudo = {k: v for k, v in headers if k.startswith(":")}
         plain = [(k, v) for k, v in headers if not k.startswith(":")]
         path = pseudo.get(":path", "/")
@@ -102,6 +136,22 @@ class H2Protocol(asyncio.Protocol):
             pass
         finally:
             self.tasks.pop(stream_id, None)
+
+    def _refuse_malformed(self, stream_id: int, problem: str) -> None:
+        world = self.core.world
+        decision = Decision(model=world.model, rule="bad-request", status=400, code="bad-request",
+                            reason=f"{world.model}: malformed HTTP/2 request: {problem}")
+        self.core.events.emit("route.decision", trace=self.conn.next_trace(), conn=self.conn.conn_id,
+                              listener=self.conn.listener.name, sni=self.conn.sni, host=None, model=decision.model,
+                              rule=decision.rule, origin=None, status=400, code=decision.code, reason=decision.reason)
+        status, out, payload = pages.refusal(decision)
+        try:
+            self.h2.send_headers(stream_id, [(":status", str(status))] + [(k.lower(), v) for k, v in out]
+                                 + [("content-length", str(len(payload)))])
+            self.h2.send_data(stream_id, payload, end_stream=True)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, h2.exceptions.FlowControlError):
+            pass
+        self._flush()
 
     async def _send_body(self, stream_id: int, payload: bytes) -> None:
         view = memoryview(payload)

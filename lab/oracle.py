@@ -1,0 +1,69 @@
+"""PURE: the verdict on what one client saw (DESIGN.md, "Oracle").
+
+Computed from the outcome and the world only, never from a scenario's expectation:
+MISROUTED when the certificate verified as valid for the name N the client asked for and
+an origin not authorized for N answered; SAFE when an origin answered and it is
+authorized for N, or the certificate was not valid for N (nothing shown in N's name);
+REFUSED when nothing reached an origin.
+"""
+from __future__ import annotations
+
+from lab.hostnorm import HostError, normalize
+from lab.topology import World
+
+MISROUTED, SAFE, REFUSED = "MISROUTED", "SAFE", "REFUSED"
+SEVERITY = {MISROUTED: 2, SAFE: 1, REFUSED: 0}
+
+
+def name_asked(sni: str | None, host: str | None) -> str | None:
+    """N: the request's host, or the SNI when the request carries none."""
+    for value in (host, sni):
+        if value:
+            try:
+                return normalize(value)
+            except HostError:
+                return value.lower()
+    return None
+
+
+def owning_zone(world: World, name: str):
+    """The zone whose domain holds `name` (longest suffix), whether or not the edge serves that host."""
+    best = None
+    for zone in world.zones:
+        if (name == zone.name or name.endswith("." + zone.name)) and (best is None or len(zone.name) > len(best.name)):
+            best = zone
+    return best
+
+
+def authorized_origins(world: World, name: str) -> set[str]:
+    """Origins N's owner sends N to: its zone's, and a SaaS zone's for an ACTIVE custom hostname."""
+    origins = set()
+    zone = owning_zone(world, name)
+    if zone is not None:
+        origins.add(zone.origin)
+    custom = world.hostname_by_name.get(name)
+    if custom is not None and custom.status == "active":
+        origins.add(world.zone_by_name[custom.zone].origin)
+    return origins
+
+
+def judge(world: World, name: str | None, *, reached_origin: str | None, cert_valid: bool,
+          tls_failed: bool = False) -> tuple[str, str]:
+    """(verdict, one-line reason)."""
+    if tls_failed:
+        return REFUSED, "the TLS handshake failed or the client rejected the certificate"
+    if reached_origin is None:
+        return REFUSED, "the edge answered itself; no origin was reached"
+    if not cert_valid:
+        return SAFE, (f"origin {reached_origin} answered, but the certificate is not valid for {name}: "
+                      f"nothing is shown in {name}'s name")
+    allowed = authorized_origins(world, name) if name else set()
+    if reached_origin in allowed:
+        return SAFE, f"origin {reached_origin} is authorized for {name}"
+    owners = ", ".join(sorted(allowed)) or "no origin"
+    return MISROUTED, (f"certificate valid for {name}, but origin {reached_origin} answered; "
+                       f"{name} belongs to {owners}")
+
+
+def worst(verdicts) -> str:
+    return max(verdicts, key=SEVERITY.__getitem__, default=REFUSED)

@@ -1,0 +1,370 @@
+"""Scenario files: load them, run each under models against a lab, judge with the oracle.
+
+Setup goes through the control plane's API (real hostname verification, real DNS
+admin), so a scenario runs the same against an in-process lab or a running `sni-lab up`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import aiohttp
+
+from lab import oracle
+from lab.client import Outcome, probe
+from lab.dns import query
+from lab.report import CaseResult, RequestResult
+from lab.topology import HOSTNAME_STATUSES, MODELS, World
+
+PROTECTED = ("v1-waf", "v2", "v2-strict")
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+_REQUEST_KEYS = {"resolve", "listener", "address", "client", "sni", "host", "path", "method", "headers", "http2",
+                 "raw", "also"}
+_TOP_KEYS = {"title", "story", "lesson", "tags", "setup", "request", "expect"}
+
+
+class ScenarioError(ValueError):
+    """A broken scenario file: one line naming the file and the key."""
+
+
+@dataclass(frozen=True)
+class Request:
+    resolve: str | None = None
+    listener: str | None = None
+    address: str | None = None
+    client: str | None = None
+    sni: str | None = None  # None: the resolved name; "": no SNI
+    host: str | None = None  # None: the SNI; "": no host
+    path: str = "/"
+    method: str = "GET"
+    headers: tuple[tuple[str, str], ...] = ()
+    http2: bool = False
+    raw: str | None = None
+    also: tuple[dict, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: Path
+    title: str
+    story: str
+    lesson: str
+    tags: tuple[str, ...]
+    overrides: tuple[dict, ...]
+    records: tuple[dict, ...]
+    hostnames: tuple[dict, ...]
+    requests: tuple[Request, ...]
+    expect: dict[str, tuple[str, ...]]  # model -> one expectation per request on the connection
+
+
+# ---- loading ------------------------------------------------------------------------
+def load(path: str | Path, world: World | None = None, root: Path | None = None) -> Scenario:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ScenarioError(f"{path}: not valid TOML: {e}") from None
+    fail = lambda key, msg: ScenarioError(f"{path}: {key}: {msg}")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise fail(sorted(unknown)[0], f"unknown key (expected one of {', '.join(sorted(_TOP_KEYS))})")
+    for key in ("title", "story", "lesson"):
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise fail(key, "missing (a non-empty string)")
+    setup = data.get("setup", {})
+    overrides, records, hostnames = (tuple(setup.get(k, ())) for k in ("override", "record", "hostname"))
+    for i, h in enumerate(hostnames):
+        if h.get("status", "active") not in HOSTNAME_STATUSES:
+            raise fail(f"setup.hostname[{i}].status", f"unknown status {h.get('status')!r}")
+        if "name" not in h:
+            raise fail(f"setup.hostname[{i}].name", "missing")
+    for kind, items in (("override", overrides), ("record", records)):
+        for i, item in enumerate(items):
+            for key in ("name", "value") + (("type",) if kind == "record" else ()):
+                if key not in item:
+                    raise fail(f"setup.{kind}[{i}].{key}", "missing")
+    raw_requests = data.get("request")
+    if not isinstance(raw_requests, list) or not raw_requests:
+        raise fail("request", "missing (at least one [[request]])")
+    requests = tuple(_request(r, f"request[{i}]", fail, world) for i, r in enumerate(raw_requests))
+    per_conn = [1 + len(r.also) for r in requests]
+    expect_raw = data.get("expect")
+    if not isinstance(expect_raw, dict) or not expect_raw:
+        raise fail("expect", "missing (an expectation per model)")
+    expect = {}
+    for model in MODELS:
+        value = expect_raw.get(model, expect_raw.get("*"))
+        if value is None:
+            raise fail("expect", f"no expectation for model {model} (name it, or give \"*\")")
+        values = tuple(value) if isinstance(value, list) else (value,)
+        total = sum(per_conn)
+        if len(values) != total:
+            raise fail(f"expect.{model}", f"{len(values)} expectation(s) for {total} request(s)")
+        for v in values:
+            if not isinstance(v, str) or not re.fullmatch(r"[a-z0-9_-]+(:[a-z0-9_-]+){0,2}|\?", v):
+                raise fail(f"expect.{model}", f"bad expectation {v!r} (an origin, refused[:STATUS[:CODE]], tls[:ALERT])")
+        expect[model] = values
+    for key in set(expect_raw) - set(MODELS) - {"*"}:
+        raise fail(f"expect.{key}", f"unknown model (choose from {', '.join(MODELS)})")
+    name = str(path.relative_to(root)) if root and path.is_relative_to(root) else path.name
+    return Scenario(name=name.removesuffix(".toml"), path=path, title=data["title"], story=data["story"].strip(),
+                    lesson=data["lesson"].strip(), tags=tuple(data.get("tags", ())), overrides=overrides,
+                    records=records, hostnames=hostnames, requests=requests, expect=expect)
+
+
+def _request(r: Any, key: str, fail, world: World | None) -> Request:
+    if not isinstance(r, dict):
+        raise fail(key, "expected a table")
+    unknown = set(r) - _REQUEST_KEYS
+    if unknown:
+        raise fail(f"{key}.{sorted(unknown)[0]}", "unknown key")
+    targets = [k for k in ("resolve", "listener", "address") if k in r]
+    if len(targets) != 1:
+        raise fail(key, "give exactly one of resolve, listener, address")
+    if world is not None and "listener" in r and r["listener"] not in world.listener_by_name:
+        raise fail(f"{key}.listener", f"unknown listener {r['listener']!r}")
+    headers = r.get("headers", [])
+    if not all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in headers):
+        raise fail(f"{key}.headers", "expected a list of [name, value] pairs")
+    also = r.get("also", [])
+    if not isinstance(also, list) or not all(isinstance(a, dict) for a in also):
+        raise fail(f"{key}.also", "expected a list of tables")
+    return Request(resolve=r.get("resolve"), listener=r.get("listener"), address=r.get("address"),
+                   client=r.get("client"), sni=r.get("sni"), host=r.get("host"), path=r.get("path", "/"),
+                   method=r.get("method", "GET"), headers=tuple(tuple(h) for h in headers),
+                   http2=bool(r.get("http2", False)), raw=r.get("raw"), also=tuple(also))
+
+
+def discover(names: list[str] | None = None, directory: Path | None = None, world: World | None = None) -> list[Scenario]:
+    """Every scenario of `directory` (not workshop/), or the named ones (a name, a path, or a directory)."""
+    directory = directory or DEFAULT_DIR
+    if not names:
+        return [load(p, world, directory) for p in sorted(directory.glob("*.toml"))]
+    out = []
+    for name in names:
+        candidates = [Path(name), directory / name, directory / f"{name}.toml"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None and Path(name).is_dir():
+            out += [load(p, world, Path(name)) for p in sorted(Path(name).glob("*.toml"))]
+            continue
+        if path is None:
+            known = ", ".join(p.stem for p in sorted(directory.glob("*.toml"))[:8])
+            raise ScenarioError(f"{name}: no such scenario (in {directory}: {known}, ...)")
+        out.append(load(path, world, directory))
+    return out
+
+
+# ---- running ------------------------------------------------------------------------
+class LabApi:
+    """The control plane of a running lab, as the runner needs it."""
+
+    def __init__(self, endpoints: dict, session: aiohttp.ClientSession) -> None:
+        self.ep = endpoints
+        self.url = endpoints["control"]["url"]
+        self.session = session
+        self.headers = {"Authorization": f"Bearer {endpoints['control']['token']}"}
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.session.request(method, self.url + path, json=body, headers=self.headers) as resp:
+            data = await resp.json()
+            if resp.status >= 400:
+                raise ScenarioError(f"control plane: {method} {path}: {resp.status} {data.get('error')}")
+            return data
+
+
+class Runner:
+    def __init__(self, endpoints: dict, world: World, engine: str | None = None) -> None:
+        """`world` is the running lab's (ports included); hostnames are read live from the API."""
+        self.ep = endpoints
+        self.world = world
+        self.engine = engine or endpoints.get("engine", "native")
+        self.edge_by_addr = {l["host"]: l for l in endpoints["edge"]}
+        self.edge_by_name = {l["name"]: l for l in endpoints["edge"]}
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[LabApi]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            api = LabApi(self.ep, s)
+            before = (await api.call("GET", "/model"))["model"]
+            try:
+                yield api
+            finally:
+                await api.call("PUT", "/model", {"model": before})
+
+    async def run(self, scenarios: list[Scenario], models: tuple[str, ...] = MODELS,
+                  progress: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+        results = []
+        async with self.session() as api:
+            for sc in scenarios:
+                for result in await self.run_scenario(api, sc, models):
+                    results.append(result)
+                    if progress:
+                        progress(result)
+        return results
+
+    async def run_scenario(self, api: LabApi, sc: Scenario, models: tuple[str, ...]) -> list[CaseResult]:
+        undo: list[tuple[str, str]] = []
+        try:
+            await self._setup(api, sc, undo)
+            hostnames = await api.call("GET", "/hostnames")
+            world = self.world.with_hostnames(tuple(
+                _custom(h) for h in hostnames if h["status"] != "deleted"))
+            out = []
+            for model in models:
+                await api.call("PUT", "/model", {"model": model})
+                out.append(await self.run_case(sc, model, world))
+            return out
+        finally:
+            for method, path in reversed(undo):
+                with contextlib.suppress(ScenarioError, aiohttp.ClientError):
+                    await api.call(method, path)
+
+    async def _setup(self, api: LabApi, sc: Scenario, undo: list) -> None:
+        for r in sc.records:
+            await api.call("POST", "/dns/records", {"name": r["name"], "type": r["type"], "value": r["value"],
+                                                    **({"ttl": r["ttl"]} if "ttl" in r else {})})
+            undo.append(("DELETE", f"/dns/records?name={r['name']}&type={r['type']}"))
+        for h in sc.hostnames:
+            await self._hostname(api, h, undo)
+        for o in sc.overrides:
+            value = self.world.address_of(o["value"]) if o.get("type", "A") in ("A", "AAAA") else o["value"]
+            body = {"name": o["name"], "type": o.get("type", "A"), "value": value, "ttl": o.get("ttl", 1)}
+            if "client" in o:
+                body["client"] = o["client"]
+            made = await api.call("POST", "/dns/overrides", body)
+            undo.append(("DELETE", f"/dns/overrides/{made['id']}"))
+
+    async def _hostname(self, api: LabApi, h: dict, undo: list) -> None:
+        """Bring a custom hostname to a status the real way: register, prove, point, verify."""
+        zone = h.get("zone", next(z.name for z in self.world.zones if z.saas))
+        status = h.get("status", "active")
+        made = await api.call("POST", "/hostnames", {"hostname": h["name"], "zone": zone})
+        undo.append(("DELETE", f"/hostnames/{made['id']}"))
+        if status == "deleted":
+            await api.call("DELETE", f"/hostnames/{made['id']}")
+            undo.pop()
+            return
+        if status == "pending":
+            return
+        target = self.world.zone_by_name[zone].cname_target
+        for rtype, name, value in (("TXT", made["txt_name"], made["txt_token"]), ("CNAME", made["name"], target)):
+            await api.call("POST", "/dns/records", {"name": name, "type": rtype, "value": value})
+            undo.insert(0, ("DELETE", f"/dns/records?name={name}&type={rtype}"))
+        verified = await api.call("POST", f"/hostnames/{made['id']}/verify")
+        if verified["status"] != "active":
+            raise ScenarioError(f"setup: {h['name']} did not become active: {verified['reason']}")
+        if status == "moved":
+            await api.call("POST", "/dns/records", {"name": made["name"], "type": "CNAME", "value": f"elsewhere.{zone}"})
+            verified = await api.call("POST", f"/hostnames/{made['id']}/verify")
+            if verified["status"] != "moved":
+                raise ScenarioError(f"setup: {h['name']} did not become moved: {verified['reason']}")
+
+    async def run_case(self, sc: Scenario, model: str, world: World) -> CaseResult:
+        world = world.with_model(model)
+        started = time.perf_counter()
+        results: list[RequestResult] = []
+        expectations = iter(sc.expect[model])
+        for i, req in enumerate(sc.requests):
+            trace = f"{re.sub(r'[^0-9a-zA-Z_-]', '-', sc.name)[:40]}-{model}-{i}-{os.urandom(3).hex()}"
+            results += await self._request(req, world, trace, expectations)
+        verdict = oracle.worst(r.verdict for r in results)
+        failures = [f"request {i + 1}: expected {r.expected}, got {r.outcome}" for i, r in enumerate(results)
+                    if not matches(r.expected, r.outcome)]
+        if model in PROTECTED:
+            failures += [f"MISROUTED under protected model {model}: {r.why}" for r in results if r.verdict == oracle.MISROUTED]
+        return CaseResult(scenario=sc.name, title=sc.title, model=model, engine=self.engine, verdict=verdict,
+                          passed=not failures, failure="; ".join(failures) or None,
+                          ms=round((time.perf_counter() - started) * 1000, 1), requests=results)
+
+    async def _request(self, req: Request, world: World, trace: str, expectations) -> list[RequestResult]:
+        dns_text = None
+        if req.resolve:
+            address, dns_text = await self._resolve(req.resolve, req.client)
+        elif req.listener:
+            address = self.edge_by_name[req.listener]["host"]
+        else:
+            address = req.address
+        sni = req.sni if req.sni is not None else (req.resolve or None)
+        sni = sni or None
+        first = {"host": req.host if req.host is not None else sni, "path": req.path, "method": req.method,
+                 "headers": [*req.headers, ("X-Lab-Trace", trace)]}
+        if req.raw is not None:
+            first = {"raw": req.raw.replace("{trace}", trace).encode("latin-1"), "host": _raw_host(req.raw)}
+        more = [{"host": a.get("host", sni), "path": a.get("path", "/"), "method": a.get("method", "GET"),
+                 "headers": [*map(tuple, a.get("headers", [])), ("X-Lab-Trace", f"{trace}-{j + 1}")]}
+                for j, a in enumerate(req.also)]
+        wanted = [first, *more]
+        listener = self.edge_by_addr.get(address) if address else None
+        if listener is None:
+            outcome = Outcome(address or "", 0, sni, error=f"{address or 'nothing'} is not an edge address")
+        else:
+            outcome = await probe(address, listener["port"], sni, wanted, self.ep["ca"], http2=req.http2,
+                                  local_addr=req.client)
+        out = []
+        for j, w in enumerate(wanted):
+            host = (w.get("host") or None) if req.raw is None or j else _raw_host(req.raw)
+            out.append(self._judge(world, outcome, j, sni, host or None, address, listener, dns_text,
+                                   next(expectations, "?"), trace if j == 0 else f"{trace}-{j}"))
+        return out
+
+    async def _resolve(self, name: str, client: str | None) -> tuple[str | None, str]:
+        dns = self.ep["dns"]
+        try:
+            reply = await query(name, "A", dns["host"], dns["port"], source=client)
+        except (OSError, TimeoutError, ValueError) as e:
+            return None, f"{name}: no answer ({e})"
+        addrs = [str(rr.rdata) for rr in reply.rr if rr.rtype == 1]
+        chain = [str(rr.rdata).rstrip(".") for rr in reply.rr if rr.rtype == 5]
+        text = f"{name} " + " ".join([f"CNAME {c}" for c in chain] + [f"A {a}" for a in addrs] or ["no address"])
+        return (addrs[0] if addrs else None), text + (f" (asked from {client})" if client else "")
+
+    def _judge(self, world, outcome: Outcome, j: int, sni, host, address, listener, dns_text, expected, trace) -> RequestResult:
+        name = oracle.name_asked(sni, host)
+        tls_failed = bool(outcome.tls_error)
+        resp = outcome.responses[j] if j < len(outcome.responses) else None
+        origin = resp.origin if resp else None
+        verdict, why = oracle.judge(world, name, reached_origin=origin, cert_valid=outcome.cert_valid_for(name),
+                                    tls_failed=tls_failed)
+        if tls_failed:
+            short = outcome.tls_error.lower()
+            short = "unrecognized_name" if "unrecognized_name" in short else re.sub(r"[^a-z0-9_-]+", "-", short)[:40]
+            text = f"tls:{short}"
+        elif resp is None:
+            text = f"error:{re.sub(r'[^a-z0-9_-]+', '-', (outcome.error or 'no response').lower())[:40]}"
+            why = outcome.error or "no response"
+        elif origin:
+            text = origin
+        else:
+            m = re.search(r"refused=(\d+) ([a-z0-9-]+)", resp.decision or "")
+            text = f"refused:{m.group(1)}:{m.group(2)}" if m else f"refused:{resp.status}"
+        return RequestResult(sni=sni, host=host, address=address or "", port=listener["port"] if listener else 0,
+                             dns=dns_text, cert_names=outcome.cert_names, cert_valid=outcome.cert_valid_for(name),
+                             tls_error=outcome.tls_error, status=resp.status if resp else None, origin=origin,
+                             decision=resp.decision if resp else None, verdict=verdict, why=why, outcome=text,
+                             expected=expected, trace=trace)
+
+
+def matches(expected: str, outcome: str) -> bool:
+    """`refused` matches `refused:403:waf-block`; `tls` matches `tls:unrecognized_name`."""
+    return outcome == expected or outcome.startswith(expected + ":")
+
+
+def _raw_host(raw: str) -> str | None:
+    m = re.search(r"(?im)^host:[ \t]*([^\r\n]*)", raw)
+    return m.group(1).strip() if m else None
+
+
+def _custom(h: dict):
+    from lab.topology import CustomHostname
+
+    return CustomHostname(h["name"], h["zone"], h["status"])
