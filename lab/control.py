@@ -248,6 +248,7 @@ class Control:
         h = hn.create(str(body["hostname"]), str(zone), world=self.lab.world, existing=self.state.hostnames(),
                       id=_new_id(), txt_token=_token(), http_token=_token(), now=time.time())
         self.state.save_hostname(h)
+        self._apply_hostnames()  # the edge knows it is pending: refused as such, never routed
         await self._told(h.name, h.zone, None, h.status, h.reason, h.id)
         return _json(h.to_dict(), 201)
 

@@ -712,13 +712,13 @@ async def _query(name: str, rtype: str, host: str, port: int, tcp: bool, timeout
     t = str(rtype).upper()
     if _qtype_code(t) is None:
         raise ValueError(f"unknown record type {rtype!r}")
+    q = DNSRecord.question(DNSLabel("."), t)
+    q.add_ar(EDNS0(udp_len=EDNS_SIZE))
     try:
-        label = DNSLabel(name)
+        q.q.qname = DNSLabel(name)
+        data = q.pack()
     except Exception as e:  # noqa: BLE001 - dnslib raises assorted errors for bad names
         raise ValueError(f"bad name {name!r}: {e}") from None
-    q = DNSRecord.question(label, t)
-    q.add_ar(EDNS0(udp_len=EDNS_SIZE))
-    data = q.pack()
     if not tcp:
         loop = asyncio.get_running_loop()
         udp, proto = await loop.create_datagram_endpoint(lambda: _UDPClient(q.header.id), remote_addr=(host, port),

@@ -296,11 +296,12 @@ class Runner:
             address = req.address
         sni = req.sni if req.sni is not None else (req.resolve or None)
         sni = sni or None
-        first = {"host": req.host if req.host is not None else sni, "path": req.path, "method": req.method,
+        # "" in a scenario means "send no host at all"
+        first = {"host": (req.host if req.host is not None else sni) or None, "path": req.path, "method": req.method,
                  "headers": [*req.headers, ("X-Lab-Trace", trace)]}
         if req.raw is not None:
             first = {"raw": req.raw.replace("{trace}", trace).encode("latin-1"), "host": _raw_host(req.raw)}
-        more = [{"host": a.get("host", sni), "path": a.get("path", "/"), "method": a.get("method", "GET"),
+        more = [{"host": a.get("host", sni) or None, "path": a.get("path", "/"), "method": a.get("method", "GET"),
                  "headers": [*map(tuple, a.get("headers", [])), ("X-Lab-Trace", f"{trace}-{j + 1}")]}
                 for j, a in enumerate(req.also)]
         wanted = [first, *more]

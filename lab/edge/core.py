@@ -91,7 +91,9 @@ class EdgeCore:
             out.append(("X-Lab-Decision", decision.header()))
             respond((status, out, body))
 
-        self.pool.request(origin.host, origin.port, _request_bytes(req, decision.host), req.method == "HEAD", done)
+        # A request naming no host (HTTP/1.0) still needs one upstream: the SNI is the name it asked for.
+        self.pool.request(origin.host, origin.port, _request_bytes(req, decision.host or req.sni), req.method == "HEAD",
+                          done)
 
     async def handle_async(self, listener: Listener, req: Request) -> Response:
         future = asyncio.get_running_loop().create_future()
