@@ -204,8 +204,9 @@ class Resolver:
         """Force the answer for name+type (poisoning); returns the override id.
 
         `value` may be a list (an RRset) or None/[] (the type has no data). `client`
-        limits it to one source address. `expires` is seconds from now, or an absolute
-        time.time() when larger than 1e9."""
+        limits it to one source address. `expires` is seconds from now (> 0), or an
+        absolute time.time() when larger than 1e9; an absolute time already past makes
+        an override that never applies (so restoring saved state cannot race its expiry)."""
         name, rtype = self._check_name(name), self._check_type(rtype)
         values = self._check_values(rtype, value)
         if client is not None:
@@ -215,9 +216,9 @@ class Resolver:
                 raise ValueError(f"override client: not an IP address: {client!r}") from None
         now = time.time()
         if expires is not None:
+            if not expires > 0:  # also refuses NaN
+                raise ValueError(f"override expiry: expected seconds from now (> 0) or a time.time(), got {expires!r}")
             expires = float(expires) if expires > 1e9 else now + float(expires)
-            if expires <= now:
-                raise ValueError("override expiry is in the past")
         ov = Override(f"ovr-{next(self._ids)}", name, rtype, values, client, expires, self._check_ttl(ttl), now)
         self._overrides[ov.id] = ov
         self._reindex()
@@ -251,6 +252,7 @@ class Resolver:
         self._ov = by_key
         self._ov_names = {name for name, _ in by_key}
         self._valid_until = min((o.expires for o in self._overrides.values() if o.expires), default=math.inf)
+        self._expiring = self._valid_until != math.inf  # spares the hot path a clock read
         self._clear_cache()
 
     def _expire(self, now: float) -> None:
@@ -606,7 +608,7 @@ class _UDP(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         # Resolver.answer, inlined: this is the path every query takes.
         r = self.resolver
-        if r._valid_until <= time.time():
+        if r._expiring and r._valid_until <= time.time():
             r._expire(time.time())
         hit = self.cache.get((data[2:], addr[0]))
         if hit is not None:

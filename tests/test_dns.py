@@ -1,0 +1,677 @@
+"""The lab resolver, asked by clients nobody here wrote: dig, kdig and dnspython.
+
+Each test starts the resolver on 127.0.0.1, a free port, in the test's own event loop,
+so command-line clients run as asyncio subprocesses (the loop keeps serving).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import re
+import shutil
+import socket
+import struct
+import time
+from types import SimpleNamespace
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lab.dns import CACHE_MAX, Resolver, dig_command, query
+from lab.events import Events
+from lab.topology import load
+
+HOST = "127.0.0.1"
+OTHER_CLIENT = "127.0.0.5"  # a second source address on loopback (Linux routes all of 127/8)
+ANYCAST, SAAS_V1 = "127.0.0.10", "127.0.0.11"
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture
+async def lab(events):
+    resolver = Resolver(load(), events)
+    host, port = await resolver.start(HOST, 0)
+    yield SimpleNamespace(resolver=resolver, events=events, host=host, port=port)
+    await resolver.stop()
+
+
+def _need(tool: str):
+    return pytest.mark.skipif(shutil.which(tool) is None, reason=f"{tool} not installed (apt-get install "
+                              f"{'bind9-dnsutils' if tool == 'dig' else 'knot-dnsutils'})")
+
+
+@dataclasses.dataclass
+class Answer:
+    status: str
+    flags: set[str]
+    answer: list[tuple[str, str, str]]      # (owner, type, value)
+    authority: list[tuple[str, str, str]]
+    text: str
+
+
+async def cli(tool: str, port: int, *args: str) -> Answer:
+    """Run dig or kdig against the lab resolver and read its output like a user would."""
+    extra = ("+time=2", "+tries=1") if tool == "dig" else ("+time=2", "+retry=0")
+    proc = await asyncio.create_subprocess_exec(tool, f"@{HOST}", "-p", str(port), *extra, *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
+    status = re.search(r"status: (\w+)", out)
+    assert status, out
+    flags = re.search(r"[Ff]lags: ([a-z ]*);", out)
+    return Answer(status.group(1), set(flags.group(1).split()), _section(out, "ANSWER"), _section(out, "AUTHORITY"), out)
+
+
+def _section(out: str, name: str) -> list[tuple[str, str, str]]:
+    rows, inside = [], False
+    for line in out.splitlines():
+        if line.startswith(f";; {name} SECTION:"):
+            inside = True
+        elif inside and (not line.strip() or line.startswith(";")):
+            inside = False
+        elif inside:
+            owner, _ttl, _cls, rtype, value = line.split(None, 4)
+            rows.append((owner.rstrip("."), rtype, value.strip()))
+    return rows
+
+
+async def ask(lab, name: str, rtype: str = "A", tcp: bool = False, source: str | None = None,
+              use_edns: int | bool = 0, payload: int = 1232) -> dns.message.Message:
+    q = dns.message.make_query(name, rtype, use_edns=use_edns, payload=payload)
+    if tcp:
+        return await dns.asyncquery.tcp(q, lab.host, timeout=2, port=lab.port, source=source)
+    return await dns.asyncquery.udp(q, lab.host, timeout=2, port=lab.port, source=source)
+
+
+def addresses(reply: dns.message.Message) -> list[str]:
+    return [rd.address for rrset in reply.answer if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
+            for rd in rrset]
+
+
+def answers(events: Events, kind: str = "dns.answer") -> list[dict]:
+    return [e for e in events.since(0) if e["kind"] == kind]
+
+
+# ---- answers, as dig and kdig see them ----------------------------------------------------
+
+@pytest.mark.parametrize("tool", [pytest.param("dig", marks=_need("dig")), pytest.param("kdig", marks=_need("kdig"))])
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_cname_chain_is_followed_into_the_answer(lab, tool, transport):
+    got = await cli(tool, lab.port, "shop.customer.example", "A", *(["+tcp"] if transport == "tcp" else []))
+    assert got.status == "NOERROR"
+    assert "aa" in got.flags
+    assert got.answer == [("shop.customer.example", "CNAME", "customers.saas.example."),
+                          ("customers.saas.example", "A", SAAS_V1)]
+    event = answers(lab.events)[-1]
+    assert (event["name"], event["type"], event["rcode"], event["transport"]) == \
+           ("shop.customer.example", "A", "NOERROR", transport)
+    assert event["answers"] == ["customers.saas.example", SAAS_V1]
+
+
+@_need("dig")
+async def test_txt_record(lab):
+    lab.resolver.set_record("_lab.victim.example", "TXT", "v=lab1 hello world")
+    got = await cli("dig", lab.port, "_lab.victim.example", "TXT")
+    assert got.status == "NOERROR"
+    assert got.answer == [("_lab.victim.example", "TXT", '"v=lab1 hello world"')]
+
+
+@_need("dig")
+async def test_unknown_name_in_a_lab_zone_is_nxdomain_with_the_zone_soa(lab):
+    got = await cli("dig", lab.port, "nope.victim.example")
+    assert got.status == "NXDOMAIN"
+    assert "aa" in got.flags
+    assert [(o, t) for o, t, _ in got.authority] == [("victim.example", "SOA")]
+    reply = await ask(lab, "nope.victim.example", tcp=True)
+    assert reply.rcode() == dns.rcode.NXDOMAIN
+    assert reply.authority[0].rdtype == dns.rdatatype.SOA and str(reply.authority[0].name) == "victim.example."
+
+
+async def test_known_name_without_that_type_is_nodata_with_soa(lab):
+    reply = await ask(lab, "www.victim.example", "AAAA")
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert reply.answer == []
+    assert reply.authority[0].rdtype == dns.rdatatype.SOA
+
+
+@_need("dig")
+@pytest.mark.parametrize("name", ["www.google.com", "example", "evil-victim.example"])
+async def test_names_outside_the_lab_zones_are_refused(lab, name):
+    got = await cli("dig", lab.port, name)
+    assert got.status == "REFUSED"
+    assert got.answer == []
+    assert answers(lab.events)[-1]["rcode"] == "REFUSED"
+
+
+@_need("dig")
+async def test_ns_and_soa_are_synthesised_for_each_lab_zone(lab):
+    ns = await cli("dig", lab.port, "customer.example", "NS")
+    assert ns.answer == [("customer.example", "NS", "ns.customer.example.")]
+    glue = await cli("dig", lab.port, "ns.customer.example")
+    assert glue.answer == [("ns.customer.example", "A", load().resolver.host)]
+    soa = await cli("dig", lab.port, "customer.example", "SOA")
+    assert soa.answer[0][:2] == ("customer.example", "SOA")
+    assert soa.answer[0][2].startswith("ns.customer.example. hostmaster.customer.example.")
+
+
+async def test_aaaa_record_and_ttl_from_the_world(lab):
+    lab.resolver.set_record("v6.victim.example", "AAAA", "::1", ttl=42)
+    reply = await ask(lab, "v6.victim.example", "AAAA")
+    assert addresses(reply) == ["::1"]
+    assert reply.answer[0].ttl == 42
+    reply = await ask(lab, "www.victim.example")
+    assert reply.answer[0].ttl == load().ttl
+
+
+@_need("dig")
+async def test_unknown_edns_version_gets_badvers(lab):
+    got = await cli("dig", lab.port, "www.victim.example", "+edns=1", "+noednsnegotiation")
+    assert got.status == "BADVERS" and got.answer == []
+    assert answers(lab.events)[-1]["rcode"] == "BADVERS"
+
+
+# ---- size: TC over UDP, all of it over TCP, EDNS0 -------------------------------------------
+
+def _many_addresses(n: int) -> list[str]:
+    return [f"127.0.{i // 250}.{i % 250 + 1}" for i in range(n)]
+
+
+@_need("dig")
+async def test_too_large_for_udp_sets_tc_and_tcp_gets_everything(lab):
+    lab.resolver.set_record("big.victim.example", "A", _many_addresses(60))
+    udp = await ask(lab, "big.victim.example", use_edns=False)
+    assert udp.flags & dns.flags.TC
+    assert udp.answer == []
+    tcp = await ask(lab, "big.victim.example", tcp=True)
+    assert not tcp.flags & dns.flags.TC
+    assert sorted(addresses(tcp)) == sorted(_many_addresses(60))
+    # dig does what a stub resolver does: sees TC, asks again over TCP.
+    got = await cli("dig", lab.port, "big.victim.example", "+noedns")
+    assert "Truncated, retrying in TCP mode" in got.text
+    assert len(got.answer) == 60
+
+
+async def test_big_txt_over_tcp(lab):
+    texts = [f"record {i} " + "x" * 200 for i in range(10)]
+    lab.resolver.set_record("big.victim.example", "TXT", texts)
+    assert (await ask(lab, "big.victim.example", "TXT")).flags & dns.flags.TC
+    tcp = await ask(lab, "big.victim.example", "TXT", tcp=True)
+    assert sorted(b"".join(rd.strings).decode() for rd in tcp.answer[0]) == sorted(texts)
+
+
+async def test_edns0_payload_size_is_honoured_and_opt_echoed(lab):
+    lab.resolver.set_record("big.victim.example", "A", _many_addresses(60))  # about 1 KB
+    small = await ask(lab, "big.victim.example", payload=512)
+    assert small.flags & dns.flags.TC and small.edns == 0
+    roomy = await ask(lab, "big.victim.example", payload=1232)
+    assert not roomy.flags & dns.flags.TC and len(addresses(roomy)) == 60
+    assert roomy.edns == 0 and roomy.payload >= 512
+    plain = await ask(lab, "www.victim.example", use_edns=False)
+    assert plain.edns == -1  # no OPT asked, none given
+
+
+async def test_edns0_payload_above_ours_is_capped(lab):
+    lab.resolver.set_record("huge.victim.example", "A", _many_addresses(120))  # about 2 KB
+    reply = await ask(lab, "huge.victim.example", payload=4096)
+    assert reply.flags & dns.flags.TC
+    assert reply.payload <= 1232 < 4096
+
+
+# ---- poisoning -------------------------------------------------------------------------
+
+@_need("dig")
+async def test_poisoning_then_removal(lab):
+    before = await cli("dig", lab.port, "www.victim.example")
+    assert before.answer == [("www.victim.example", "A", ANYCAST)]
+
+    oid = lab.resolver.set_override("www.victim.example", "A", "listener:saas-v1")
+    poisoned = await cli("dig", lab.port, "www.victim.example")
+    assert poisoned.answer == [("www.victim.example", "A", SAAS_V1)]
+    event = answers(lab.events)[-1]
+    assert event["poisoned"] is True and event["override"] == oid
+    assert [o["id"] for o in lab.resolver.overrides()] == [oid]
+
+    assert lab.resolver.remove_override(oid) == 1
+    after = await cli("dig", lab.port, "www.victim.example")
+    assert after.answer == [("www.victim.example", "A", ANYCAST)]
+    event = answers(lab.events)[-1]
+    assert event["poisoned"] is False and event["override"] is None
+    assert lab.resolver.overrides() == []
+
+
+async def test_targeted_poisoning_only_fools_that_client(lab):
+    oid = lab.resolver.set_override("www.victim.example", "A", SAAS_V1, client=OTHER_CLIENT)
+    victim = await ask(lab, "www.victim.example", source=OTHER_CLIENT)
+    bystander = await ask(lab, "www.victim.example", source=HOST)
+    assert addresses(victim) == [SAAS_V1]
+    assert addresses(bystander) == [ANYCAST]
+    by_client = {e["client"]: e for e in answers(lab.events)}
+    assert by_client[OTHER_CLIENT]["poisoned"] and by_client[OTHER_CLIENT]["override"] == oid
+    assert not by_client[HOST]["poisoned"] and by_client[HOST]["override"] is None
+    # Over TCP too, and again (answered from the cache: still per client).
+    assert addresses(await ask(lab, "www.victim.example", tcp=True, source=OTHER_CLIENT)) == [SAAS_V1]
+    assert addresses(await ask(lab, "www.victim.example", source=HOST)) == [ANYCAST]
+    assert addresses(await ask(lab, "www.victim.example", source=OTHER_CLIENT)) == [SAAS_V1]
+
+
+@_need("dig")
+async def test_targeted_poisoning_seen_from_dig(lab):
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, client=OTHER_CLIENT)
+    assert (await cli("dig", lab.port, "-b", OTHER_CLIENT, "www.victim.example")).answer[0][2] == SAAS_V1
+    assert (await cli("dig", lab.port, "-b", HOST, "www.victim.example")).answer[0][2] == ANYCAST
+
+
+async def test_poisoning_expires(lab):
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=0.5)
+    assert addresses(await ask(lab, "www.victim.example")) == [SAAS_V1]
+    await asyncio.sleep(0.7)
+    assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
+    assert lab.resolver.overrides() == []
+
+
+async def test_poisoning_with_absolute_expiry(lab):
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=time.time() + 0.5)
+    assert addresses(await ask(lab, "www.victim.example")) == [SAAS_V1]
+    await asyncio.sleep(0.7)
+    assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
+
+
+async def test_override_with_an_absolute_expiry_already_past_never_applies(lab):
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=time.time() - 5)
+    assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
+    assert lab.resolver.overrides() == []
+
+
+async def test_query_client_asks_from_a_chosen_source_address(lab):
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, client=OTHER_CLIENT)
+    for tcp in (False, True):
+        fooled = await query("www.victim.example", "A", lab.host, lab.port, tcp=tcp, source=OTHER_CLIENT)
+        assert [str(rr.rdata) for rr in fooled.rr] == [SAAS_V1]
+        plain = await query("www.victim.example", "A", lab.host, lab.port, tcp=tcp)
+        assert [str(rr.rdata) for rr in plain.rr] == [ANYCAST]
+
+
+async def test_cname_poisoning_sends_the_victim_name_to_the_saas_address(lab):
+    oid = lab.resolver.set_override("www.victim.example", "CNAME", "customers.saas.example")
+    reply = await ask(lab, "www.victim.example")
+    assert [rrset.rdtype for rrset in reply.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
+    assert addresses(reply) == [SAAS_V1]
+    assert answers(lab.events)[-1]["override"] == oid
+
+
+async def test_remove_override_by_name(lab):
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1)
+    lab.resolver.set_override("www.victim.example", "A", "127.0.0.12", client=OTHER_CLIENT)
+    assert lab.resolver.remove_override("WWW.Victim.Example.") == 2
+    assert addresses(await ask(lab, "www.victim.example", source=OTHER_CLIENT)) == [ANYCAST]
+
+
+async def test_override_can_invent_a_name_and_answer_nodata(lab):
+    lab.resolver.set_override("new.victim.example", "A", SAAS_V1)
+    assert addresses(await ask(lab, "new.victim.example")) == [SAAS_V1]
+    lab.resolver.set_override("victim.example", "A", None)
+    empty = await ask(lab, "victim.example")
+    assert empty.rcode() == dns.rcode.NOERROR and empty.answer == []
+
+
+def test_override_arguments_are_checked():
+    r = Resolver(load())
+    for bad in (dict(name="www.google.com", rtype="A", value="127.0.0.1"),
+                dict(name="www.victim.example", rtype="MX", value="x"),
+                dict(name="www.victim.example", rtype="A", value="not-an-ip"),
+                dict(name="www.victim.example", rtype="A", value="::1"),
+                dict(name="www.victim.example", rtype="A", value="127.0.0.1", client="nobody"),
+                dict(name="www.victim.example", rtype="A", value="127.0.0.1", expires=-1)):
+        with pytest.raises(ValueError):
+            r.set_override(**bad)
+    assert r.overrides() == []
+
+
+# ---- records, world, cache invalidation ---------------------------------------------------
+
+async def test_set_and_delete_record_change_the_answer_at_once(lab):
+    assert addresses(await ask(lab, "app.saas.example")) == [SAAS_V1]  # now cached
+    lab.resolver.set_record("app.saas.example", "A", ["127.0.0.40", "127.0.0.41"])
+    assert sorted(addresses(await ask(lab, "app.saas.example"))) == ["127.0.0.40", "127.0.0.41"]
+    assert lab.resolver.delete_record("app.saas.example") == 2
+    assert (await ask(lab, "app.saas.example")).rcode() == dns.rcode.NXDOMAIN
+    assert lab.resolver.delete_record("app.saas.example") == 0
+
+
+async def test_setting_a_cname_replaces_the_address_records(lab):
+    lab.resolver.set_record("www.victim.example", "CNAME", "app.saas.example")
+    reply = await ask(lab, "www.victim.example")
+    assert addresses(reply) == [SAAS_V1] and reply.answer[0].rdtype == dns.rdatatype.CNAME
+    listed = [(r["name"], r["type"]) for r in lab.resolver.records()]
+    assert ("www.victim.example", "CNAME") in listed and ("www.victim.example", "A") not in listed
+
+
+async def test_update_world_moves_listener_addresses(lab):
+    assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
+    world = load()
+    moved = tuple(dataclasses.replace(l, host="127.0.0.20") if l.name == "anycast" else l for l in world.listeners)
+    lab.resolver.update_world(dataclasses.replace(world, listeners=moved))
+    assert addresses(await ask(lab, "www.victim.example")) == ["127.0.0.20"]
+
+
+async def test_wildcard_record_covers_unknown_names_only(lab):
+    lab.resolver.set_record("*.victim.example", "A", "listener:saas2-v1")
+    assert addresses(await ask(lab, "anything.victim.example")) == ["127.0.0.12"]
+    assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
+
+
+async def test_cname_loop_is_bounded(lab):
+    lab.resolver.set_record("a.victim.example", "CNAME", "b.victim.example")
+    lab.resolver.set_record("b.victim.example", "CNAME", "a.victim.example")
+    assert (await ask(lab, "a.victim.example")).rcode() == dns.rcode.SERVFAIL
+    assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
+
+
+def test_record_arguments_are_checked():
+    r = Resolver(load())
+    with pytest.raises(ValueError, match="outside the lab zones"):
+        r.set_record("www.example.com", "A", "127.0.0.1")
+    with pytest.raises(ValueError):
+        r.set_record("www.victim.example", "A", "300.1.1.1")
+    with pytest.raises(ValueError):
+        r.set_record("www.victim.example", "CNAME", ["a.victim.example", "b.victim.example"])
+
+
+def test_answer_cache_stays_bounded():
+    r = Resolver(load(), Events(maxlen=10))
+    for i in range(CACHE_MAX * 2):
+        wire = r.answer(bytes(dns.message.make_query(f"n{i}.victim.example", "A").to_wire()), HOST)
+        assert wire is not None
+    assert len(r._udp_cache) <= CACHE_MAX
+
+
+async def test_stop_frees_both_udp_and_tcp_and_hangs_up_on_clients(events):
+    resolver = Resolver(load(), events)
+    resolver.tcp_idle_timeout = 60  # so only stop() can be what hangs up
+    host, port = await resolver.start(HOST, 0)
+    reader, writer = await asyncio.open_connection(host, port)
+    await asyncio.sleep(0.05)  # let the server take the connection in
+    await resolver.stop()
+    assert await _closed_by_server(reader)
+    writer.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
+        u.bind((host, port))
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        t.bind((host, port))
+
+
+# ---- hostile input -----------------------------------------------------------------------
+
+def _errors(lab) -> list[dict]:
+    return answers(lab.events, "dns.error")
+
+
+def _good_query(qid: int = 0x4242) -> bytes:
+    q = dns.message.make_query("www.victim.example", "A")
+    q.id = qid
+    return q.to_wire()
+
+
+async def udp_exchange(lab, bad: bytes) -> bytes:
+    """Send a bad packet then a good one; return the first datagram back.
+
+    The server handles packets in order, so if the bad one got a reply it comes first."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        s.connect((lab.host, lab.port))
+        s.send(bad)
+        s.send(_good_query())
+        return await asyncio.wait_for(loop.sock_recv(s, 65535), 5)
+
+
+def _header(qid: int, qd: int, flags: int = 0x0100) -> bytes:
+    return struct.pack("!6H", qid, flags, qd, 0, 0, 0)
+
+
+def _question(name: str) -> bytes:
+    return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
+
+
+@pytest.mark.parametrize("bad, formerr", [
+    (b"\x12\x34\x01", False),                                                  # truncated header
+    (_header(0x1111, 1, flags=0x8100) + _question("www.victim.example"), False),  # a response, not a query
+    (_header(0x1111, 1000) + _question("www.victim.example") * 1000, True),   # a thousand questions
+    (_header(0x1111, 1) + b"\xc0\x0c" + struct.pack("!HH", 1, 1), True),       # pointer to itself
+    (_header(0x1111, 1) + b"\x01a\xc0\x0c" + struct.pack("!HH", 1, 1), True),  # pointer back into itself
+    (_header(0x1111, 1) + b"\x05abc", True),                                   # name runs off the end
+    (_header(0x1111, 1) + b"\x3fabc" * 100, True),                             # label garbage
+], ids=["short", "response", "1000-questions", "pointer-self", "pointer-loop", "cut-name", "garbage-labels"])
+async def test_hostile_udp_packet_then_good_query(lab, bad, formerr):
+    before = len(_errors(lab))
+    first = await udp_exchange(lab, bad)
+    if formerr:
+        reply = dns.message.from_wire(first, question_only=True)
+        assert reply.id == 0x1111 and reply.rcode() == dns.rcode.FORMERR
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # and the good one is still answered
+            s.setblocking(False)
+            s.connect((lab.host, lab.port))
+            s.send(_good_query())
+            first = await asyncio.wait_for(loop.sock_recv(s, 65535), 5)
+    good = dns.message.from_wire(first)
+    assert good.id == 0x4242 and addresses(good) == [ANYCAST]
+    assert len(_errors(lab)) == before + 1
+
+
+async def flood(lab, packets) -> None:
+    """Send packets fast, pausing now and then: a flood, not a kernel buffer overflow test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((lab.host, lab.port))
+        for i, p in enumerate(packets):
+            s.send(p)
+            if i % 50 == 49:
+                await asyncio.sleep(0.005)
+
+
+async def ask_like_a_stub(lab) -> dns.message.Message:
+    """A good query, retried like any UDP client would if the flood cost it its datagram."""
+    for attempt in range(3):
+        try:
+            return await dns.asyncquery.udp(dns.message.make_query("www.victim.example", "A"), lab.host,
+                                            timeout=2, port=lab.port)
+        except dns.exception.Timeout:
+            if attempt == 2:
+                raise
+
+
+async def test_random_bytes_never_stop_it(lab):
+    rng = random.Random(7)
+    await flood(lab, [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 600))) for _ in range(300)])
+    assert addresses(await ask_like_a_stub(lab)) == [ANYCAST]
+    assert _errors(lab)
+
+
+@settings(max_examples=300, deadline=None, database=None)  # no example database to write
+@given(st.binary(max_size=700))
+def test_any_bytes_get_a_formerr_or_nothing_never_an_exception(data):
+    r = Resolver(load(), Events(maxlen=50))
+    wire = r.answer(data, HOST)
+    assert wire is None or wire[:2] == data[:2]
+
+
+async def test_error_events_are_rate_limited_under_a_flood(lab):
+    await flood(lab, [b"\x00"] * 2000)
+    assert addresses(await ask_like_a_stub(lab)) == [ANYCAST]
+    errors = _errors(lab)
+    assert 0 < len(errors) < 2000
+    await asyncio.sleep(0.2)  # let the bucket refill a little
+    await udp_exchange(lab, b"\x00")
+    assert _errors(lab)[-1]["suppressed"] > 0
+
+
+async def tcp_good_query(lab) -> dns.message.Message:
+    return await ask(lab, "www.victim.example", tcp=True)
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), 10) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize("payload", [
+    b"\xff\xff" + b"\0" * 100,    # says 65535 bytes follow: more than any query
+    b"\x00\x05hello",             # says 5 bytes: less than a header
+])
+async def test_tcp_bad_length_prefix_is_dropped(lab, payload):
+    before = len(_errors(lab))
+    reader, writer = await asyncio.open_connection(lab.host, lab.port)
+    writer.write(payload)
+    assert await _closed_by_server(reader)
+    writer.close()
+    assert len(_errors(lab)) == before + 1
+    assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00", b"\x00\x28" + b"\0" * 10],
+                         ids=["silent", "half-prefix", "half-message"])
+async def test_tcp_idle_or_half_message_times_out(lab, payload):
+    lab.resolver.tcp_idle_timeout = 0.3
+    before = len(_errors(lab))
+    reader, writer = await asyncio.open_connection(lab.host, lab.port)
+    writer.write(payload)
+    assert await _closed_by_server(reader)
+    writer.close()
+    assert len(_errors(lab)) == before + 1
+    assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+
+
+async def test_tcp_half_message_then_hang_up(lab):
+    before = len(_errors(lab))
+    reader, writer = await asyncio.open_connection(lab.host, lab.port)
+    writer.write(b"\x00\x28" + b"\0" * 10)
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    for _ in range(100):  # the server notices the hang-up on its own schedule
+        if len(_errors(lab)) > before:
+            break
+        await asyncio.sleep(0.02)
+    assert len(_errors(lab)) == before + 1
+    assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+
+
+async def test_tcp_pipelined_queries_on_one_connection(lab):
+    reader, writer = await asyncio.open_connection(lab.host, lab.port)
+    for qid in (1, 2, 3):
+        wire = _good_query(qid)
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+    got = []
+    for _ in range(3):
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        got.append(dns.message.from_wire(await reader.readexactly(size)).id)
+    writer.close()
+    assert got == [1, 2, 3]
+
+
+async def test_tcp_connections_are_bounded(lab):
+    lab.resolver.max_tcp_clients = 4
+    conns = [await asyncio.open_connection(lab.host, lab.port) for _ in range(10)]
+    served = 0
+    for reader, writer in conns:
+        wire = _good_query()
+        try:
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 5), "big")
+            await reader.readexactly(size)
+            served += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+    assert served == 4
+    assert any("TCP clients" in e["reason"] for e in _errors(lab))
+    for _, writer in conns:
+        writer.close()
+    for _ in range(250):  # the server sees the hang-ups, then has room again
+        if lab.resolver.tcp_clients == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+
+
+# ---- the client and `sni-lab dig` ----------------------------------------------------------
+
+async def test_query_client_falls_back_to_tcp_on_tc(lab):
+    lab.resolver.set_record("huge.victim.example", "A", _many_addresses(120))
+    reply = await query("huge.victim.example", "A", lab.host, lab.port)
+    assert len(reply.rr) == 120
+    with pytest.raises(ValueError):
+        await query("www.victim.example", "NOPE", lab.host, lab.port)
+    with pytest.raises(ValueError):
+        await query("x" * 70 + ".victim.example", "A", lab.host, lab.port)
+
+
+def _dig_args(**kw) -> SimpleNamespace:
+    base = dict(name="shop.customer.example", type="A", tcp=False, server=None, state=".lab", json=False)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+async def test_dig_command_prints_the_answer(lab, capsys, tcp):
+    code = await asyncio.to_thread(dig_command, _dig_args(server=f"{lab.host}:{lab.port}", tcp=tcp))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "status: NOERROR" in out and "customers.saas.example." in out and SAAS_V1 in out
+    assert f"SERVER: {lab.host}#{lab.port}({'TCP' if tcp else 'UDP'})" in out
+
+
+async def test_dig_command_json_via_endpoints_file(lab, capsys, tmp_path):
+    (tmp_path / "endpoints.json").write_text(json.dumps({"dns": {"host": lab.host, "port": lab.port}}))
+    code = await asyncio.to_thread(dig_command, _dig_args(name="nope.victim.example", state=str(tmp_path), json=True))
+    got = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert got["status"] == "NXDOMAIN" and "aa" in got["flags"]
+    assert got["authority"][0]["type"] == "SOA" and got["authority"][0]["name"] == "victim.example"
+
+
+async def test_dig_command_shows_poisoning(lab, capsys):
+    lab.resolver.set_override("www.victim.example", "A", "listener:saas-v1")
+    await asyncio.to_thread(dig_command, _dig_args(name="www.victim.example", server=f"{lab.host}:{lab.port}", json=True))
+    assert [a["value"] for a in json.loads(capsys.readouterr().out)["answer"]] == [SAAS_V1]
+
+
+@pytest.mark.parametrize("kw, code, message", [
+    (dict(state="/nonexistent-lab-state"), 2, "start the lab with `sni-lab up` or pass --server"),
+    (dict(server="127.0.0.1:5353", type="BOGUS"), 2, "unknown record type"),
+    (dict(server="localhost"), 2, "HOST:PORT"),
+    (dict(server="127.0.0.1:5353", name="bad name!"), 2, "bad host"),
+])
+def test_dig_command_user_mistakes(capsys, kw, code, message):
+    assert dig_command(_dig_args(**kw)) == code
+    err = capsys.readouterr().err
+    assert err.startswith("sni-lab: error: ") and message in err and "Traceback" not in err
+
+
+def test_dig_command_no_answer_is_a_clear_error(capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+        silent.bind((HOST, 0))
+        code = dig_command(_dig_args(server=f"{HOST}:{silent.getsockname()[1]}"))
+    err = capsys.readouterr().err
+    assert code == 1 and "no answer" in err and "sni-lab up" in err
+
+
+def test_dig_command_nothing_listening_over_tcp(capsys):
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    code = dig_command(_dig_args(server=f"{HOST}:{port}", tcp=True))
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot reach" in err
