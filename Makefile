@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test sysdeps bench clean
+.PHONY: demo test test-py313 sysdeps bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "sni-lab needs Python >= 3.11")'
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,mitmproxy]'
 	@touch $@ $(VENV)/.installed
 
 $(VENV)/.sysdeps: scripts/sysdeps.sh
@@ -28,8 +28,14 @@ sysdeps: $(VENV)/.sysdeps
 demo: $(VENV)/.installed
 	$(BIN)/sni-lab up
 
+# The whole suite on this Python (mitmproxy 11.x on 3.11), then the engine tests again on
+# Python 3.13 with mitmproxy 12.x when a 3.13 is on the machine.
 test: $(VENV)/.installed-test $(VENV)/.sysdeps
 	$(BIN)/python -m pytest
+	sh scripts/py313.sh -q
+
+test-py313:
+	sh scripts/py313.sh
 
 bench: $(VENV)/.installed-test $(VENV)/.sysdeps
 	$(BIN)/python -m bench

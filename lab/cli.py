@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "write them to .lab/endpoints.json.")
     up.add_argument("--model", choices=MODELS, help="the SaaS zones' model (default: the world file's)")
     up.add_argument("--engine", default="native", choices=("native", "mitmproxy"))
+    up.add_argument("--flows", metavar="FILE",
+                    help="mitmproxy engine: write every flow to FILE (read it with `mitmdump -nr FILE`)")
     up.add_argument("--state", metavar="DIR", default=".lab", help="state directory (default: .lab/)")
     _add_common(up)
 

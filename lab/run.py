@@ -22,12 +22,16 @@ class Lab:
 
     def __init__(self, world: World, certs_dir: str | Path = "certs", engine: str = "native",
                  events: Events | None = None, log=lambda msg: None, state_dir: str | Path | None = None,
-                 model: str | None = None, verify_interval: float | None = None) -> None:
+                 model: str | None = None, verify_interval: float | None = None,
+                 flows: str | Path | None = None) -> None:
         """`state_dir` turns on the control plane and durable state; `model` (an explicit
         choice) wins over the saved one and is saved."""
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}")
+        if flows and engine != "mitmproxy":
+            raise ValueError("--flows needs --engine mitmproxy")
         self.engine_name = engine
+        self.flows = flows
         self.state = self.control = self.sink = None
         if state_dir is not None:
             from lab.state import State
@@ -96,7 +100,7 @@ class Lab:
                 from lab.edge.mitm import MitmEdge
             except ImportError:
                 raise RuntimeError("the mitmproxy engine needs the extra: pip install 'sni-lab[mitmproxy]'") from None
-            return MitmEdge(self.world, self.events, self.ca)
+            return MitmEdge(self.world, self.events, self.ca, flows=self.flows)
         from lab.edge.native import NativeEdge
 
         return NativeEdge(self.world, self.events, self.ca)
@@ -163,8 +167,8 @@ async def _serve(world: World, args) -> int:
 
     try:
         lab = Lab(world, args.certs, engine=args.engine, log=lambda m: print(m, file=sys.stderr), state_dir=args.state,
-                  model=args.model)
-    except StateError as e:
+                  model=args.model, flows=args.flows)
+    except (StateError, ValueError) as e:
         print(f"sni-lab: error: {e}", file=sys.stderr)
         return 1
     try:

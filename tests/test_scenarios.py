@@ -98,3 +98,17 @@ def test_matrix_cli_json(tmp_path):
     assert any(c["model"] == "v1" and c["verdict"] == "MISROUTED" for c in data["cases"])
     assert (tmp_path / "j.xml").read_text().startswith("<?xml") or "<testsuite" in (tmp_path / "j.xml").read_text()
     assert "|" in (tmp_path / "m.md").read_text()
+
+
+def test_engine_parity_over_the_catalog(tmp_path):
+    """Both engines carry the same policy: every (scenario, model) must get the same verdict."""
+    pytest.importorskip("mitmproxy", reason="the mitmproxy extra is not installed")
+    res = subprocess.run([sys.executable, "-m", "lab", "matrix", "--engine", "native,mitmproxy", "--json", "--fresh",
+                          "--state", str(tmp_path / "s"), "--certs", str(tmp_path / "certs")],
+                         capture_output=True, text=True, timeout=300)
+    data = json.loads(res.stdout)
+    mismatches = [m["id"] for m in data["summary"]["engine_mismatches"]]
+    assert mismatches == [], f"verdicts differ between engines: {mismatches}"
+    engines = {c["engine"] for c in data["cases"]}
+    assert engines == {"native", "mitmproxy"} and len(data["cases"]) >= 400
+    assert res.returncode == 0, data["summary"]["failed_ids"]

@@ -1,0 +1,751 @@
+"""The `mitmproxy` engine: mitmproxy embedded in the running asyncio loop, one reverse-mode
+listener per edge listener, and four small addons, one concern each:
+
+  _Connections  which listener a client connected to (by the address it hit), its conn id
+                (the trace of its TLS events and first request), the handshake timeout;
+                no new connections while stopping
+  _CertBySni    the certificate, by SNI, from the lab's CertStore (`tls_start_client`);
+                mitmproxy never mints one, and an SNI with no certificate fails the handshake
+                with alert 112 unrecognized_name, as on the native engine
+  _Route        the `request` hook: `EdgeCore.handle` decides (policy.decide, same events) and
+                answers: a refusal page, or the origin's response fetched over plain HTTP;
+                requests the native engine's parsers refuse get its 400 bad-request
+  _FlowFile     `flows=FILE`: every flow written in mitmproxy's own format (`mitmdump -nr FILE`)
+
+Why the origin leg goes through `EdgeCore` and not through mitmproxy's own upstream
+connection: when mitmproxy (11 and 12) cannot reach an upstream it answers with its own 502
+page from inside its HTTP layer, and no hook can replace it; the lab must answer
+`pages.upstream_failure`. So mitmproxy carries the client side (TLS, HTTP/1.1, HTTP/2,
+flows, hooks) and the request hook hands each request to the very code the native engine
+uses. mitmproxy itself never opens an upstream connection (`server_connect` refuses).
+
+Embedding, against mitmproxy's habits (DESIGN.md, feasibility notes):
+- no `Master.run()`: its error check calls `sys.exit`; `start()` brings the servers up
+  itself and turns a bind failure into one OSError naming the listener and address;
+- only the addons needed are loaded: no TlsConfig (it would mint certificates and create a
+  CA under ~/.mitmproxy), no ErrorCheck, no termlog, no Save (it calls `sys.exit` when a
+  write fails);
+- `stop()` empties the server list (else the ports stay bound), closes every live
+  connection and waits for mitmproxy's tasks, so nothing is left behind;
+- every hook of these addons is wrapped: an exception fails that request with a 502 page
+  naming the error and is logged (mitmproxy would only log it and carry on);
+- mitmproxy's `validate_inbound_headers` is off and its checks run per request instead
+  (`_malformed`): with it on, one HTTP/2 stream whose `host` disagrees with `:authority`
+  would kill the whole connection, where the policy refuses that stream alone (400).
+
+mitmproxy keeps its master in a module global (`mitmproxy.ctx`), so one MitmEdge runs per
+process at a time. Works with mitmproxy 11.0.x and 12.x.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import inspect
+import logging
+import os
+import socket
+import time
+import weakref
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Callable
+
+from mitmproxy import connection, http
+from mitmproxy import io as mitm_io
+from mitmproxy import options as mitm_options
+from mitmproxy.addons import next_layer, proxyserver
+from mitmproxy.exceptions import OptionsError
+from mitmproxy.master import Master
+from mitmproxy.net.http.validate import validate_headers
+from OpenSSL import SSL
+
+from lab.edge import pages
+from lab.edge.certstore import ALPN, CertStore
+from lab.edge.core import EdgeCore, Request, absolute_authority
+from lab.edge.http2 import malformed as malformed_h2
+from lab.edge.tls import HANDSHAKE_TIMEOUT
+from lab.events import Events, new_trace
+from lab.hostnorm import HostError, normalize
+from lab.pki import LabCA
+from lab.policy import Decision, Target
+from lab.topology import Listener, World
+
+log = logging.getLogger("lab.edge.mitm")
+
+# Where a reverse-mode listener "points": nowhere. Requests are carried by EdgeCore, and the
+# `server_connect` hook refuses any connection mitmproxy would open itself.
+UNROUTED = "reverse:http://unrouted.invalid:9"
+MAX_BODY = "1m"  # as the native engine (lab.edge.http1.MAX_BODY, http2.MAX_REQUEST_BODY)
+STOP_TIMEOUT = 2.0
+_ALPN = tuple(p.encode() for p in ALPN)  # server preference, as the native engine: h2, then http/1.1
+_UNRECOGNIZED_NAME = 112
+_SSL_TLSEXT_ERR_ALERT_FATAL = 2
+_MITMPROXY_DIR = os.path.dirname(inspect.getfile(Master)) + os.sep  # .../site-packages/mitmproxy/
+
+
+# ---- TLS: pyOpenSSL contexts from the lab's certificates ------------------------------
+
+def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    for proto in _ALPN:
+        if proto in offered:
+            return proto
+    return SSL.NO_OVERLAPPING_PROTOCOLS  # no ALPN in the ServerHello, like the native engine
+
+
+def _no_tickets(ctx: SSL.Context) -> None:
+    # No resumption, as the native engine: every connection's certificate is chosen by its SNI.
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    set_num_tickets = getattr(getattr(SSL, "_lib", None), "SSL_CTX_set_num_tickets", None)
+    if set_num_tickets is not None and hasattr(ctx, "_context"):
+        set_num_tickets(ctx._context, 0)
+
+
+def _leaf_context(cert: str, key: str) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    _no_tickets(ctx)
+    ctx.use_certificate_chain_file(cert)
+    ctx.use_privatekey_file(key)
+    ctx.check_privatekey()
+    ctx.set_alpn_select_callback(_select_alpn)
+    return ctx
+
+
+_refusing: tuple[SSL.Context, str] | None = None
+
+
+def _refusing_context() -> tuple[SSL.Context, str]:
+    """A context holding no certificate whose handshake fails, and the alert it sends.
+
+    pyOpenSSL's servername callback cannot return an alert, so the callback is set through
+    the OpenSSL binding pyOpenSSL itself uses: it answers every ClientHello with a fatal
+    alert 112 unrecognized_name, exactly what the native engine (stdlib ssl) sends. Should
+    that binding ever be missing, OpenSSL fails the handshake for want of a certificate
+    (alert 40 handshake_failure): still no certificate, never a minted one.
+    """
+    global _refusing
+    if _refusing is None:
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        _no_tickets(ctx)
+        ctx.set_alpn_select_callback(_select_alpn)
+        alert = "handshake_failure"
+        try:
+            ffi, lib = SSL._ffi, SSL._lib
+
+            def unrecognized_name(ssl, al, arg):
+                al[0] = _UNRECOGNIZED_NAME
+                return _SSL_TLSEXT_ERR_ALERT_FATAL
+
+            callback = ffi.callback("int (*)(SSL *, int *, void *)", unrecognized_name)
+            lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, callback)
+            ctx._lab_keepalive = callback  # the C side holds only a raw pointer
+            alert = "unrecognized_name"
+        except Exception as e:  # pragma: no cover - depends on the pyOpenSSL build
+            log.warning("mitmproxy engine: cannot send alert 112 (%s); an unknown SNI gets handshake_failure", e)
+        _refusing = (ctx, alert)
+    return _refusing
+
+
+class _EdgeTLS(SSL.Connection):
+    """The client connection's TLS. A failed handshake still sends its alert.
+
+    mitmproxy returns from a failed `do_handshake()` without reading the outgoing BIO, so the
+    alert OpenSSL queued (112 for an SNI without a certificate) would never reach the wire.
+    Here the failure is reported as "want read" once: mitmproxy then flushes the BIO; the edge
+    emits `tls.error` at once and closes the connection right after (`MitmEdge._tls_failed_now`).
+    """
+
+    _lab_failure: SSL.Error | None = None
+    _lab_on_failure: Callable[[str], None] | None = None
+
+    def do_handshake(self) -> None:
+        if self._lab_failure is not None:
+            raise self._lab_failure
+        try:
+            super().do_handshake()
+        except SSL.WantReadError:
+            raise
+        except SSL.Error as e:
+            self._lab_failure = e
+            if self._lab_on_failure is not None:
+                self._lab_on_failure(_ssl_reason(e))
+            raise SSL.WantReadError() from None
+
+
+def _ssl_reason(e: SSL.Error) -> str:
+    errors = e.args[0] if e.args and isinstance(e.args[0], list) else []
+    return (errors[-1][2] if errors and len(errors[-1]) > 2 else "") or str(e) or type(e).__name__
+
+
+class _TlsContexts:
+    """pyOpenSSL contexts for the certificates the CertStore holds, by their names."""
+
+    def __init__(self, ca: LabCA) -> None:
+        self.ca = ca
+        self._by_names: dict[tuple[str, ...], SSL.Context] = {}
+
+    def get(self, names: tuple[str, ...]) -> SSL.Context:
+        ctx = self._by_names.get(names)
+        if ctx is None:
+            leaf = self.ca.leaf(names)
+            ctx = self._by_names[names] = _leaf_context(str(leaf.cert_path), str(leaf.key_path))
+        return ctx
+
+    def keep(self, names: list[tuple[str, ...]]) -> None:
+        wanted = set(names)
+        self._by_names = {n: c for n, c in self._by_names.items() if n in wanted}
+
+
+# ---- per-connection state ------------------------------------------------------------
+
+@dataclass
+class _Conn:
+    listener: str
+    client: str
+    id: str = field(default_factory=new_trace)
+    first_trace: str | None = None
+    sni: str | None = None
+    cert_names: tuple[str, ...] = ()
+    failure: str | None = None  # why the handshake cannot succeed, when the edge knows
+    error_reported: bool = False
+    timer: asyncio.TimerHandle | None = None  # the handshake timeout
+
+    def __post_init__(self) -> None:
+        self.first_trace = self.id  # the first request reuses it: one story per trace
+
+    def next_trace(self) -> str:
+        trace, self.first_trace = self.first_trace, None
+        return trace or new_trace()
+
+    def stop_timer(self) -> None:
+        # Drop the handle too: it holds the client, the weak key of this state.
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def _guarded(hook):
+    """Run a hook; an exception is logged and handed to the edge (502 for a flow), never lost."""
+    if inspect.iscoroutinefunction(hook):
+        @functools.wraps(hook)
+        async def wrapper(self, data):
+            try:
+                await hook(self, data)
+            except Exception as e:
+                self.edge._hook_failed(hook.__name__, data, e)
+    else:
+        @functools.wraps(hook)
+        def wrapper(self, data):
+            try:
+                hook(self, data)
+            except Exception as e:
+                self.edge._hook_failed(hook.__name__, data, e)
+    return wrapper
+
+
+# ---- the addons ----------------------------------------------------------------------
+
+class _Connections:
+    name = "sni_lab_connections"
+
+    def __init__(self, edge: "MitmEdge") -> None:
+        self.edge = edge
+
+    @_guarded
+    def client_connected(self, client) -> None:
+        if self.edge._stopping:
+            client.error = "the edge is stopping"
+            return
+        st = self.edge._conn(client)
+        # As the native engine: a client that has not finished its handshake in time is dropped.
+        st.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self.edge._handshake_timeout, client)
+
+    @_guarded
+    def client_disconnected(self, client) -> None:
+        # The state itself stays until mitmproxy lets go of the client (a weak key): a hook
+        # task of this connection may still run after this one.
+        st = self.edge._conns.get(client)
+        if st is not None:
+            st.stop_timer()
+
+
+class _CertBySni:
+    name = "sni_lab_certificates"
+
+    def __init__(self, edge: "MitmEdge") -> None:
+        self.edge = edge
+
+    @_guarded
+    def tls_clienthello(self, data) -> None:
+        client = data.context.client
+        st = self.edge._conn(client)
+        st.sni = data.client_hello.sni
+        self.edge.events.emit("tls.clienthello", trace=st.id, conn=st.id, listener=st.listener, sni=st.sni,
+                              client=st.client)
+
+    @_guarded
+    def tls_start_client(self, data) -> None:
+        if data.ssl_conn is not None:
+            return
+        client = data.conn
+        st = self.edge._conn(client)
+        found = self.edge.certs.lookup(client.sni)
+        if found is None:
+            ctx, alert = _refusing_context()
+            st.failure = f"{alert}: no certificate for this SNI"
+        else:
+            st.cert_names = found[0]
+            ctx = self.edge._tls.get(found[0])
+        conn = _EdgeTLS(ctx)
+        conn._lab_on_failure = functools.partial(self.edge._tls_failed_now, client, st)
+        conn.set_accept_state()
+        data.ssl_conn = conn
+
+    @_guarded
+    def tls_established_client(self, data) -> None:
+        client = data.conn
+        st = self.edge._conn(client)
+        st.stop_timer()
+        alpn = client.alpn.decode() if client.alpn else "http/1.1"
+        self.edge.events.emit("tls.cert", trace=st.id, conn=st.id, listener=st.listener, sni=client.sni,
+                              names=list(st.cert_names), alpn=alpn, version=client.tls_version)
+
+    @_guarded
+    def tls_failed_client(self, data) -> None:
+        # Failures inside OpenSSL were reported the moment they happened (_EdgeTLS); this is
+        # for the others (the client gave up, mitmproxy closed the connection).
+        client = data.conn
+        self.edge._tls_error(client, self.edge._conn(client), (client.error or "handshake failed")[:200])
+
+
+class _Route:
+    name = "sni_lab_route"
+
+    def __init__(self, edge: "MitmEdge") -> None:
+        self.edge = edge
+
+    @_guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        client = flow.client_conn
+        st = self.edge._conn(client)
+        if not client.tls_established:
+            # Plain HTTP on a TLS listener: the native engine's handshake fails on it too.
+            self.edge.events.emit("tls.error", trace=st.id, conn=st.id, listener=st.listener, sni=None,
+                                  error="the client did not start TLS")
+            flow.kill()
+            return
+        req = _lab_request(flow, st, self.edge.core)
+        flow.metadata["sni-lab"] = {"trace": req.trace, "conn": st.id, "listener": st.listener}
+        problem = _malformed(flow)
+        _show_as_asked(flow, req)
+        listener = self.edge.world.listener_by_name[st.listener]
+        if problem:
+            flow.response = self._refuse_malformed(flow, req, listener, problem)
+            return
+        flow.response = _mitm_response(flow, *await self.edge.core.handle_async(listener, req))
+
+    def _refuse_malformed(self, flow: http.HTTPFlow, req: Request, listener: Listener, problem: str) -> http.Response:
+        """What the native engine answers when its HTTP parser refuses a request (http1/http2 `_malformed`)."""
+        model = self.edge.world.model
+        h2 = flow.request.is_http2
+        decision = Decision(model=model, rule="bad-request", status=400, code="bad-request",
+                            reason=f"{model}: malformed {'HTTP/2 ' if h2 else ''}request: {problem}")
+        self.edge.events.emit("route.decision", trace=req.trace, conn=req.conn, listener=listener.name, sni=req.sni,
+                              host=None, model=decision.model, rule=decision.rule, origin=None, status=400,
+                              code=decision.code, reason=decision.reason)
+        accept = next((v for k, v in req.headers if k.lower() == "accept"), None)
+        # HTTP/1: close after it, as the native engine does once its parser gave up on the stream.
+        return _mitm_response(flow, *pages.refusal(decision, accept), close=not h2)
+
+    def server_connect(self, data) -> None:
+        # Never reached while `request` answers every flow; a guard, not a path.
+        data.server.error = "the sni-lab edge carries requests to origins itself"
+
+
+class _FlowFile:
+    """Streams finished flows to FILE in mitmproxy's format; a write error stops recording, loudly."""
+
+    name = "sni_lab_flows"
+
+    def __init__(self, edge: "MitmEdge", path: Path) -> None:
+        self.edge = edge
+        self.path = path
+        self.file = None
+        self.writer = None
+
+    def open(self) -> None:
+        try:
+            self.file = open(self.path, "wb")
+        except OSError as e:
+            raise OSError(e.errno, f"flows file {self.path}: cannot write: {e.strerror}") from None
+        self.writer = mitm_io.FlowWriter(self.file)
+
+    def _write(self, flow) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.add(flow)
+            self.file.flush()
+        except OSError as e:
+            log.error("mitmproxy engine: flows file %s: %s; flows are no longer recorded", self.path, e)
+            self.done()
+
+    @_guarded
+    def response(self, flow) -> None:
+        self._write(flow)
+
+    @_guarded
+    def error(self, flow) -> None:
+        self._write(flow)
+
+    def done(self) -> None:
+        file, self.file, self.writer = self.file, None, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as e:
+                log.error("mitmproxy engine: flows file %s: %s", self.path, e)
+
+
+# ---- requests and responses between mitmproxy and EdgeCore ---------------------------
+
+def _lab_request(flow: http.HTTPFlow, st: _Conn, core: EdgeCore) -> Request:
+    r = flow.request
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields]
+    path_qs = r.path
+    if r.is_http2 or r.is_http3:
+        authority, absolute = r.authority or None, None  # :authority
+    else:
+        # mitmproxy keeps an HTTP/1 request target's authority only for the absolute form.
+        authority = None
+        absolute = absolute_authority(f"{r.scheme or 'http'}://{r.authority}/") if r.authority else None
+    target = Target(hosts=tuple(v for k, v in headers if k.lower() == "host"), authority=authority,
+                    absolute=absolute, path=path_qs.split("?", 1)[0])
+    req = Request(method=r.method, target=target, path_qs=path_qs, headers=headers, body=r.raw_content or b"",
+                  client=st.client, sni=flow.client_conn.sni, conn=st.id, trace="")
+    req.trace = core.trace_of(headers, st.next_trace())
+    return req
+
+
+def _malformed(flow: http.HTTPFlow) -> str | None:
+    """The checks mitmproxy's `validate_inbound_headers` would make, minus h2's Host rule.
+
+    That option is off: with it, the h2 library kills the whole connection (GOAWAY) over a
+    `host` header that disagrees with `:authority`, where the policy answers that one stream
+    400 host-mismatch. The same checks run here instead, per request: the native engine's
+    own HTTP/2 header check, and for HTTP/1 mitmproxy's anti-smuggling header validation plus
+    what the native engine's parser refuses besides (folded or control characters in a value,
+    an HTTP/1.1 request without Host). Framing errors (two Content-Lengths, a bad chunk) stay
+    mitmproxy's: its reader answers them with its own 400 before any hook.
+    """
+    r = flow.request
+    if r.is_http2:
+        pseudo = [(":method", r.method), (":scheme", r.scheme)]
+        pseudo += [(":authority", r.authority)] if r.authority else []
+        pseudo += [(":path", r.path)]
+        return malformed_h2(pseudo + [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields])
+    try:
+        validate_headers(r)
+    except ValueError as e:
+        return str(e)
+    for name, value in r.headers.fields:
+        if any(c in value for c in b"\r\n\0"):  # obs-fold, which mitmproxy's reader lets through
+            return f"bad value in header {name.decode('latin-1')}"
+    if r.http_version == "HTTP/1.1" and "host" not in r.headers:
+        return "Missing 'Host' header in request."
+    return None
+
+
+def _show_as_asked(flow: http.HTTPFlow, req: Request) -> None:
+    """Flows show the URL the client asked for (https://host:port/...), not the unrouted target.
+
+    Only the flow's record changes: the request the edge decided on is `req`, and mitmproxy
+    opens no connection for it (the request hook answers every flow).
+    """
+    t = req.target
+    raw = t.authority or (t.hosts[0] if t.hosts else None) or t.absolute or req.sni
+    try:
+        host = normalize(raw) if raw else None
+    except HostError:
+        host = None
+    sockname = flow.client_conn.sockname or ("", 0)
+    flow.request.scheme = "https"
+    flow.request.data.host = host or sockname[0]
+    flow.request.data.port = sockname[1]
+
+
+def _mitm_response(flow: http.HTTPFlow, status: int, headers: list[tuple[str, str]], body: bytes,
+                   close: bool = False) -> http.Response:
+    """(status, headers, body) as the native engine would send them: the edge's own framing."""
+    h2 = flow.request.is_http2 or flow.request.is_http3
+    fields = [((k.lower() if h2 else k).encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+              for k, v in headers if k.lower() != "content-length"]
+    fields.append((b"content-length" if h2 else b"Content-Length", str(len(body)).encode()))
+    if close and not h2:
+        fields.append((b"Connection", b"close"))
+    reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Unknown"
+    now = time.time()
+    return http.Response(b"HTTP/2.0" if h2 else b"HTTP/1.1", status, reason.encode(), http.Headers(fields), body,
+                         None, now, now)
+
+
+# ---- the engine ----------------------------------------------------------------------
+
+class MitmEdge:
+    engine = "mitmproxy"
+    _active: "MitmEdge | None" = None  # mitmproxy.ctx is a module global: one engine per process
+
+    def __init__(self, world: World, events: Events, ca: LabCA, flows: str | Path | None = None) -> None:
+        self.events = events
+        self.certs = CertStore(ca)
+        self.certs.load(world)
+        self._tls = _TlsContexts(ca)
+        self.core = EdgeCore(world, events)
+        self.flows = Path(flows).expanduser() if flows else None
+        self.master: Master | None = None
+        self._proxyserver: proxyserver.Proxyserver | None = None
+        self._flowfile: _FlowFile | None = None
+        self._conns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mitmproxy Client -> _Conn
+        self._bound: dict[tuple[str, int], str] = {}  # address actually bound -> listener name
+        self._by_spec: dict[str, str] = {}  # mitmproxy mode spec -> listener name
+        self._stopping = False
+        self._log_level: int | None = None
+
+    @property
+    def world(self) -> World:
+        return self.core.world
+
+    def set_world(self, world: World) -> None:
+        """Switch model or hostnames at run time; certificates follow what the world allows."""
+        self.certs.load(world)
+        self._tls.keep(self.certs.names())
+        self.core.world = world
+
+    # ---- lifecycle ----
+    async def start(self) -> dict[str, tuple[str, int]]:
+        """Bind one reverse-mode listener per listener of the world; returns name -> (host, port) bound."""
+        if self.master is not None:
+            raise RuntimeError("this mitmproxy edge is already running")
+        if MitmEdge._active is not None:
+            raise RuntimeError("a mitmproxy edge is already running in this process "
+                               "(mitmproxy keeps its state in module globals: one engine per process)")
+        MitmEdge._active = self
+        await self.core.start()
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> dict[str, tuple[str, int]]:
+        specs = self._specs()
+        if self.flows is not None:
+            self._flowfile = _FlowFile(self, self.flows)
+            self._flowfile.open()
+        self._quiet_mitmproxy()
+        master = self.master = Master(mitm_options.Options(), event_loop=asyncio.get_running_loop())
+        # mitmproxy's handler on the root logger would swallow every record of the process
+        # (and silence logging's last-resort stderr output); the lab does not read add_log.
+        legacy = getattr(master, "_legacy_log_events", None)
+        if legacy is not None:
+            legacy.uninstall()
+        ps = self._proxyserver = proxyserver.Proxyserver()
+        ours = [_Connections(self), _CertBySni(self), _Route(self)] + ([self._flowfile] if self._flowfile else [])
+        # Ours first: a hook that sets tls_start.ssl_conn wins (mitmproxy's TlsConfig, were it
+        # loaded, steps aside when ssl_conn is set; it is not loaded at all).
+        master.addons.add(*ours, ps, next_layer.NextLayer())
+        try:
+            # keep_host_header: in reverse mode mitmproxy rewrites Host to the target before any
+            # hook, and the policy must see the client's. validate_inbound_headers: see _malformed.
+            master.options.update(mode=list(specs), connection_strategy="lazy", keep_host_header=True,
+                                  body_size_limit=MAX_BODY, http2=True, validate_inbound_headers=False)
+        except OptionsError as e:
+            raise ValueError(f"mitmproxy engine: {e}") from None
+        await ps.setup_servers()
+        bound = {}
+        for spec, (listener, port) in specs.items():
+            instance = ps.servers[spec]
+            addrs = instance.listen_addrs
+            if instance.last_exception is not None or not addrs:
+                raise _bind_error(listener, port, instance.last_exception)
+            bound[listener.name] = addrs[0][:2]
+            self._bound[addrs[0][:2]] = listener.name
+            self._by_spec[spec] = listener.name
+        logging.getLogger("mitmproxy").setLevel(logging.ERROR)
+        await master.running()
+        return bound
+
+    def _specs(self) -> dict[str, tuple[Listener, int]]:
+        specs: dict[str, tuple[Listener, int]] = {}
+        seen: dict[tuple[str, int], str] = {}
+        for listener in self.world.listeners:
+            port = listener.port
+            if port == 0:
+                # Pick the free port here: mitmproxy refuses two modes on the same "host:0".
+                port = _free_port(listener)
+            elif (listener.host, port) in seen:
+                raise OSError(errno.EADDRINUSE, f"edge listener {listener.name}: cannot bind {listener.host}:{port}: "
+                                                f"listener {seen[(listener.host, port)]} has this address")
+            seen[(listener.host, port)] = listener.name
+            specs[f"{UNROUTED}@{listener.host}:{port}"] = (listener, port)
+        return specs
+
+    async def stop(self) -> None:
+        self._stopping = True
+        try:
+            if self._proxyserver is not None:
+                await self._proxyserver.servers.update([])  # frees every port (shutdown() alone would not)
+                await self._close_connections()
+            if self.master is not None:
+                await self.master.done()
+        finally:
+            if self._flowfile is not None:
+                self._flowfile.done()
+            self.master = self._proxyserver = self._flowfile = None
+            for st in list(self._conns.values()):
+                st.stop_timer()
+            self._conns.clear()
+            self._bound.clear()
+            self._by_spec.clear()
+            await self.core.stop()
+            self._restore_logging()
+            self._stopping = False
+            if MitmEdge._active is self:
+                MitmEdge._active = None
+
+    async def _close_connections(self) -> None:
+        """Close every client connection and wait for mitmproxy's tasks; cancel the stubborn."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_TIMEOUT
+        while True:
+            for handler in list(self._proxyserver.connections.values()):
+                io = handler.transports.get(handler.client)
+                if io is not None and io.handler is not None and not io.handler.done():
+                    io.handler.cancel("sni-lab edge stopping")
+            tasks = _mitmproxy_tasks()
+            if not tasks:
+                return
+            if loop.time() >= deadline:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                return
+            await asyncio.wait(tasks, timeout=0.05)
+
+    def _quiet_mitmproxy(self) -> None:
+        # The lab reports TLS failures and bind errors itself (events, one OSError); mitmproxy's
+        # own warnings about them would be noise on stderr. Its errors still show.
+        logger = logging.getLogger("mitmproxy")
+        self._log_level = logger.level
+        logger.setLevel(logging.CRITICAL)  # until the listeners are up: a bind error is ours to report
+
+    def _restore_logging(self) -> None:
+        if self._log_level is not None:
+            logging.getLogger("mitmproxy").setLevel(self._log_level)
+            self._log_level = None
+
+    # ---- helpers for the addons ----
+    def _conn(self, client) -> _Conn:
+        st = self._conns.get(client)
+        if st is None:
+            st = self._conns[client] = _Conn(listener=self._listener_of(client),
+                                               client=(client.peername or ("", 0))[0])
+        return st
+
+    def _listener_of(self, client) -> str:
+        """The listener the client connected to: by the address it hit, else by mitmproxy's mode."""
+        sockname = tuple((client.sockname or ("", 0))[:2])
+        name = self._bound.get(sockname)
+        if name is None:
+            mode = getattr(client, "proxy_mode", None)
+            name = self._by_spec.get(getattr(mode, "full_spec", None))
+        if name is None:
+            name = next((l.name for l in self.world.listeners if l.port == sockname[1]), "?")
+        return name
+
+    def _tls_failed_now(self, client, st: _Conn, reason: str) -> None:
+        """The handshake failed inside OpenSSL: the alert is being flushed; close right after."""
+        self._tls_error(client, st, reason)
+        asyncio.get_running_loop().call_soon(self._close_client, client.id)
+
+    def _handshake_timeout(self, client) -> None:
+        st = self._conns.get(client)
+        if st is None:
+            return
+        st.timer = None
+        if client.tls_established:
+            return
+        self._tls_error(client, st, "handshake timeout")
+        self._close_client(client.id)
+
+    def _tls_error(self, client, st: _Conn, reason: str) -> None:
+        """One `tls.error` per connection; a reason the edge knows (no certificate) wins."""
+        st.stop_timer()
+        if st.error_reported:
+            return
+        st.error_reported = True
+        self.events.emit("tls.error", trace=st.id, conn=st.id, listener=st.listener, sni=client.sni,
+                         error=st.failure or reason)
+
+    def _close_client(self, client_id: str) -> None:
+        ps = self._proxyserver
+        handler = ps.connections.get(client_id) if ps is not None else None
+        if handler is None:
+            return
+        io = handler.transports.get(handler.client)
+        if io is not None and io.handler is not None and not io.handler.done():
+            io.handler.cancel("TLS handshake failed")
+
+    def _hook_failed(self, hook: str, data: Any, e: Exception) -> None:
+        what = f"{type(e).__name__}: {e}"
+        log.error("mitmproxy engine: the %s hook failed: %s", hook, what, exc_info=e)
+        if isinstance(data, http.HTTPFlow):
+            model = self.world.model
+            decision = Decision(model=model, rule="edge-error", status=502, code="edge-error",
+                                reason=f"{model}: the mitmproxy engine failed in its {hook} hook: {what}")
+            accept = data.request.headers.get("accept") if data.request else None
+            data.response = _mitm_response(data, *pages.refusal(decision, accept))
+            return
+        if isinstance(data, connection.Client):
+            client = data
+        else:
+            context = getattr(data, "context", None)
+            client = getattr(context, "client", None)
+        if isinstance(client, connection.Client):
+            st = self._conn(client)
+            st.failure = st.failure or f"edge error in {hook}: {what}"
+            if hook.startswith("tls_"):
+                self._tls_error(client, st, st.failure)
+
+
+def _bind_error(listener: Listener, port: int, exc: BaseException | None) -> OSError:
+    # mitmproxy wraps asyncio's OSError in its own, with advice for its CLI; the lab says it
+    # the native engine's way, from the original error.
+    cause = exc.__cause__ if exc is not None and isinstance(exc.__cause__, OSError) else exc
+    code = getattr(cause, "errno", None) or errno.EADDRNOTAVAIL
+    why = getattr(cause, "strerror", None) or (str(cause) if cause else os.strerror(code))
+    return OSError(code, f"edge listener {listener.name}: cannot bind {listener.host}:{port}: {why}")
+
+
+def _free_port(listener: Listener) -> int:
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((listener.host, 0))
+        except OSError as e:
+            raise OSError(e.errno, f"edge listener {listener.name}: cannot bind {listener.host}:0: {e.strerror}") from None
+        return s.getsockname()[1]
+
+
+def _mitmproxy_tasks() -> set[asyncio.Task]:
+    current = asyncio.current_task()
+    out = set()
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if task is not current and not task.done() and code is not None and code.co_filename.startswith(_MITMPROXY_DIR):
+            out.add(task)
+    return out
