@@ -149,8 +149,6 @@ def bind_hint(e: OSError) -> str:
 
 
 def up(args) -> int:
-    from lab.cli import UserError
-
     world = load(args.config)
     try:
         import uvloop

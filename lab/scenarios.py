@@ -5,13 +5,12 @@ admin), so a scenario runs the same against an in-process lab or a running `sni-
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 

@@ -1,7 +1,6 @@
 """The control plane over real sockets, against a real `sni-lab up` process that we kill and restart."""
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from lab.hostnorm import HostError, normalize
-from lab.topology import WorldError, load, parse
+from lab.topology import WorldError, load
 
 
 def test_default_world(world):

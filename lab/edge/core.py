@@ -73,6 +73,17 @@ class EdgeCore:
                          method=req.method, path=req.target.path)
         return decision
 
+    def refuse_malformed(self, listener: Listener, *, trace: str, conn: str, sni: str | None, problem: str,
+                         http2: bool = False, decision: Decision | None = None, accept: str | None = None) -> Response:
+        """Every engine's answer to a request its parser refused: a 400 from the edge, told like any decision."""
+        model = self.world.model
+        decision = decision or Decision(model=model, rule="bad-request", status=400, code="bad-request",
+                                        reason=f"{model}: malformed {'HTTP/2 ' if http2 else ''}request: {problem}")
+        self.events.emit("route.decision", trace=trace, conn=conn, listener=listener.name, sni=sni, host=None,
+                         model=decision.model, rule=decision.rule, origin=None, status=decision.status,
+                         code=decision.code, reason=decision.reason)
+        return pages.refusal(decision, accept)
+
     def handle(self, listener: Listener, req: Request, respond: Callable[[Response], None]) -> None:
         """Decide, then answer through `respond` (at once for a refusal, later for a forward)."""
         decision = self.decide(listener, req)

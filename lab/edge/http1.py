@@ -13,9 +13,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD
 
-from lab.edge import pages
 from lab.edge.core import EdgeCore, Request, Response, absolute_authority
-from lab.policy import Decision, Target, decide
+from lab.policy import Target, decide
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 MAX_BODY = 1024 * 1024
@@ -104,17 +103,11 @@ class H1Protocol(asyncio.Protocol):
     def _malformed(self, exc: Exception) -> None:
         text = str(getattr(exc, "message", None) or exc or "bad request")
         conn = self.conn
-        world = self.core.world
-        if "Duplicate 'Host'" in text:
-            # The parser saw two Host headers; the policy owns what that means.
-            decision = decide(conn.listener, conn.sni, Target(hosts=("?", "?")), world)
-        else:
-            decision = Decision(model=world.model, rule="bad-request", status=400, code="bad-request",
-                                reason=f"{world.model}: malformed request: {text}")
-        self.core.events.emit("route.decision", trace=conn.next_trace(), conn=conn.conn_id, listener=conn.listener.name,
-                              sni=conn.sni, host=None, model=decision.model, rule=decision.rule, origin=None,
-                              status=decision.status, code=decision.code, reason=decision.reason)
-        self._respond(pages.refusal(decision), close=True)
+        # Two Host headers stop the parser; what that means is the policy's call.
+        decision = (decide(conn.listener, conn.sni, Target(hosts=("?", "?")), self.core.world)
+                    if "Duplicate 'Host'" in text else None)
+        self._respond(self.core.refuse_malformed(conn.listener, trace=conn.next_trace(), conn=conn.conn_id, sni=conn.sni,
+                                                 problem=text, decision=decision), close=True)
 
     def pause_reading(self) -> None:
         self._reading_paused = True

@@ -13,9 +13,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from lab.edge import pages
 from lab.edge.core import EdgeCore, Request
-from lab.policy import Decision, Target
+from lab.policy import Target
 
 MAX_REQUEST_BODY = 1024 * 1024
 _CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
@@ -138,13 +137,9 @@ class H2Protocol(asyncio.Protocol):
             self.tasks.pop(stream_id, None)
 
     def _refuse_malformed(self, stream_id: int, problem: str) -> None:
-        world = self.core.world
-        decision = Decision(model=world.model, rule="bad-request", status=400, code="bad-request",
-                            reason=f"{world.model}: malformed HTTP/2 request: {problem}")
-        self.core.events.emit("route.decision", trace=self.conn.next_trace(), conn=self.conn.conn_id,
-                              listener=self.conn.listener.name, sni=self.conn.sni, host=None, model=decision.model,
-                              rule=decision.rule, origin=None, status=400, code=decision.code, reason=decision.reason)
-        status, out, payload = pages.refusal(decision)
+        conn = self.conn
+        status, out, payload = self.core.refuse_malformed(conn.listener, trace=conn.next_trace(), conn=conn.conn_id,
+                                                          sni=conn.sni, problem=problem, http2=True)
         try:
             self.h2.send_headers(stream_id, [(":status", str(status))] + [(k.lower(), v) for k, v in out]
                                  + [("content-length", str(len(payload)))])

@@ -349,17 +349,12 @@ class _Route:
         flow.response = _mitm_response(flow, *await self.edge.core.handle_async(listener, req))
 
     def _refuse_malformed(self, flow: http.HTTPFlow, req: Request, listener: Listener, problem: str) -> http.Response:
-        """What the native engine answers when its HTTP parser refuses a request (http1/http2 `_malformed`)."""
-        model = self.edge.world.model
         h2 = flow.request.is_http2
-        decision = Decision(model=model, rule="bad-request", status=400, code="bad-request",
-                            reason=f"{model}: malformed {'HTTP/2 ' if h2 else ''}request: {problem}")
-        self.edge.events.emit("route.decision", trace=req.trace, conn=req.conn, listener=listener.name, sni=req.sni,
-                              host=None, model=decision.model, rule=decision.rule, origin=None, status=400,
-                              code=decision.code, reason=decision.reason)
         accept = next((v for k, v in req.headers if k.lower() == "accept"), None)
+        refusal = self.edge.core.refuse_malformed(listener, trace=req.trace, conn=req.conn, sni=req.sni, problem=problem,
+                                                  http2=h2, accept=accept)
         # HTTP/1: close after it, as the native engine does once its parser gave up on the stream.
-        return _mitm_response(flow, *pages.refusal(decision, accept), close=not h2)
+        return _mitm_response(flow, *refusal, close=not h2)
 
     def server_connect(self, data) -> None:
         # Never reached while `request` answers every flow; a guard, not a path.
