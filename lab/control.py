@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from lab import hostnames as hn
+from lab.binding import bind_error
 from lab.dns import query
 from lab.openapi import spec
 from lab.state import State, StateError
@@ -197,7 +198,7 @@ class Control:
         except OSError as e:
             await self.runner.cleanup()
             self.runner = None
-            raise OSError(e.errno, f"control plane: cannot bind {host}:{port}: {e.strerror}") from None
+            raise bind_error("control plane", host, port, e) from None
         bound = site._server.sockets[0].getsockname()[:2]
         self.url = f"http://{bound[0]}:{bound[1]}"
         self._worker = asyncio.create_task(self._verify_forever())

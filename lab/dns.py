@@ -34,6 +34,7 @@ from pathlib import Path
 
 from dnslib import AAAA, CNAME, NS, QTYPE, RCODE, RR, SOA, TXT, A, DNSHeader, DNSLabel, DNSRecord, EDNS0
 
+from lab.binding import bind_error
 from lab.events import Events
 from lab.hostnorm import HostError, is_ip, normalize
 from lab.topology import RECORD_TYPES, World
@@ -646,11 +647,7 @@ def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
             tcp.close()
             if port == 0 and e.errno == errno.EADDRINUSE:
                 continue  # the UDP port's TCP twin is taken: try another
-            hint = ""
-            if e.errno == errno.EADDRNOTAVAIL:
-                hint = (f"; {host} is not a local address here (macOS: `sudo ifconfig lo0 alias {host} up`,"
-                        " or use docker compose)")
-            raise OSError(e.errno, f"cannot bind the resolver to {host}:{port}: {e.strerror}{hint}") from None
+            raise bind_error("resolver", host, port, e) from None
         udp.setblocking(False)
         tcp.setblocking(False)
         return udp, tcp

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lab.binding import bind_error
 from lab.events import Events
 from lab.hostnorm import HostError, normalize
 from lab.topology import Origin, World
@@ -265,7 +266,7 @@ class Origins:
                 await web.TCPSite(runner, origin.host, origin.port, reuse_address=True).start()
             except OSError as e:
                 await self.stop()
-                raise OSError(e.errno, _bind_error(origin, e)) from e
+                raise bind_error(f"origin {origin.name}", origin.host, origin.port, e) from None
             host, port = runner.addresses[0][:2]
             bound[origin.name] = (host, port)
             world = world.with_ports({origin.name: port})
@@ -282,7 +283,4 @@ class Origins:
         return [entry for app in self._apps if COLLECTED_KEY in app for entry in app[COLLECTED_KEY]]
 
 
-def _bind_error(origin: Origin, e: OSError) -> str:
-    # Kept as strerror of the re-raised OSError: lab.run's bind_hint appends the how-to
-    # (macOS loopback aliases, port in use) after it.
-    return f"origin {origin.name}: cannot bind {origin.host}:{origin.port}: {e.strerror or e}"
+

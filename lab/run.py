@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import os
 import signal
@@ -10,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from lab.binding import bind_hint
 from lab.events import Events
 from lab.pki import LabCA
 from lab.topology import World, load
@@ -135,17 +135,6 @@ class Lab:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
-
-
-def bind_hint(e: OSError) -> str:
-    msg = str(e.strerror or e)
-    if e.errno == errno.EADDRINUSE:
-        return f"{msg} (another `sni-lab up` or program holds the port; stop it or pick other ports with --config)"
-    if e.errno == errno.EADDRNOTAVAIL and sys.platform == "darwin":
-        return (f"{msg}: macOS has only 127.0.0.1 on loopback; add the lab's addresses with "
-                f"`for i in 2 10 11 12 31 32 33 34; do sudo ifconfig lo0 alias 127.0.0.$i up; done`, "
-                f"or run the lab with `docker compose up`")
-    return msg
 
 
 def up(args) -> int:

@@ -61,6 +61,7 @@ from mitmproxy.master import Master
 from mitmproxy.net.http.validate import validate_headers
 from OpenSSL import SSL
 
+from lab.binding import bind_error
 from lab.edge import pages
 from lab.edge.certstore import ALPN, CertStore
 from lab.edge.core import EdgeCore, Request, absolute_authority
@@ -721,9 +722,9 @@ def _bind_error(listener: Listener, port: int, exc: BaseException | None) -> OSE
     # mitmproxy wraps asyncio's OSError in its own, with advice for its CLI; the lab says it
     # the native engine's way, from the original error.
     cause = exc.__cause__ if exc is not None and isinstance(exc.__cause__, OSError) else exc
-    code = getattr(cause, "errno", None) or errno.EADDRNOTAVAIL
-    why = getattr(cause, "strerror", None) or (str(cause) if cause else os.strerror(code))
-    return OSError(code, f"edge listener {listener.name}: cannot bind {listener.host}:{port}: {why}")
+    if not isinstance(cause, OSError) or not cause.errno:
+        cause = OSError(errno.EADDRNOTAVAIL, str(cause) if cause else "")
+    return bind_error(f"edge listener {listener.name}", listener.host, port, cause)
 
 
 def _free_port(listener: Listener) -> int:
@@ -732,7 +733,7 @@ def _free_port(listener: Listener) -> int:
         try:
             s.bind((listener.host, 0))
         except OSError as e:
-            raise OSError(e.errno, f"edge listener {listener.name}: cannot bind {listener.host}:0: {e.strerror}") from None
+            raise bind_error(f"edge listener {listener.name}", listener.host, 0, e) from None
         return s.getsockname()[1]
 
 

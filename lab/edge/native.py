@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+from lab.binding import bind_error
 from lab.edge.certstore import CertStore, server_context
 from lab.edge.core import EdgeCore
 from lab.edge.http1 import H1Protocol
@@ -58,8 +59,7 @@ class NativeEdge:
                     server = await loop.create_server(self._protocol(listener), listener.host, listener.port,
                                                       reuse_address=True, backlog=1024)
                 except OSError as e:
-                    raise OSError(e.errno, f"edge listener {listener.name}: cannot bind {listener.host}:{listener.port}: "
-                                           f"{e.strerror}") from None
+                    raise bind_error(f"edge listener {listener.name}", listener.host, listener.port, e) from None
                 self.servers.append(server)
                 bound[listener.name] = server.sockets[0].getsockname()[:2]
         except BaseException:
