@@ -1,5 +1,4 @@
 """`sni-lab up` as a user runs it: ready line, endpoints file, clean shutdown, clear bind errors."""
-import asyncio
 import json
 import os
 import re
