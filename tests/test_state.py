@@ -341,3 +341,14 @@ def test_many_processes_create_one_database(tmp_path):
     assert [p.wait(timeout=60) for p in procs] == [0] * 6
     with State(tmp_path / "lab") as st:
         assert [st.get(f"k{i}") for i in range(6)] == ["x"] * 6
+
+
+def test_event_log_keeps_the_newest(tmp_path):
+    from lab.state import State
+
+    state = State(tmp_path)
+    state.add_events([{"id": i, "ts": float(i), "kind": "route.decision", "trace": None, "n": i} for i in range(1, 101)])
+    assert state.prune_events(30) == 70
+    kept = state.events(0, 1000)
+    assert [e["id"] for e in kept] == list(range(71, 101)) and kept[0]["n"] == 71
+    state.close()
