@@ -49,10 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "write them to .lab/endpoints.json.")
     up.add_argument("--model", choices=MODELS, help="the SaaS zones' model (default: the world file's)")
     up.add_argument("--engine", default="native", choices=("native", "mitmproxy"))
+    up.add_argument("--no-origins", action="store_true",
+                    help="do not start the origins: they run elsewhere (`sni-lab origins`) at the world's addresses")
     up.add_argument("--flows", metavar="FILE",
                     help="mitmproxy engine: write every flow to FILE (read it with `mitmdump -nr FILE`)")
     up.add_argument("--state", metavar="DIR", default=".lab", help="state directory (default: .lab/)")
     _add_common(up)
+
+    origins = sub.add_parser("origins", help="run only the world's origins (the rest runs elsewhere)",
+                             description="Run only the origins of the world, e.g. in their own process or container.")
+    _add_common(origins)
 
     dig = sub.add_parser("dig", help="ask the running lab resolver", description="Ask the lab resolver NAME [TYPE].")
     dig.add_argument("name")
@@ -199,6 +205,12 @@ def cmd_up(args) -> int:
     return up(args)
 
 
+def cmd_origins(args) -> int:
+    from lab.run import origins
+
+    return origins(args)
+
+
 def cmd_dig(args) -> int:
     from lab.dns import dig_command
 
@@ -335,7 +347,7 @@ def cmd_scenarios(args) -> int:
         raise UserError(str(e)) from None
 
 
-COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
+COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up, "origins": cmd_origins, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
             "model": cmd_model, "events": cmd_events, "reset": cmd_reset}
 
 

@@ -2,7 +2,6 @@
 engine), run scenarios through `scenarios.Runner`, print with `report`."""
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import tempfile
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from lab import report
 from lab.remote import RemoteError, endpoints as read_endpoints
-from lab.run import ENGINES, Lab
+from lab.run import ENGINES, Lab, run_loop
 from lab.scenarios import DEFAULT_DIR, Runner, Scenario, ScenarioError, discover
 from lab.topology import MODELS, World, load
 
@@ -137,7 +136,7 @@ def run_command(args) -> int:
     progress = Progress(len(scenarios) * len(models) * max(len(engines), 1), not args.json)
     started = time.perf_counter()
     try:
-        results = _run(execute(args, scenarios, models, engines, progress))
+        results = run_loop(execute(args, scenarios, models, engines, progress))
     finally:
         progress.close()
     wall = time.perf_counter() - started
@@ -165,19 +164,10 @@ def explain_command(args) -> int:
     engines = parse_list(args.engine, ENGINES, "engine")
 
     events: list[dict] = []
-    (result,) = _run(execute(args, [scenario], model, engines[:1], events=events))
+    (result,) = run_loop(execute(args, [scenario], model, engines[:1], events=events))
     if args.json:
         print(json.dumps({"case": json.loads(report.to_json([result]))["cases"][0], "events": events,
                           "story": scenario.story, "lesson": scenario.lesson}, indent=2))
     else:
         print(report.explain(result, scenario.story, scenario.lesson, events or None, color=sys.stdout.isatty()))
     return 0 if result.passed else 1
-
-
-def _run(coro):
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)

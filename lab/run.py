@@ -23,13 +23,16 @@ class Lab:
     def __init__(self, world: World, certs_dir: str | Path = "certs", engine: str = "native",
                  events: Events | None = None, log=lambda msg: None, state_dir: str | Path | None = None,
                  model: str | None = None, verify_interval: float | None = None,
-                 flows: str | Path | None = None) -> None:
+                 flows: str | Path | None = None, run_origins: bool = True) -> None:
         """`state_dir` turns on the control plane and durable state; `model` (an explicit
         choice) wins over the saved one and is saved."""
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}")
         if flows and engine != "mitmproxy":
             raise ValueError("--flows needs --engine mitmproxy")
+        if not run_origins and any(o.port == 0 for o in world.origins):
+            raise ValueError("--no-origins: the origins run elsewhere, so the world must give their ports (not 0)")
+        self.run_origins = run_origins
         self.engine_name = engine
         self.flows = flows
         self.state = self.control = self.sink = None
@@ -55,9 +58,10 @@ class Lab:
         from lab.origins import Origins
 
         try:
-            self.origins = Origins(self.world, self.events)
-            bound = await self.origins.start()
-            self.world = self.world.with_ports({name: port for name, (_, port) in bound.items()})
+            if self.run_origins:  # else they run in another process (`sni-lab origins`), at the world's addresses
+                self.origins = Origins(self.world, self.events)
+                bound = await self.origins.start()
+                self.world = self.world.with_ports({name: port for name, (_, port) in bound.items()})
             self.resolver = Resolver(self.world, self.events)
             dns_host, dns_port = await self.resolver.start()
             self.world = self.world.with_ports({"resolver": dns_port})
@@ -139,13 +143,15 @@ class Lab:
 
 def up(args) -> int:
     world = load(args.config)
+    return run_loop(_serve(world, args))
+
+
+def run_loop(coro):
     try:
         import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
-        pass
-    return asyncio.run(_serve(world, args))
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def _serve(world: World, args) -> int:
@@ -154,7 +160,7 @@ async def _serve(world: World, args) -> int:
 
     try:
         lab = Lab(world, args.certs, engine=args.engine, log=lambda m: print(m, file=sys.stderr), state_dir=args.state,
-                  model=args.model, flows=args.flows)
+                  model=args.model, flows=args.flows, run_origins=not args.no_origins)
     except (StateError, ValueError) as e:
         print(f"sni-lab: error: {e}", file=sys.stderr)
         return 1
@@ -199,3 +205,34 @@ async def _serve(world: World, args) -> int:
     (state / "endpoints.json").unlink(missing_ok=True)
     print("sni-lab stopped", file=sys.stderr)
     return 0
+
+
+def origins(args) -> int:
+    """`sni-lab origins`: only the origins of the world, for a lab spread over processes or containers."""
+    from lab.origins import Origins
+
+    world = load(args.config)
+
+    async def serve() -> int:
+        events = Events()
+        running = Origins(world, events)
+        try:
+            bound = await running.start()
+        except OSError as e:
+            print(f"sni-lab: error: {bind_hint(e)}", file=sys.stderr)
+            return 1
+        urls = {name: f"http://{host}:{port}" for name, (host, port) in bound.items()}
+        if args.json:
+            print(json.dumps({"origins": urls}), flush=True)
+        else:
+            for name, url in urls.items():
+                print(f"  origin   {name:<10} {url}")
+            print("origins ready; Ctrl-C to stop", flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await running.stop()
+        return 0
+
+    return run_loop(serve())

@@ -35,6 +35,7 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         self.app: asyncio.Protocol | None = None
         self.transport: asyncio.Transport | None = None
         self.sni: str | None = None
+        self.sni_seen = False  # the SNI callback ran (with or without a name)
         self.cert_names: tuple[str, ...] = ()
         self.conn_id = new_trace()
         self.first_trace: str | None = self.conn_id  # the first request reuses it: one story per trace
@@ -81,8 +82,6 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         self.closing = True
         if self.transport:
             self.transport.close()
-
-    sni_seen = False
 
     def _handshake_done(self) -> None:
         if self._timeout:
