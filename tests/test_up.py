@@ -10,6 +10,7 @@ import sys
 import time
 
 from lab.topology import default_path
+from tests.conftest import need
 
 
 def _config(tmp_path, text=None):
@@ -71,3 +72,35 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("sni-lab: error:")]
     assert errors == [f"sni-lab: error: edge listener anycast: cannot bind 127.0.0.10:{port}: address already in use "
                       f"(another `sni-lab up` or program holds the port; stop it or pick other ports with --config)"]
+
+
+def test_origins_in_their_own_process(tmp_path):
+    """`sni-lab origins` + `sni-lab up --no-origins`: one world spread over two processes."""
+    refused = _up(tmp_path, _config(tmp_path), "--no-origins")  # port 0: the edge could not find them
+    _, err = refused.communicate(timeout=20)
+    assert refused.returncode == 1 and "the world must give their ports" in err
+    text = re.sub(r"(?m)^port = \d+", "port = 0", default_path().read_text())
+    for host in ("127.0.0.31", "127.0.0.32", "127.0.0.33", "127.0.0.34"):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        text = text.replace(f'host = "{host}"\nport = 0', f'host = "{host}"\nport = {port}')
+    config = _config(tmp_path, text)
+    origins = subprocess.Popen([sys.executable, "-m", "lab", "origins", "--config", str(config), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lab = None
+    try:
+        urls = json.loads(origins.stdout.readline())["origins"]
+        lab = _up(tmp_path, config, "--no-origins", "--json")
+        ep = json.loads(lab.stdout.readline())
+        assert ep["origins"] == urls
+        v1 = next(l for l in ep["edge"] if l["name"] == "saas-v1")
+        res = subprocess.run([need("curl"), "-sS", "-i", "--cacert", ep["ca"], "--resolve",
+                              f"www.victim.example:{v1['port']}:{v1['host']}", f"https://www.victim.example:{v1['port']}/"],
+                             capture_output=True, text=True, timeout=10)
+        assert "x-lab-origin: saas" in res.stdout.lower()
+    finally:
+        for proc in (lab, origins):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(10)
