@@ -27,6 +27,7 @@ here with cc) that drops the session after SSL_clear. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import grp
 import json
 import os
@@ -181,8 +182,9 @@ def _free_port(host: str, held: list[socket.socket], udp_too: bool) -> int:
     raise BenchError(f"no free port on {host}")
 
 
-def write_world(src: Path, dst: Path) -> None:
-    """Copy the world file with every `port = N` rewritten to a port free on that table's host."""
+def write_world(src: Path, dst: Path, keep: str | None = None) -> None:
+    """Copy the world file with every `port = N` rewritten to a port free on that table's host
+    (except in tables whose header starts with `keep`)."""
     blocks: list[list[str]] = [[]]
     for line in src.read_text().splitlines(keepends=True):
         if re.match(r"\s*\[", line):
@@ -196,7 +198,7 @@ def write_world(src: Path, dst: Path) -> None:
             host = next((m.group(1) for l in block if (m := re.match(r'\s*host\s*=\s*"([^"]+)"', l))), "127.0.0.1")
             for line in block:
                 m = re.match(r"(\s*port\s*=\s*)\d+(.*)", line, re.S)
-                if m:
+                if m and not (keep and header.startswith(keep)):
                     line = f"{m.group(1)}{_free_port(host, held, udp_too=header == '[resolver]')}{m.group(2)}"
                 out.append(line)
     finally:
@@ -259,9 +261,11 @@ def start_origins(procs: Procs, tmp: Path, config: Path, timeout: float = 30.0) 
     return p
 
 
-def start_lab(procs: Procs, tmp: Path, config: Path, timeout: float = 30.0, no_origins: bool = False) -> LabProc:
+def start_lab(procs: Procs, tmp: Path, config: Path, timeout: float = 30.0, no_origins: bool = False,
+              engine: str = "native") -> LabProc:
     err = open(tmp / "lab.stderr", "ab")
-    cmd = sni_lab_cmd() + ["up", "--engine", "native", "--certs", str(tmp / "certs"), "--state", str(tmp / "state"),
+    state = tmp / ("state" if engine == "native" else f"state-{engine}")
+    cmd = sni_lab_cmd() + ["up", "--engine", engine, "--certs", str(tmp / "certs"), "--state", str(state),
                            "--config", str(config), "--json"] + (["--no-origins"] if no_origins else [])
     t0 = time.perf_counter()
     p = procs.start(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
@@ -731,14 +735,14 @@ def ratio(a: Run | None, b: Run | None) -> float | None:
 def fmt_row(r: Run, base: Run | None, target: float | None) -> str:
     if r.skipped:
         return f"  {r.label:<44} {'skipped':>9}  {r.skipped}"
-    q = ratio(r, base) if base is not None and r is not base and r.target == "edge" else None
+    q = ratio(r, base) if base is not None and r is not base and r.target.startswith("edge") else None
     verdict = ""
     if q is not None and target is not None:
         verdict = f"  (target >= {target}x: {'ok' if q >= target else 'MISSED'})"
     rq = f"{q:.2f}x" if q is not None else ""
     cpu = []
     if r.cpu_server_pct is not None:
-        cpu.append(f"{'edge' if r.target == 'edge' else 'nginx'} {r.cpu_server_pct:.0f}%")
+        cpu.append(f"{'edge' if r.target.startswith('edge') else 'nginx'} {r.cpu_server_pct:.0f}%")
     if r.cpu_lab_pct is not None:
         cpu.append(f"origins {r.cpu_lab_pct:.0f}%")
     if r.cpu_client_pct is not None:
@@ -914,6 +918,24 @@ def bench(args) -> dict:
         pgids = {"edge": lab.proc.pid}
         if not ns_ok:
             rows["keepalive", "edge"].skipped = rows["handshakes", "edge"].skipped = why
+        mitm_label = "our edge (mitmproxy, v1, events on)"
+        rows["keepalive", "edge-mitm"], rows["handshakes", "edge-mitm"] = Run("edge-mitm", mitm_label), Run("edge-mitm", mitm_label)
+        skip = None if ns_ok else why
+        if not skip and args.no_mitmproxy:
+            skip = "--no-mitmproxy"
+        if not skip and importlib.util.find_spec("mitmproxy") is None:
+            skip = "mitmproxy not installed (pip install 'sni-lab[mitmproxy]')"
+        if skip:
+            rows["keepalive", "edge-mitm"].skipped = rows["handshakes", "edge-mitm"].skipped = skip
+        else:
+            # Same origins process, its own edge ports: both engines are up side by side.
+            mitm_config = tmp / "lab-mitmproxy.toml"
+            write_world(config, mitm_config, keep="[origin.")
+            mitm = start_lab(procs, tmp, mitm_config, no_origins=True, engine="mitmproxy")
+            mport = next(l for l in mitm.endpoints["edge"] if l["name"] == LISTENER)["port"]
+            urls["edge-mitm"], ports["edge-mitm"], pgids["edge-mitm"] = f"https://{NAME}:{mport}/", mport, mitm.proc.pid
+            res["targets"]["edge-mitm"] = {"url": urls["edge-mitm"], "address": ip,
+                                           **check_target("our edge (mitmproxy)", ip, mport, ca)}
         check_port = None
         for workers in (["1"] if args.quick or args.no_auto else ["1", "auto"]):
             tgt = f"nginx-{workers}"
@@ -958,7 +980,7 @@ def bench(args) -> dict:
             rows[k] = med
         if check_port:
             res["resumption_check"] = resumption_check(load, ip, check_port, tmp)
-        for p in [p for p in procs.live if p.pid in pgids.values() and p.pid != lab_pg]:
+        for p in [p for p in procs.live if p.pid in pgids.values() and p.pid not in (lab_pg, lab.proc.pid)]:
             procs.stop(p)  # nginx
         res["keepalive"] = [r for (kind, _), r in rows.items() if kind == "keepalive"]
         res["handshakes"] = [r for (kind, _), r in rows.items() if kind == "handshakes"]
@@ -994,6 +1016,7 @@ def bench(args) -> dict:
             runs = {r.target: r for r in res[key]}
             res[f"{key}_ratio"] = ratio(runs.get("edge"), runs.get("nginx-1"))
             res[f"{key}_ratio_auto"] = ratio(runs.get("edge"), runs.get("nginx-auto"))
+            res[f"{key}_ratio_mitmproxy"] = ratio(runs.get("edge-mitm"), runs.get("nginx-1"))
             e, n = runs.get("edge"), runs.get("nginx-1")
             res[f"{key}_per_cpu_ratio"] = round(e.per_cpu_s / n.per_cpu_s, 3) if e and n and e.per_cpu_s and n.per_cpu_s else None
         if resumed_rows & {"edge", "nginx-1"}:
@@ -1063,6 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=32, help="client connections (default 32)")
     p.add_argument("--threads", type=int, default=1, help="client threads (default 1: leaves a core to the server)")
     p.add_argument("--no-auto", action="store_true", help="skip nginx with worker_processes auto")
+    p.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmproxy engine")
     p.add_argument("--ready-runs", type=int, default=3, help="timed starts of sni-lab up (default 3)")
     p.add_argument("--profile", action="store_true", help="also profile our edge under keep-alive load with py-spy")
     p.add_argument("--profile-out", metavar="FILE", help="keep py-spy's collapsed stacks in FILE")
