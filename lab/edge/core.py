@@ -1,7 +1,8 @@
 """One request through the edge, whatever carried it: decide, then forward or refuse.
 
-HTTP/1.1 and HTTP/2 both hand a request here as plain values and get back
-(status, headers, body); the decision itself is `policy.decide`.
+Every carrier (HTTP/1.1, HTTP/2, the mitmproxy engine) hands a request here as plain
+values and gets (status, headers, body) back through a callback, or awaits it with
+`handle_async`; the decision itself is `policy.decide`.
 """
 from __future__ import annotations
 
