@@ -19,8 +19,6 @@ from lab.run import ENGINES, Lab
 from lab.scenarios import Runner, ScenarioError, load
 from lab.topology import MODELS, WorldError, load as load_world
 
-PROTECTED = ("v1-waf", "v2", "v2-strict")
-
 
 def pytest_addoption(parser) -> None:
     group = parser.getgroup("sni-lab")

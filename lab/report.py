@@ -20,12 +20,10 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
-from lab.oracle import name_asked
-from lab.topology import MODELS
+from lab.oracle import MISROUTED, REFUSED, SAFE, name_asked, worst
+from lab.topology import MODELS, PROTECTED
 
-VERDICTS = ("MISROUTED", "SAFE", "REFUSED")
-PROTECTED = ("v1-waf", "v2", "v2-strict")
-SEVERITY = {"MISROUTED": 2, "SAFE": 1, "REFUSED": 0}
+VERDICTS = (MISROUTED, SAFE, REFUSED)
 
 __all__ = ["VERDICTS", "PROTECTED", "MODELS", "RequestResult", "CaseResult", "table", "summary",
            "summary_line", "to_json", "from_json", "junit", "markdown", "explain", "parse_decision"]
@@ -100,10 +98,6 @@ def _scenarios(results: list[CaseResult]) -> list[str]:
 
 def _case_id(r: CaseResult, several_engines: bool) -> str:
     return f"{r.id}[{r.engine}]" if several_engines else r.id
-
-
-def _worst(verdicts: Iterable[str]) -> str:
-    return max(verdicts, key=lambda v: SEVERITY.get(v, -1), default="REFUSED")
 
 
 def _cells(results: list[CaseResult]) -> dict[tuple[str, str], dict[str, list[CaseResult]]]:
@@ -202,7 +196,7 @@ def summary(results: list[CaseResult]) -> dict:
     mismatches = []
     if several:
         for (scenario, model), by_engine in _cells(results).items():
-            seen = {e: _worst(x.verdict for x in rs) for e, rs in by_engine.items()}
+            seen = {e: worst(x.verdict for x in rs) for e, rs in by_engine.items()}
             if len(set(seen.values())) > 1:
                 mismatches.append({"id": f"{scenario}[{model}]", "scenario": scenario, "model": model,
                                    "verdicts": {e: seen[e] for e in engines if e in seen}})
@@ -279,7 +273,7 @@ def _cell(by_engine: dict[str, list[CaseResult]] | None, engines: list[str]) -> 
     if not by_engine:
         return [(MISSING, "dim")]
     failed = any(not r.passed for rs in by_engine.values() for r in rs)
-    seen = {e: _worst(r.verdict for r in rs) for e, rs in by_engine.items()}
+    seen = {e: worst(r.verdict for r in rs) for e, rs in by_engine.items()}
     segs: Segments = []
     if len(set(seen.values())) > 1:
         for i, e in enumerate(x for x in engines if x in seen):
@@ -442,15 +436,15 @@ def _request_lines(q: RequestResult, i: int, total: int) -> list[str]:
         lines.append(f"  decision: {q.decision}")
     lines.append(f"  origin: {q.origin or '(none)'}; status: {q.status if q.status is not None else '(none)'}")
     lines.append(f"  verdict: {q.verdict}; why: {q.why}")
-    mark = "ok" if _matches(q.expected, q.outcome) else "MISMATCH"
+    mark = "ok" if matches(q.expected, q.outcome) else "MISMATCH"
     lines.append(f"  expected: {q.expected}; outcome: {q.outcome} ({mark})")
     if q.trace:
         lines.append(f"  trace: {q.trace}")
     return lines
 
 
-def _matches(expected: str, outcome: str) -> bool:
-    # the runner's rule: "refused" matches "refused:403:waf-block"
+def matches(expected: str, outcome: str) -> bool:
+    """A scenario's expectation against what happened: `refused` matches `refused:403:waf-block`."""
     return outcome == expected or outcome.startswith(expected + ":")
 
 
@@ -544,7 +538,7 @@ def markdown(results: list[CaseResult]) -> str:
                 row.append("—")
                 continue
             failed = any(not r.passed for rs in by_engine.values() for r in rs)
-            seen = {e: _worst(r.verdict for r in rs) for e, rs in by_engine.items()}
+            seen = {e: worst(r.verdict for r in rs) for e, rs in by_engine.items()}
             if len(set(seen.values())) > 1:
                 text = " / ".join(f"{_md(seen[e])} ({_md(e)})" for e in eng if e in seen) + " ⚠️"
             else:
@@ -590,7 +584,7 @@ def markdown(results: list[CaseResult]) -> str:
             sub.append(f"origin: {_code(q.origin) if q.origin else '(none)'}, status "
                        f"{q.status if q.status is not None else '(none)'}")
             sub.append(f"verdict: **{_md(q.verdict)}** — {_md(q.why)}")
-            ok = "✅" if _matches(q.expected, q.outcome) else "❌"
+            ok = "✅" if matches(q.expected, q.outcome) else "❌"
             sub.append(f"expected {_code(q.expected)}, got {_code(q.outcome)} {ok}")
             if q.trace:
                 sub.append(f"trace: {_code(q.trace)}")
@@ -826,7 +820,7 @@ def explain(result: CaseResult, story: str = "", lesson: str = "", events: list[
         if i in idx.hit:
             note(idx.hit[i])
 
-        ok = _matches(q.expected, q.outcome)
+        ok = matches(q.expected, q.outcome)
         verdict_lines = wrap(f"5. Verdict: {q.verdict} — {q.why}", "  ", "     ")
         verdict_lines[0] = verdict_lines[0].replace(
             _clean(q.verdict), p(_clean(q.verdict), _verdict_style(q.verdict, False)), 1)

@@ -19,10 +19,9 @@ import aiohttp
 from lab import oracle
 from lab.client import Outcome, probe
 from lab.dns import query
-from lab.report import CaseResult, RequestResult
-from lab.topology import HOSTNAME_STATUSES, MODELS, World
+from lab.report import CaseResult, RequestResult, matches
+from lab.topology import HOSTNAME_STATUSES, MODELS, PROTECTED, World
 
-PROTECTED = ("v1-waf", "v2", "v2-strict")
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 _REQUEST_KEYS = {"resolve", "listener", "address", "client", "sni", "host", "path", "method", "headers", "http2",
                  "raw", "also"}
@@ -352,11 +351,6 @@ class Runner:
                              tls_error=outcome.tls_error, status=resp.status if resp else None, origin=origin,
                              decision=resp.decision if resp else None, verdict=verdict, why=why, outcome=text,
                              expected=expected, trace=trace)
-
-
-def matches(expected: str, outcome: str) -> bool:
-    """`refused` matches `refused:403:waf-block`; `tls` matches `tls:unrecognized_name`."""
-    return outcome == expected or outcome.startswith(expected + ":")
 
 
 def _raw_host(raw: str) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 MODELS = ("host", "v1", "v1-waf", "v2", "v2-strict")
+PROTECTED = ("v1-waf", "v2", "v2-strict")  # models that must never send a request to the wrong origin
 HOSTNAME_STATUSES = ("pending", "active", "moved", "deleted")
 ORIGIN_KINDS = ("victim", "saas", "collector")
 RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT")
