@@ -212,6 +212,7 @@ class Runner:
 
     async def run_scenario(self, api: LabApi, sc: Scenario, models: tuple[str, ...]) -> list[CaseResult]:
         undo: list[tuple[str, str]] = []
+        self.poisoned: list[dict] = []  # this scenario's overrides, to tell a poisoned answer in its story
         try:
             await self._setup(api, sc, undo)
             hostnames = await api.call("GET", "/hostnames")
@@ -241,6 +242,7 @@ class Runner:
                 body["client"] = o["client"]
             made = await api.call("POST", "/dns/overrides", body)
             undo.append(("DELETE", f"/dns/overrides/{made['id']}"))
+            self.poisoned.append(made)
 
     async def _hostname(self, api: LabApi, h: dict, undo: list) -> None:
         """Bring a custom hostname to a status the real way: register, prove, point, verify."""
@@ -325,6 +327,10 @@ class Runner:
         addrs = [str(rr.rdata) for rr in reply.rr if rr.rtype == 1]
         chain = [str(rr.rdata).rstrip(".") for rr in reply.rr if rr.rtype == 5]
         text = f"{name} " + " ".join([f"CNAME {c}" for c in chain] + [f"A {a}" for a in addrs] or ["no address"])
+        asked = [name.lower().rstrip("."), *chain]
+        hit = next((o["id"] for o in getattr(self, "poisoned", ()) if o["name"] in asked
+                    and o["client"] in (None, client or "127.0.0.1")), None)
+        text += f" (poisoned by override {hit})" if hit else ""
         return (addrs[0] if addrs else None), text + (f" (asked from {client})" if client else "")
 
     def _judge(self, world, outcome: Outcome, j: int, sni, host, address, listener, dns_text, expected, trace) -> RequestResult:

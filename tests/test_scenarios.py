@@ -112,3 +112,10 @@ def test_engine_parity_over_the_catalog(tmp_path):
     engines = {c["engine"] for c in data["cases"]}
     assert engines == {"native", "mitmproxy"} and len(data["cases"]) >= 400
     assert res.returncode == 0, data["summary"]["failed_ids"]
+
+
+async def test_the_story_tells_a_poisoned_answer(fresh_lab, world):
+    runner = Runner(fresh_lab.endpoints, fresh_lab.world)
+    hit, miss = await runner.run(discover(["targeted-poison-hit", "targeted-poison-miss"], DEFAULT_DIR, world), ("v1",))
+    assert "poisoned by override" in hit.requests[0].dns and hit.verdict == "MISROUTED"
+    assert "poisoned" not in miss.requests[0].dns and miss.verdict == "SAFE"
