@@ -65,12 +65,18 @@ class Lab:
             self.resolver = Resolver(self.world, self.events)
             dns_host, dns_port = await self.resolver.start()
             self.world = self.world.with_ports({"resolver": dns_port})
+            if self.state is not None:
+                from lab.control import VERIFY_INTERVAL, Control
+
+                # Saved hostnames, records and overrides are in place before the edge takes a connection.
+                self.control = Control(self, self.state, interval=self.verify_interval or VERIFY_INTERVAL)
+                self.control.restore()
             self.edge = self._make_edge()
             edge_bound = await self.edge.start()
             self.world = self.world.with_ports({name: port for name, (_, port) in edge_bound.items()})
             self.edge.set_world(self.world)
             self.resolver.update_world(self.world)
-            if self.state is not None:
+            if self.control is not None:
                 await self._start_control()
         except BaseException:
             await self.stop()
@@ -88,11 +94,8 @@ class Lab:
         return self.endpoints
 
     async def _start_control(self) -> None:
-        from lab.control import VERIFY_INTERVAL, Control
         from lab.state import EventSink
 
-        self.control = Control(self, self.state, interval=self.verify_interval or VERIFY_INTERVAL)
-        self.control.restore()
         _, port = await self.control.start(self.world.control.host, self.world.control.port)
         self.world = self.world.with_ports({"control": port})
         self.sink = EventSink(self.events, self.state)
