@@ -157,10 +157,19 @@ def run_loop(coro):
     return uvloop.run(coro)
 
 
+def _stop_on_signals() -> asyncio.Event:
+    """Before anything is announced: a SIGTERM right after the ready line must stop cleanly, not kill."""
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    return stop
+
+
 async def _serve(world: World, args) -> int:
     started = time.perf_counter()
     from lab.state import StateError
 
+    stop = _stop_on_signals()
     try:
         lab = Lab(world, args.certs, engine=args.engine, log=lambda m: print(m, file=sys.stderr), state_dir=args.state,
                   model=args.model, flows=args.flows, run_origins=not args.no_origins)
@@ -196,10 +205,6 @@ async def _serve(world: World, args) -> int:
         print(f"  try: curl -i --cacert {endpoints['ca']} --resolve www.victim.example:{v1['port']}:{v1['host']} "
               f"https://www.victim.example:{v1['port']}/")
         print(f"  endpoints written to {state / 'endpoints.json'}; Ctrl-C to stop", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     try:
         await asyncio.wait_for(lab.stop(), 2)
@@ -217,6 +222,7 @@ def origins(args) -> int:
     world = load(args.config)
 
     async def serve() -> int:
+        stop = _stop_on_signals()
         events = Events()
         running = Origins(world, events)
         try:
@@ -231,9 +237,6 @@ def origins(args) -> int:
             for name, url in urls.items():
                 print(f"  origin   {name:<10} {url}")
             print("origins ready; Ctrl-C to stop", flush=True)
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await stop.wait()
         await running.stop()
         return 0

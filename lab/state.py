@@ -19,6 +19,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -94,17 +95,30 @@ class State:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
             self._db.row_factory = sqlite3.Row
-            with self._errors():
-                self._open()
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with self._errors():
+                        self._open()
+                    break
+                except StateError as e:
+                    # Switching a new file to WAL needs a moment alone with it; the busy handler
+                    # does not cover that, so several processes creating one database retry.
+                    if "is locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
         except BaseException:
             self.close()
             raise
 
     def _open(self) -> None:
         db = self._db
-        app_id = db.execute("PRAGMA application_id").fetchone()[0]
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        has_tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+        # One statement, one snapshot: three separate reads could straddle another process's
+        # creation of the schema and see its tables but not yet its application_id.
+        app_id, version, tables = db.execute(
+            "SELECT (SELECT application_id FROM pragma_application_id), (SELECT user_version FROM pragma_user_version),"
+            " (SELECT count(*) FROM sqlite_master)").fetchone()
+        has_tables = tables > 0
         if app_id != APPLICATION_ID and (app_id or version or has_tables):
             raise StateError(f"{self.path}: not an sni-lab state database")
         if version > SCHEMA_VERSION:

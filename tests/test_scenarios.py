@@ -91,6 +91,7 @@ def test_matrix_cli_json(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lab", "matrix", "--json", "--fresh", "--state", str(tmp_path / "s"),
                           "--certs", str(tmp_path / "certs"), "--junit", str(tmp_path / "j.xml"),
                           "--markdown", str(tmp_path / "m.md")], capture_output=True, text=True, timeout=120)
+    assert res.stdout.startswith("{"), res.stderr[-2000:]
     data = json.loads(res.stdout)
     summary = data["summary"]
     assert res.returncode == 0, summary.get("failed")
@@ -106,6 +107,7 @@ def test_engine_parity_over_the_catalog(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lab", "matrix", "--engine", "native,mitmproxy", "--json", "--fresh",
                           "--state", str(tmp_path / "s"), "--certs", str(tmp_path / "certs")],
                          capture_output=True, text=True, timeout=300)
+    assert res.stdout.startswith("{"), res.stderr[-2000:]
     data = json.loads(res.stdout)
     mismatches = [m["id"] for m in data["summary"]["engine_mismatches"]]
     assert mismatches == [], f"verdicts differ between engines: {mismatches}"
