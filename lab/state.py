@@ -297,9 +297,10 @@ class State:
 
         An id already stored is skipped, so re-delivering a batch is harmless; a shortfall
         means the in-memory counter restarted below last_event_id() (see Events start)."""
-        # The whole event as data (its columns repeated): no per-event dict copy on a busy lab.
-        dumps = json.JSONEncoder(default=str, separators=(",", ":")).encode
-        rows = [(e["id"], e["ts"], e["kind"], e.get("trace"), dumps(e)) for e in events]
+        return self.add_rows(event_rows(events))
+
+    def add_rows(self, rows: list[tuple]) -> int:
+        """`add_events` for rows already made by `event_rows`."""
         with self._tx() as db:
             # executemany's rowcount sums the rows each statement inserted.
             # ON CONFLICT (id), not OR IGNORE: that would also silently skip a NOT NULL violation.
@@ -346,6 +347,14 @@ def _lock(path: Path, directory: Path) -> int:
         os.close(fd)
         raise StateError(f"{directory}: is locked by another process (is `sni-lab up` running?)") from None
     return fd
+
+
+_DUMPS = json.JSONEncoder(default=str, separators=(",", ":"), check_circular=False).encode
+
+
+def event_rows(events: list[Event]) -> list[tuple]:
+    """Events as rows of the events table: the whole event as data (its columns repeated), no copies."""
+    return [(e["id"], e["ts"], e["kind"], e.get("trace"), _DUMPS(e)) for e in events]
 
 
 class EventSink:
@@ -395,8 +404,12 @@ class EventSink:
             return
         batch = list(self._buf)
         self._buf.clear()
+        # Encode here, write there: a worker thread running a Python loop keeps the GIL for a
+        # whole switch interval (5 ms) whenever the event loop wants it back; SQLite's own
+        # steps release it.
+        rows = event_rows(batch)
         try:
-            stored = await asyncio.to_thread(self.state.add_events, batch)
+            stored = await asyncio.to_thread(self.state.add_rows, rows)
         except (StateError, sqlite3.Error) as e:
             # Keep the batch for the next round, ahead of newer events, within the bound.
             self.last_error = str(e)

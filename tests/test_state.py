@@ -251,18 +251,18 @@ def test_closed_state(tmp_path):
 
 
 class Spy:
-    """Wraps State.add_events to count batches (and optionally fail)."""
+    """Wraps State.add_rows, the sink's write, to count batches (and optionally fail)."""
 
     def __init__(self, st, fail=0):
-        self.batches, self.fail, self.add = [], fail, st.add_events
-        st.add_events = self
+        self.batches, self.fail, self.add = [], fail, st.add_rows
+        st.add_rows = self
 
-    def __call__(self, events):
+    def __call__(self, rows):
         if self.fail:
             self.fail -= 1
             raise StateError("state.db: is locked by another process")
-        self.batches.append(len(events))
-        return self.add(events)
+        self.batches.append(len(rows))
+        return self.add(rows)
 
 
 async def test_sink_flushes_in_batches(tmp_path):
