@@ -79,8 +79,7 @@ async def execute(args, scenarios: list[Scenario], models: tuple[str, ...], engi
     results = []
     for engine in engines or ("native",):
         with tempfile.TemporaryDirectory(prefix="sni-lab-") as tmp:
-            ports = {n: 0 for n in [*world.listener_by_name, *world.origin_by_name, "resolver", "control"]}
-            lab = Lab(world.with_ports(ports), args.certs, engine=engine, state_dir=Path(tmp) / "state",
+            lab = Lab(world.with_free_ports(), args.certs, engine=engine, state_dir=Path(tmp) / "state",
                       verify_interval=3600)
             async with lab:
                 runner = Runner({**lab.endpoints, "engine": engine}, lab.world, engine)

@@ -120,8 +120,7 @@ class LabThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"sni-lab-{engine}", daemon=True)
         self.thread.start()
-        ports = {n: 0 for n in [*world.listener_by_name, *world.origin_by_name, "resolver", "control"]}
-        self.lab = Lab(world.with_ports(ports), Path(self.tmp) / "certs", engine=engine,
+        self.lab = Lab(world.with_free_ports(), Path(self.tmp) / "certs", engine=engine,
                        state_dir=Path(self.tmp) / "state", verify_interval=3600)
         self.call(self.lab.start())
         self.runner = Runner({**self.lab.endpoints, "engine": engine}, self.lab.world, engine)

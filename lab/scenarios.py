@@ -188,6 +188,7 @@ class Runner:
         self.engine = engine or endpoints.get("engine", "native")
         self.edge_by_addr = {l["host"]: l for l in endpoints["edge"]}
         self.edge_by_name = {l["name"]: l for l in endpoints["edge"]}
+        self.poisoned: list[dict] = []  # the running scenario's overrides, to tell a poisoned answer in its story
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[LabApi]:
@@ -212,7 +213,7 @@ class Runner:
 
     async def run_scenario(self, api: LabApi, sc: Scenario, models: tuple[str, ...]) -> list[CaseResult]:
         undo: list[tuple[str, str]] = []
-        self.poisoned: list[dict] = []  # this scenario's overrides, to tell a poisoned answer in its story
+        self.poisoned = []
         try:
             await self._setup(api, sc, undo)
             hostnames = await api.call("GET", "/hostnames")
@@ -328,7 +329,7 @@ class Runner:
         chain = [str(rr.rdata).rstrip(".") for rr in reply.rr if rr.rtype == 5]
         text = f"{name} " + " ".join([f"CNAME {c}" for c in chain] + [f"A {a}" for a in addrs] or ["no address"])
         asked = [name.lower().rstrip("."), *chain]
-        hit = next((o["id"] for o in getattr(self, "poisoned", ()) if o["name"] in asked
+        hit = next((o["id"] for o in self.poisoned if o["name"] in asked
                     and o["client"] in (None, client or "127.0.0.1")), None)
         text += f" (poisoned by override {hit})" if hit else ""
         return (addrs[0] if addrs else None), text + (f" (asked from {client})" if client else "")

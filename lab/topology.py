@@ -158,6 +158,10 @@ class World:
         return dataclasses.replace(self, listeners=listeners, origins=origins, resolver=resolver, control=control,
                                    challenge_port=ports.get("challenge", self.challenge_port))
 
+    def with_free_ports(self) -> "World":
+        """Every actor on port 0: the OS picks free ports (tests, in-process labs)."""
+        return self.with_ports({n: 0 for n in [*self.listener_by_name, *self.origin_by_name, "resolver", "control"]})
+
     def address_of(self, ref: str) -> str:
         """Resolve a DNS value `listener:NAME` / `origin:NAME` to an address."""
         kind, _, name = ref.partition(":")

@@ -16,8 +16,7 @@ MODELS = ("host", "v1", "v1-waf", "v2", "v2-strict")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lab(world, tmp_path_factory):
-    ports = {n: 0 for n in [*world.listener_by_name, *world.origin_by_name, "resolver", "control"]}
-    async with Lab(world.with_ports(ports), tmp_path_factory.mktemp("certs")) as running:
+    async with Lab(world.with_free_ports(), tmp_path_factory.mktemp("certs")) as running:
         yield running
 
 

@@ -47,10 +47,6 @@ async def test_every_native_edge_test_runs_here():
     assert not missing, f"import these from tests.test_edge too: {missing}"
 
 
-def _free_ports(world) -> dict:
-    return {n: 0 for n in [*world.listener_by_name, *world.origin_by_name, "resolver", "control"]}
-
-
 @pytest.fixture(scope="module")
 def certs_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("certs")
@@ -60,14 +56,14 @@ def certs_dir(tmp_path_factory):
 async def lab(world, certs_dir):
     if MitmEdge._active is not None:
         pytest.skip("another mitmproxy engine runs in this process (the scenario plugin's?): mitmproxy allows one")
-    async with Lab(world.with_ports(_free_ports(world)), certs_dir, engine="mitmproxy") as running:
+    async with Lab(world.with_free_ports(), certs_dir, engine="mitmproxy") as running:
         assert isinstance(running.edge, MitmEdge)
         yield running
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def native(world, certs_dir):
-    async with Lab(world.with_ports(_free_ports(world)), certs_dir, engine="native") as running:
+    async with Lab(world.with_free_ports(), certs_dir, engine="native") as running:
         yield running
 
 

@@ -60,8 +60,7 @@ def test_catalog_size(world):
 
 @pytest.fixture
 async def fresh_lab(world, tmp_path):
-    ports = {n: 0 for n in [*world.listener_by_name, *world.origin_by_name, "resolver", "control"]}
-    async with Lab(world.with_ports(ports), tmp_path / "certs", state_dir=tmp_path / "state", verify_interval=3600) as lab:
+    async with Lab(world.with_free_ports(), tmp_path / "certs", state_dir=tmp_path / "state", verify_interval=3600) as lab:
         yield lab
 
 
