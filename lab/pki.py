@@ -95,6 +95,11 @@ class LabCA:
         self.log = log
 
     @property
+    def tlds(self) -> set[str]:
+        """The DNS names the root's name constraints permit (the lab TLDs)."""
+        return self._tlds_of(self.cert)
+
+    @property
     def cert_path(self) -> Path:
         return self.dir / "ca.pem"
 
