@@ -97,6 +97,47 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Every timeout and size bound of the lab, in one place (the world file's `[limits]`).
+
+    Defaults follow nginx where nginx has a knob for the same thing (named beside each),
+    tightened where a lab on a laptop should give up sooner. Seconds are floats, sizes bytes.
+    """
+    # TLS and HTTP connections on the edge
+    handshake_timeout: float = 10.0        # nginx ssl_handshake_timeout (60 s)
+    header_timeout: float = 10.0           # whole request head: nginx client_header_timeout (60 s)
+    idle_timeout: float = 75.0             # keep-alive between requests / h2 with no stream: keepalive_timeout 75 s
+    body_timeout: float = 60.0             # gap between two reads of a request body: client_body_timeout 60 s
+    max_body: int = 1024 * 1024            # request body: client_max_body_size 1m
+    max_request_line: int = 8190           # request line and :path: large_client_header_buffers 8k
+    max_field: int = 8190                  # one header field (name + value)
+    max_header_bytes: int = 32768          # all header fields of one request: 4 x 8k
+    max_headers: int = 100                 # header fields of one request
+    max_pipelined: int = 32                # HTTP/1.1 requests read ahead of their answers on one connection
+    max_connections: int = 4096            # edge connections in all (also capped below the descriptor limit)
+    max_connections_per_client: int = 256  # edge connections from one client address: limit_conn
+    h2_max_streams: int = 100              # http2_max_concurrent_streams (128)
+    h2_max_buffered: int = 1024 * 1024     # request body held per h2 connection before flow control stops it
+    h2_control_frames: int = 1000          # SETTINGS/PING/RST_STREAM/empty frames a peer may send per 10 s
+    # the edge's leg to the origins
+    origin_connect_timeout: float = 5.0    # proxy_connect_timeout (60 s)
+    origin_timeout: float = 30.0           # response from an origin: proxy_read_timeout (60 s)
+    origin_max_connections: int = 256      # per origin, open at once; requests beyond wait their turn
+    origin_max_response: int = 16 * 1024 * 1024
+    # the resolver over TCP
+    dns_tcp_max_connections: int = 128
+    dns_tcp_per_client: int = 16           # so one client cannot take every slot
+    dns_tcp_idle_timeout: float = 10.0     # RFC 7766 suggests seconds, not minutes
+    # the event log
+    event_field: int = 512                 # longest text kept in one event field (paths, reasons)
+    event_log_rows: int = 200_000          # newest events kept in the durable log
+    event_log_bytes: int = 64 * 1024 * 1024  # and at most this much of it
+
+
+LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}
+
+
+@dataclass(frozen=True)
 class World:
     model: str
     tlds: tuple[str, ...]
@@ -111,6 +152,7 @@ class World:
     source: str = "<memory>"
     ttl: int = 60
     challenge_port: int = 80  # where the verifier fetches HTTP ownership tokens
+    limits: Limits = Limits()
 
     # Indexes, built once per snapshot: decide() runs on every request.
     @cached_property
@@ -282,9 +324,23 @@ class _Parser:
         world = World(model=model, tlds=tlds, listeners=listeners, origins=origins, zones=tuple(zones),
                       custom_hostnames=tuple(hostnames), records=records, dns_zones=dns_zones,
                       resolver=resolver, control=control, source=self.source, ttl=ttl,
-                      challenge_port=challenge_port)
+                      challenge_port=challenge_port, limits=self.limits(self.get(data, "limits", "", dict, {})))
         self.check_references(world)
         return world
+
+    def limits(self, t: dict) -> Limits:
+        values = {}
+        for key, value in t.items():
+            field = LIMIT_FIELDS.get(key)
+            if field is None:
+                raise self.fail(f"limits.{key}", f"unknown limit (known: {', '.join(LIMIT_FIELDS)})")
+            want = (int, float) if field.type == "float" else int
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise self.fail(f"limits.{key}", f"expected a number, got {type(value).__name__}")
+            if not 0 < value < 2 ** 53:
+                raise self.fail(f"limits.{key}", f"must be positive and finite, got {value!r}")
+            values[key] = float(value) if field.type == "float" else value
+        return Limits(**values)
 
     def check_unique(self, keys: list, labels: list[str], what: str = "address") -> None:
         seen: dict = {}
