@@ -12,18 +12,15 @@ import re
 import textwrap
 from typing import Any
 
-from lab.hostnorm import HostError, normalize
+from lab.oracle import name_asked
 from lab.policy import Decision
 from lab.report import clean, paint, verdict_style, wrap
 from lab.results import CaseResult, RequestResult, matches, parse_decision
 
 
 def _norm(name: Any) -> str:
-    """A name from an event, normalised as the lab compares names (left as sent if it is no host)."""
-    try:
-        return normalize(str(name or ""))
-    except HostError:
-        return str(name or "")
+    """A name from an event, normalised as the oracle normalises the name a request asked for."""
+    return name_asked(None, str(name or "")) or ""
 
 
 def _clean_block(text: str) -> str:

@@ -15,8 +15,10 @@ import unicodedata
 import xml.etree.ElementTree as ET
 from typing import Any
 
+from lab.oracle import MISROUTED
 from lab.results import (CaseResult, RequestResult, case_id, cell_verdicts, cells, engines_of, matches,
                          models_of, scenarios_of, summary, summary_line)
+from lab.topology import PROTECTED
 
 __all__ = ["table", "junit", "markdown", "clean", "paint", "verdict_style", "wrap"]
 
@@ -273,7 +275,7 @@ def junit(results: list[CaseResult], suite_name: str = "sni-lab") -> str:
                                                  "time": f"{r.ms / 1000:.3f}"})
         if not r.passed:
             message = r.failure or f"failed with verdict {r.verdict}"
-            kind = "MISROUTED" if "MISROUTED under protected model" in message else "expectation"
+            kind = MISROUTED if r.verdict == MISROUTED and r.model in PROTECTED else "expectation"
             fail = ET.SubElement(case, "failure", {"message": _x(message), "type": kind})
             details = [message, ""] + [ln for i, q in enumerate(r.requests, 1)
                                        for ln in _request_lines(q, i, len(r.requests))]
@@ -298,6 +300,32 @@ def _code(text: Any) -> str:
     fence = "``" if "`" in t else "`"
     pad = " " if t.startswith("`") or t.endswith("`") else ""
     return f"{fence}{pad}{t}{pad}{fence}"
+
+
+def _md_request_lines(q: RequestResult, i: int) -> list[str]:
+    """One request of a failed case, as a Markdown list item with its facts below."""
+    target = f"{q.address}:{q.port}" if q.address else "(no address)"
+    head = (f"{i}. SNI {_code(q.sni) if q.sni else '(none)'}, host {_code(q.host) if q.host else '(none)'}"
+            f" → {_code(target)}")
+    sub = []
+    if q.dns:
+        sub.append(f"DNS: {_md(q.dns)}")
+    if q.tls_error:
+        sub.append(f"TLS failed: {_md(q.tls_error)}")
+    else:
+        names = ", ".join(_code(n) for n in q.cert_names) or "(none)"
+        sub.append(f"certificate: {names} — {'valid' if q.cert_valid else '**not valid**'} for "
+                   f"{_code(q.name) if q.name else '(no name)'}")
+    if q.decision:
+        sub.append(f"decision: {_code(q.decision)}")
+    sub.append(f"origin: {_code(q.origin) if q.origin else '(none)'}, status "
+               f"{q.status if q.status is not None else '(none)'}")
+    sub.append(f"verdict: **{_md(q.verdict)}** — {_md(q.why)}")
+    ok = "✅" if matches(q.expected, q.outcome) else "❌"
+    sub.append(f"expected {_code(q.expected)}, got {_code(q.outcome)} {ok}")
+    if q.trace:
+        sub.append(f"trace: {_code(q.trace)}")
+    return [head] + [f"   - {x}" for x in sub]
 
 
 def markdown(results: list[CaseResult]) -> str:
@@ -362,28 +390,7 @@ def markdown(results: list[CaseResult]) -> str:
                 f"- **model:** {_code(r.model)} · **engine:** {_code(r.engine)} · **verdict:** {_md(r.verdict)}"
                 f" · {r.ms:.0f} ms", ""]
         for i, q in enumerate(r.requests, 1):
-            target = f"{q.address}:{q.port}" if q.address else "(no address)"
-            out.append(f"{i}. SNI {_code(q.sni) if q.sni else '(none)'}, host {_code(q.host) if q.host else '(none)'}"
-                       f" → {_code(target)}")
-            sub = []
-            if q.dns:
-                sub.append(f"DNS: {_md(q.dns)}")
-            if q.tls_error:
-                sub.append(f"TLS failed: {_md(q.tls_error)}")
-            else:
-                names = ", ".join(_code(n) for n in q.cert_names) or "(none)"
-                sub.append(f"certificate: {names} — {'valid' if q.cert_valid else '**not valid**'} for "
-                           f"{_code(q.name) if q.name else '(no name)'}")
-            if q.decision:
-                sub.append(f"decision: {_code(q.decision)}")
-            sub.append(f"origin: {_code(q.origin) if q.origin else '(none)'}, status "
-                       f"{q.status if q.status is not None else '(none)'}")
-            sub.append(f"verdict: **{_md(q.verdict)}** — {_md(q.why)}")
-            ok = "✅" if matches(q.expected, q.outcome) else "❌"
-            sub.append(f"expected {_code(q.expected)}, got {_code(q.outcome)} {ok}")
-            if q.trace:
-                sub.append(f"trace: {_code(q.trace)}")
-            out += [f"   - {x}" for x in sub]
+            out += _md_request_lines(q, i)
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
 

@@ -89,26 +89,24 @@ def parse_decision(header: str | None) -> Decision | None:
 
 # ---- grouping, shared by the summary and the formats ------------------------------------
 
+def _ordered(items: Iterable[str], first: Iterable[str]) -> list[str]:
+    """Each of `items` once: those named in `first` in its order, then the rest as they come."""
+    items, first = list(dict.fromkeys(items)), list(dict.fromkeys(first))
+    return [x for x in first if x in items] + [x for x in items if x not in first]
+
+
 def engines_of(results: list[CaseResult], order: Iterable[str] | None = None) -> list[str]:
     """The engines present: those of `order` first, then the rest in order of appearance."""
-    out = [e for e in (order or ()) if any(r.engine == e for r in results)]
-    for r in results:
-        if r.engine not in out:
-            out.append(r.engine)
-    return out
+    return _ordered((r.engine for r in results), order or ())
 
 
 def models_of(results: list[CaseResult]) -> list[str]:
-    present = {r.model for r in results}
-    out = [m for m in MODELS if m in present]
-    for r in results:  # a model this version does not know still gets a column, after the known ones
-        if r.model not in out:
-            out.append(r.model)
-    return out
+    """The models present in MODELS order; one this version does not know comes after them."""
+    return _ordered((r.model for r in results), MODELS)
 
 
 def scenarios_of(results: list[CaseResult]) -> list[str]:
-    return list(dict.fromkeys(r.scenario for r in results))
+    return _ordered((r.scenario for r in results), ())
 
 
 def case_id(r: CaseResult, several_engines: bool) -> str:

@@ -205,7 +205,8 @@ def test_junit_parses_and_names_the_failing_case_with_its_reason(run):
     assert failing == [f"{ODD}[v2]"]
     failure = cases[f"{ODD}[v2]"].find("failure")
     assert cases[f"{ODD}[v2]"].get("classname") == f"scenarios.{ODD}"
-    assert failure.get("message") == ODD_FAILURE and "expected: nobody; outcome: victim (MISMATCH)" in failure.text
+    assert failure.get("message") == ODD_FAILURE and failure.get("type") == "expectation"
+    assert "expected: nobody; outcome: victim (MISMATCH)" in failure.text
 
 
 def test_junit_tells_each_request_the_way_the_edge_decided(run):
@@ -221,8 +222,9 @@ def test_junit_names_carry_the_engine_when_several_ran(two_engines):
     suite, cases = _testcases(junit(two_engines, suite_name="a&b"))
     assert suite.get("name") == "a&b"
     assert set(cases) == {f"{r.id}[{r.engine}]" for r in two_engines}
-    message = cases["dns-poison-victim[v2][mitmproxy]"].find("failure").get("message")
-    assert message.startswith("MISROUTED under protected model v2: ")
+    failure = cases["dns-poison-victim[v2][mitmproxy]"].find("failure")
+    assert failure.get("type") == "MISROUTED"
+    assert failure.get("message").startswith("MISROUTED under protected model v2: ")
 
 
 # ---- Markdown ----------------------------------------------------------------------------------
