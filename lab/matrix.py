@@ -1,5 +1,5 @@
 """`sni-lab run | matrix | explain`: pick a lab (the running one, or a fresh in-process one per
-engine), run scenarios through `scenarios.Runner`, print with `report`."""
+engine), run scenarios through `scenarios.Runner`, print with `report` and `explain`."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 from lab import report
+from lab.explain import explain
 from lab.remote import RemoteError, endpoints as read_endpoints
+from lab.results import to_json
 from lab.run import ENGINES, Lab, run_loop
 from lab.scenarios import DEFAULT_DIR, Runner, Scenario, ScenarioError, discover
 from lab.topology import MODELS, World, load
@@ -144,7 +146,7 @@ def run_command(args) -> int:
     if args.markdown:
         Path(args.markdown).write_text(report.markdown(results))
     if args.json:
-        data = json.loads(report.to_json(results))
+        data = json.loads(to_json(results))
         data["summary"]["wall_s"] = round(wall, 2)
         print(json.dumps(data, indent=2))
     else:
@@ -165,8 +167,8 @@ def explain_command(args) -> int:
     events: list[dict] = []
     (result,) = run_loop(execute(args, [scenario], model, engines[:1], events=events))
     if args.json:
-        print(json.dumps({"case": json.loads(report.to_json([result]))["cases"][0], "events": events,
+        print(json.dumps({"case": json.loads(to_json([result]))["cases"][0], "events": events,
                           "story": scenario.story, "lesson": scenario.lesson}, indent=2))
     else:
-        print(report.explain(result, scenario.story, scenario.lesson, events or None, color=sys.stdout.isatty()))
+        print(explain(result, scenario.story, scenario.lesson, events or None, color=sys.stdout.isatty()))
     return 0 if result.passed else 1

@@ -102,7 +102,7 @@ class ScenarioItem(pytest.Item):
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, ScenarioFailed):
-            from lab.report import explain
+            from lab.explain import explain
 
             result = excinfo.value.args[0]
             return f"{result.failure}\n\n" + explain(result, self.scenario.story, self.scenario.lesson)

@@ -19,7 +19,7 @@ import aiohttp
 from lab import oracle
 from lab.client import Outcome, probe
 from lab.dns import query
-from lab.report import CaseResult, RequestResult, matches
+from lab.results import CaseResult, RequestResult, matches, parse_decision
 from lab.topology import HOSTNAME_STATUSES, MODELS, PROTECTED, World
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "scenarios"
@@ -351,8 +351,8 @@ class Runner:
         elif origin:
             text = origin
         else:
-            m = re.search(r"refused=(\d+) ([a-z0-9-]+)", resp.decision or "")
-            text = f"refused:{m.group(1)}:{m.group(2)}" if m else f"refused:{resp.status}"
+            told = parse_decision(resp.decision)
+            text = f"refused:{told.status}:{told.code}" if told and told.code else f"refused:{resp.status}"
         return RequestResult(sni=sni, host=host, address=address or "", port=listener["port"] if listener else 0,
                              dns=dns_text, cert_names=outcome.cert_names, cert_valid=outcome.cert_valid_for(name),
                              tls_error=outcome.tls_error, status=resp.status if resp else None, origin=origin,

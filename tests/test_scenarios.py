@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -9,6 +10,7 @@ import lab.edge.core
 from lab.policy import decide as real_decide
 from lab.run import Lab
 from lab.scenarios import DEFAULT_DIR, Runner, ScenarioError, discover, load
+from lab.topology import MODELS
 
 GOOD = '''
 title = "t"
@@ -86,7 +88,7 @@ async def test_unbroken_edge_passes_the_catalog_under_v2(fresh_lab, world):
     assert not any(r.verdict == "MISROUTED" for r in results)
 
 
-def test_matrix_cli_json(tmp_path):
+def test_matrix_cli_json_junit_and_markdown_tell_the_same_run(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lab", "matrix", "--json", "--fresh", "--state", str(tmp_path / "s"),
                           "--certs", str(tmp_path / "certs"), "--junit", str(tmp_path / "j.xml"),
                           "--markdown", str(tmp_path / "m.md")], capture_output=True, text=True, timeout=120)
@@ -96,8 +98,11 @@ def test_matrix_cli_json(tmp_path):
     assert res.returncode == 0, summary.get("failed")
     assert summary["protected_misrouted"] == []
     assert any(c["model"] == "v1" and c["verdict"] == "MISROUTED" for c in data["cases"])
-    assert (tmp_path / "j.xml").read_text().startswith("<?xml") or "<testsuite" in (tmp_path / "j.xml").read_text()
-    assert "|" in (tmp_path / "m.md").read_text()
+    suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
+    assert [c.get("name") for c in suite.iter("testcase")] == [c["id"] for c in data["cases"]]
+    assert suite.find("testcase/failure") is None
+    rows = [line for line in (tmp_path / "m.md").read_text().splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(dict.fromkeys(c["scenario"] for c in data["cases"]))
 
 
 def test_engine_parity_over_the_catalog(tmp_path):
@@ -110,8 +115,9 @@ def test_engine_parity_over_the_catalog(tmp_path):
     data = json.loads(res.stdout)
     mismatches = [m["id"] for m in data["summary"]["engine_mismatches"]]
     assert mismatches == [], f"verdicts differ between engines: {mismatches}"
-    engines = {c["engine"] for c in data["cases"]}
-    assert engines == {"native", "mitmproxy"} and len(data["cases"]) >= 400
+    cases = {engine: {(c["scenario"], c["model"]) for c in data["cases"] if c["engine"] == engine}
+             for engine in ("native", "mitmproxy")}
+    assert cases["native"] == cases["mitmproxy"] == {(s.name, m) for s in discover() for m in MODELS}
     assert res.returncode == 0, data["summary"]["failed_ids"]
 
 
