@@ -41,6 +41,8 @@ _REQUEST_VARS = ("http", "ssl", "ip")
 
 
 class Rule(Protocol):
+    """What a rule must offer; hashable, since compiled rules are cached by them."""
+
     id: str
     expression: str
     action: str  # "block" or "allow"
