@@ -71,7 +71,7 @@ def serve(host: str) -> None:
     """Child process: run our resolver on uvloop until SIGTERM; print the bound port."""
     from lab.dns import Resolver
     from lab.events import Events
-    from lab.topology import load
+    from lab.world import load
 
     try:
         from uvloop import run
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve)
         return 0
 
-    from lab.topology import load
+    from lab.world import load
     world = load()
     pin_cpus()
     qs = queries(world)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lab import __version__
 from lab.remote import RemoteError
-from lab.topology import MODELS, WorldError, load
+from lab.topology import MODELS, WorldError
+from lab.world import load
 
 
 class UserError(Exception):

@@ -14,7 +14,8 @@ from lab.remote import RemoteError, endpoints as read_endpoints
 from lab.results import to_json
 from lab.run import ENGINES, Lab, run_loop
 from lab.scenarios import DEFAULT_DIR, Runner, Scenario, ScenarioError, discover
-from lab.topology import MODELS, World, load
+from lab.topology import MODELS, World
+from lab.world import load
 
 
 def parse_list(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:

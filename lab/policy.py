@@ -1,15 +1,18 @@
 """PURE: which origin a request goes to, or why it is refused.
 
 `decide(listener, sni, target, world, model)` is the whole routing brain of the edge;
-engines only carry bytes to and from it. No I/O, no imports from edge/dns/control.
+engines only carry bytes to and from it. What differs between models is data, the rows
+of `lab.models`; this module reads a row and never compares a model's name. No I/O, no
+imports from edge/dns/control.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lab import waf
+from lab import models, waf
 from lab.hostnorm import HostError, normalize, wildcard_of
-from lab.topology import Listener, World, Zone
+from lab.models import Model
+from lab.topology import Listener, World, WorldError, Zone
 
 
 @dataclass(frozen=True)
@@ -82,20 +85,37 @@ def zone_for_host(world: World, host: str) -> Zone | None:
     return zone
 
 
+def _waf(world: World, zone: Zone, host: str | None, sni: str | None, listener: Listener, path: str,
+         allowlist: bool) -> waf.RuleHit | None:
+    return waf.evaluate(zone.rules, zone=zone.name, authorized=world.authorized_hosts(zone), host=host or "",
+                        sni=sni or "", dst=listener.host, path=path, include_allowlist=allowlist)
+
+
+def _blocked(model: str, zone: Zone, hit: waf.RuleHit, host: str | None) -> Decision:
+    why = (f"host {host} is not an authorized hostname of {zone.name}" if hit.rule_id == waf.ALLOWLIST_RULE_ID
+           else hit.description or "custom rule")
+    return _refuse(model, 403, "waf-block", f"{model}: rule {hit.rule_id} of zone {zone.name} blocked the request "
+                   f"({why})", host, rule=hit.rule_id)
+
+
 def _route(world: World, zone: Zone, model: str, rule: str, reason: str, host: str | None, sni: str | None,
            listener: Listener, path: str) -> Decision:
     # A zone's own custom rules apply whichever model brought the request to it.
     if zone.rules:
-        hit = waf.evaluate(world, zone, host=host or "", sni=sni or "", dst=listener.host, path=path,
-                           include_allowlist=False)
+        hit = _waf(world, zone, host, sni, listener, path, allowlist=False)
         if hit:
-            return _refuse(model, 403, "waf-block", f"{model}: rule {hit.rule_id} of zone {zone.name} blocked "
-                           f"the request ({hit.description or 'custom rule'})", host, rule=hit.rule_id)
+            return _blocked(model, zone, hit, host)
     return Decision(model=model, rule=rule, reason=reason, origin=zone.origin, host=host)
 
 
+def _by_listener(m: Model, zone: Zone | None) -> bool:
+    """Does this model send everything on the zone's dedicated v1 address to the zone?"""
+    return zone is not None and m.by_listener and (zone.v1_allowlisted or not m.v1_allowlist)
+
+
 def decide(listener: Listener, sni: str | None, target: Target, world: World, model: str | None = None) -> Decision:
-    model = model or world.model
+    m = models.get(model or world.model)
+    model = m.name
     try:
         host = request_host(target)
     except _BadTarget as e:
@@ -107,44 +127,55 @@ def decide(listener: Listener, sni: str | None, target: Target, world: World, mo
             sni = sni.lower()
 
     dedicated = world.zone_by_name.get(listener.zone) if listener.zone else None
-    if dedicated is not None and dedicated.saas and dedicated.v1_listener == listener.name:
+    if _by_listener(m, dedicated):
         where = f"listener {listener.name} ({listener.host}) belongs to zone {dedicated.name}"
-        if model == "v1":
-            return _route(world, dedicated, model, "v1-listener", f"v1: {where}; Host ignored", host, sni,
+        if m.v1_allowlist:
+            where += ", on the v1 allowlist"
+        if not m.host_allowlist:
+            return _route(world, dedicated, model, "v1-listener", f"{model}: {where}; Host ignored", host, sni,
                           listener, target.path)
-        if model == "v1-waf" and dedicated.v1_allowlisted:
-            hit = waf.evaluate(world, dedicated, host=host or "", sni=sni or "", dst=listener.host,
-                               path=target.path, include_allowlist=True)
-            if hit:
-                why = (f"host {host} is not an authorized hostname of {dedicated.name}"
-                       if hit.rule_id == waf.ALLOWLIST_RULE_ID else hit.description or "custom rule")
-                return _refuse(model, 403, "waf-block", f"v1-waf: rule {hit.rule_id} of zone {dedicated.name}: {why}",
-                               host, rule=hit.rule_id)
-            return Decision(model=model, rule="v1-listener", origin=dedicated.origin, host=host,
-                            reason=f"v1-waf: {where}, on the v1 allowlist; host {host} is authorized")
-        # Any other model, or a v1 zone not on the allowlist: route by host like everything else.
+        hit = _waf(world, dedicated, host, sni, listener, target.path, allowlist=True)
+        if hit:
+            return _blocked(model, dedicated, hit, host)
+        return Decision(model=model, rule="v1-listener", origin=dedicated.origin, host=host,
+                        reason=f"{model}: {where}; host {host} is authorized")
+    # Otherwise (the model routes by Host, or this v1 zone is not on the allowlist): by Host.
 
     name = host or sni
     if name is None:
         return _refuse(model, 400, "no-host", f"{model}: the request names no host and the connection no SNI", None)
-    if model == "v2-strict" and host is not None and sni is not None and host != sni:
+    if m.sni_must_match_host and host is not None and sni is not None and host != sni:
         return _refuse(model, 421, "sni-host-mismatch",
-                       f"v2-strict: host {host} differs from SNI {sni}; Misdirected Request", host)
+                       f"{model}: host {host} differs from SNI {sni}; Misdirected Request", host)
     zone = zone_for_host(world, name)
-    if zone is not None:
+    if zone is not None:  # a zone's own host wins over any custom hostname (lab.models)
         return _route(world, zone, model, "zone-host", f"{model}: host {name} belongs to zone {zone.name}", name, sni,
                       listener, target.path)
     custom = world.hostname_by_name.get(name)
     if custom is not None:
         saas = world.zone_by_name[custom.zone]
-        if custom.status == "active":
+        if custom.status in m.trusts:
+            how = "an active" if custom.status == "active" else f"a {custom.status}"
+            proof = "" if custom.status == "active" else ", routed on its registration alone (no ownership proof)"
             return _route(world, saas, model, "custom-hostname",
-                          f"{model}: host {name} is an active custom hostname of {saas.name}", name, sni, listener,
-                          target.path)
+                          f"{model}: host {name} is {how} custom hostname of {saas.name}{proof}",
+                          name, sni, listener, target.path)
         return _refuse(model, 421, "hostname-not-active",
-                       f"{model}: custom hostname {name} of {saas.name} is {custom.status}; only active hostnames "
-                       f"are routed", name)
-    return _refuse(model, 421, "unknown-host", f"{model}: no zone or active custom hostname for host {name}", name)
+                       f"{model}: custom hostname {name} of {saas.name} is {custom.status}; only "
+                       f"{' or '.join(m.trusts)} hostnames are routed", name)
+    trusted = "active" if m.trusts == models.VERIFIED else "registered"
+    return _refuse(model, 421, "unknown-host", f"{model}: no zone or {trusted} custom hostname for host {name}", name)
+
+
+def check_world(world: World) -> None:
+    """What the world loader cannot check by itself: every zone's WAF rules compile.
+
+    Raises WorldError with one line (the compiler's caret drawing adds nothing there)."""
+    for zone in world.zones:
+        try:
+            waf.compile_rules(zone.name, zone.rules)
+        except waf.WafError as e:
+            raise WorldError(f"{world.source}: {e}".split("\n")[0]) from None
 
 
 def certificate_names(world: World) -> list[tuple[str, ...]]:

@@ -17,7 +17,8 @@ import pytest
 
 from lab.run import ENGINES, Lab
 from lab.scenarios import Runner, ScenarioError, load
-from lab.topology import MODELS, WorldError, load as load_world
+from lab.topology import MODELS, WorldError
+from lab.world import load as load_world
 
 
 def pytest_addoption(parser) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from lab.binding import bind_hint
 from lab.events import Events
 from lab.pki import LabCA
-from lab.topology import World, load
+from lab.topology import World
+from lab.world import load
 
 ENGINES = ("native", "mitmproxy")
 

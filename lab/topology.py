@@ -1,23 +1,25 @@
-"""The world: zones, listeners, origins, custom hostnames and DNS data, from TOML.
+"""The world: zones, listeners, origins, custom hostnames and DNS data, and `parse()`,
+which turns the world file's tables into them.
 
-Loading validates everything once and raises `WorldError` with one line naming the
-file and the key, so no user mistake ever surfaces as a traceback. The loaded `World`
-is immutable; run-time changes (model, custom hostname states) make a new one with
-`replace`, so pure code can hold a snapshot without locks.
+Parsing validates the structure once and raises `WorldError` with one line naming the
+file and the key, so no user mistake ever surfaces as a traceback; `lab.world.load`
+reads the file and adds the checks that need the deciding code (WAF rules compile).
+The `World` is immutable; run-time changes (model, custom hostname states) make a new
+one with `replace`, so pure code can hold a snapshot without locks. Pure: no I/O.
 """
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-MODELS = ("host", "v1", "v1-waf", "v2", "v2-strict")
-PROTECTED = ("v1-waf", "v2", "v2-strict")  # models that must never send a request to the wrong origin
+from lab.hostnorm import HostError, normalize
+from lab.models import MODELS, PROTECTED  # re-exported: the names callers know them by
+
 HOSTNAME_STATUSES = ("pending", "active", "moved", "deleted")
 ORIGIN_KINDS = ("victim", "saas", "collector")
 RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT")
@@ -32,7 +34,7 @@ class Listener:
     name: str
     host: str
     port: int
-    zone: str | None = None  # the SaaS zone this dedicated v1 address belongs to
+    zone: str | None = None  # the SaaS zone whose dedicated v1 address this is (from zone.v1_listener)
 
 
 @dataclass(frozen=True)
@@ -218,32 +220,9 @@ def default_path() -> Path:
     return Path(str(resources.files("lab") / "lab.toml"))
 
 
-def load(path: str | Path | None = None) -> World:
-    path = Path(path) if path else default_path()
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise WorldError(f"{path}: no such file") from None
-    except OSError as e:
-        raise WorldError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise WorldError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as e:
-        raise WorldError(f"{path}: not valid TOML: {e}") from None
-    return parse(data, str(path))
-
-
 def parse(data: dict[str, Any], source: str = "<memory>") -> World:
-    world = _Parser(source).world(data)
-    from lab import waf  # waf builds on these types; import here, not at the top
-
-    try:
-        waf.check_world(world)
-    except waf.WafError as e:
-        raise WorldError(f"{source}: {e}".split("\n")[0]) from None  # one line; the caret drawing adds nothing here
-    return world
+    """The world file's tables (as tomllib reads them) to a World; `source` names the file in errors."""
+    return _Parser(source).world(data)
 
 
 class _Parser:
@@ -280,8 +259,6 @@ class _Parser:
     def name(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(key, f"expected a host name, got {value!r}")
-        from lab.hostnorm import HostError, normalize
-
         try:
             return normalize(value, allow_wildcard=True)
         except HostError as e:
@@ -313,6 +290,7 @@ class _Parser:
         dns_zones = tuple(self.name(z, "dns.zones") for z in self.get(dns, "zones", "dns", list, []))
         records = tuple(self.record(t, f"dns.record[{i}]", ttl) for i, t in enumerate(self.get(dns, "record", "dns", list, [])))
 
+        listeners = self.v1_addresses(listeners, zones)
         self.check_unique([(l.host, l.port) for l in listeners] + [(o.host, o.port) for o in origins]
                           + [(resolver.host, resolver.port), (control.host, control.port)],
                           [f"listener {l.name}" for l in listeners] + [f"origin.{o.name}" for o in origins]
@@ -327,6 +305,28 @@ class _Parser:
                       challenge_port=challenge_port, limits=self.limits(self.get(data, "limits", "", dict, {})))
         self.check_references(world)
         return world
+
+    def v1_addresses(self, listeners: tuple[Listener, ...], zones: list[Zone]) -> tuple[Listener, ...]:
+        """Derive each listener's zone from `zone.v1_listener`, the one place the file states it.
+
+        `listener.zone`, the older spelling of the same fact, is still read, and must agree."""
+        owner: dict[str, str] = {}
+        for i, z in enumerate(zones):
+            if z.v1_listener is None:
+                continue
+            if not z.saas:
+                raise self.fail(f"zone[{i}].v1_listener", "only a SaaS zone (saas = true) has a dedicated v1 address")
+            if z.v1_listener in owner:
+                raise self.fail(f"zone[{i}].v1_listener",
+                                f"listener {z.v1_listener!r} is already the v1 address of zone {owner[z.v1_listener]}")
+            owner[z.v1_listener] = z.name
+        for i, l in enumerate(listeners):
+            derived = owner.get(l.name)
+            if l.zone is not None and l.zone != derived:
+                says = f"zone {derived} names it" if derived else "no zone names it"
+                raise self.fail(f"listener[{i}].zone", f"{l.zone}, but {says} as its v1_listener; state it once, "
+                                f"as the zone's v1_listener")
+        return tuple(dataclasses.replace(l, zone=owner.get(l.name)) for l in listeners)
 
     def limits(self, t: dict) -> Limits:
         values = {}
@@ -356,9 +356,6 @@ class _Parser:
                 raise self.fail(f"zone[{i}].origin", f"unknown origin {z.origin!r}")
             if z.v1_listener is not None and z.v1_listener not in w.listener_by_name:
                 raise self.fail(f"zone[{i}].v1_listener", f"unknown listener {z.v1_listener!r}")
-        for i, l in enumerate(w.listeners):
-            if l.zone is not None and l.zone not in w.zone_by_name:
-                raise self.fail(f"listener[{i}].zone", f"unknown zone {l.zone!r}")
         for i, r in enumerate(w.records):
             kind, _, name = r.value.partition(":")
             if r.type in ("A", "AAAA") and kind in ("listener", "origin"):

@@ -6,6 +6,10 @@ A rule is a CEL expression over the request, with field names like a CDN's:
 authorized hostnames: its own names and its ACTIVE custom hostnames). The v1
 compensating control is the built-in rule `!(http.host in zone.authorized)`.
 
+The bottom layer: it imports nothing of the lab. The caller passes the zone's rules (any
+objects with `id`, `expression`, `action`, `description`, such as the world's `WafRule`)
+and its authorized names.
+
 Pure: no I/O. The only state is caches (compiled programs, per-zone contexts) whose
 contents are a function of their keys, so a verdict depends on the arguments alone.
 
@@ -25,20 +29,24 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 import cel
 
-from lab.topology import WafRule, World, Zone
-
 ALLOWLIST_RULE_ID = "v1-host-allowlist"
-_ALLOWLIST = WafRule(
-    id=ALLOWLIST_RULE_ID,
-    expression="!(http.host in zone.authorized)",
-    action="block",
-    description="v1 compensating control: host is not one of the zone's authorized hostnames",
-)
+ALLOWLIST_EXPRESSION = "!(http.host in zone.authorized)"
+ALLOWLIST_DESCRIPTION = "v1 compensating control: host is not one of the zone's authorized hostnames"
 # Per-request variables; `zone` is per zone and lives in the cached context.
 _REQUEST_VARS = ("http", "ssl", "ip")
+
+
+class Rule(Protocol):
+    """What a rule must offer; hashable, since compiled rules are cached by them."""
+
+    id: str
+    expression: str
+    action: str  # "block" or "allow"
+    description: str
 
 
 class WafError(ValueError):
@@ -58,15 +66,19 @@ class RuleHit:
 
 
 @dataclass(frozen=True)
+class _Compiled:
+    id: str
+    action: str
+    description: str
+    program: cel.Program
+
+
+@dataclass(frozen=True)
 class CompiledRules:
     zone: str
-    rules: tuple[tuple[WafRule, cel.Program], ...]
+    rules: tuple[_Compiled, ...]
     # Root variables the rules read, so evaluate() converts only those per request.
     needs: frozenset[str]
-
-
-def allowlist_rule() -> WafRule:
-    return _ALLOWLIST
 
 
 @lru_cache(maxsize=4096)
@@ -76,32 +88,20 @@ def _program(expression: str) -> cel.Program:
     return cel.compile(expression)
 
 
-def _compile(zone_name: str, rules: tuple[WafRule, ...]) -> CompiledRules:
-    compiled = []
-    for rule in rules:
-        try:
-            compiled.append((rule, _program(rule.expression)))
-        except ValueError as e:  # cel raises ValueError with the parser's message
-            raise WafError(zone_name, rule.id, str(e)) from None
-    needs = frozenset(v for _, p in compiled for v in p.variables()) & frozenset(_REQUEST_VARS)
-    return CompiledRules(zone_name, tuple(compiled), needs)
+_ALLOWLIST = _Compiled(ALLOWLIST_RULE_ID, "block", ALLOWLIST_DESCRIPTION, _program(ALLOWLIST_EXPRESSION))
 
 
 @lru_cache(maxsize=1024)
-def _compile_cached(zone_name: str, rules: tuple[WafRule, ...]) -> CompiledRules:
-    return _compile(zone_name, rules)
-
-
-def compile_zone(zone: Zone) -> CompiledRules:
-    """Compile the zone's own rules (not the built-in allowlist); raise WafError on the first broken one."""
-    return _compile_cached(zone.name, zone.rules)
-
-
-def check_world(world: World) -> None:
-    """Compile every zone's rules once, when the world is loaded, so a typo fails at start."""
-    _compile_cached("(built-in)", (_ALLOWLIST,))
-    for zone in world.zones:
-        compile_zone(zone)
+def compile_rules(zone: str, rules: tuple[Rule, ...]) -> CompiledRules:
+    """Compile a zone's own rules (not the built-in allowlist); raise WafError on the first broken one."""
+    compiled = []
+    for rule in rules:
+        try:
+            compiled.append(_Compiled(rule.id, rule.action, rule.description, _program(rule.expression)))
+        except ValueError as e:  # cel raises ValueError with the parser's message
+            raise WafError(zone, rule.id, str(e)) from None
+    needs = frozenset(v for c in compiled for v in c.program.variables()) & frozenset(_REQUEST_VARS)
+    return CompiledRules(zone, tuple(compiled), needs)
 
 
 class _ZoneContext:
@@ -121,28 +121,28 @@ def _zone_context(name: str, authorized: tuple[str, ...]) -> _ZoneContext:
     return _ZoneContext(name, authorized)
 
 
-def evaluate(world: World, zone: Zone, *, host: str, sni: str, dst: str, path: str,
-             include_allowlist: bool) -> RuleHit | None:
-    """Run the zone's rules in order (then the allowlist rule if asked): the first `block`
+def evaluate(rules: tuple[Rule, ...], *, zone: str, authorized: tuple[str, ...], host: str, sni: str, dst: str,
+             path: str, include_allowlist: bool) -> RuleHit | None:
+    """Run zone `zone`'s rules in order (then the allowlist rule if asked): the first `block`
     match returns a RuleHit, the first `allow` match returns None. Never raises: a rule
     that cannot be compiled or evaluated, or does not yield a bool, blocks (fail closed)."""
     try:
-        compiled = compile_zone(zone)
-    except WafError as e:  # check_world should have caught it; refuse rather than guess
+        compiled = compile_rules(zone, rules)
+    except WafError as e:  # the world loader should have caught it; refuse rather than guess
         return RuleHit(e.rule_id, "block", f"rule failed to compile, blocked (fail closed): {e}")
-    rules = compiled.rules
+    todo = compiled.rules
     needs = compiled.needs
     if include_allowlist:
-        rules = rules + ((_ALLOWLIST, _program(_ALLOWLIST.expression)),)
+        todo = todo + (_ALLOWLIST,)
         needs = needs | {"http"}
     request = {"http": {"host": host or "", "path": path or ""}, "ssl": {"sni": sni or ""}, "ip": {"dst": dst or ""}}
-    zc = _zone_context(zone.name, world.authorized_hosts(zone))
+    zc = _zone_context(zone, authorized)
     with zc.lock:
         for name in needs:
             zc.ctx.add_variable(name, request[name])
-        for rule, program in rules:
+        for rule in todo:
             try:
-                matched = program.execute(zc.ctx)
+                matched = rule.program.execute(zc.ctx)
             except Exception as e:  # no such field, type mismatch...: the library raises several types
                 return RuleHit(rule.id, "block", f"rule failed to evaluate, blocked (fail closed): {e}")
             if not isinstance(matched, bool):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from lab.pki import LabCA
-from lab.topology import load
+from lab.world import load
 
 
 @pytest.fixture(scope="session")

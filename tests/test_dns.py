@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from lab.dns import CACHE_MAX, Resolver, dig_command, query
 from lab.events import Events
-from lab.topology import load
+from lab.world import load
 
 HOST = "127.0.0.1"
 OTHER_CLIENT = "127.0.0.5"  # a second source address on loopback (Linux routes all of 127/8)

@@ -24,6 +24,15 @@ def test_a_registration_alone_authorizes_nothing(world, status):
     assert judge(w, "www.newshop.test", reached_origin="saas", cert_valid=True)[0] == MISROUTED
 
 
+@pytest.mark.parametrize("status", ["pending", "moved"])
+def test_a_registration_under_another_zone_leaves_the_name_to_that_zone(world, status):
+    # What `host` routes on a registration alone: the zone that owns the name is still its owner.
+    w = world.with_hostnames(world.custom_hostnames + (CustomHostname("login.victim.example", "saas.example", status),))
+    assert authorized_origins(w, "login.victim.example") == {"victim"}
+    verdict, why = judge(w, "login.victim.example", reached_origin="saas", cert_valid=True)
+    assert verdict == MISROUTED and why.endswith("login.victim.example belongs to victim")
+
+
 def test_the_write_up_is_misrouted(world):
     verdict, why = judge(world, "www.victim.example", reached_origin="saas", cert_valid=True)
     assert verdict == MISROUTED and "belongs to victim" in why

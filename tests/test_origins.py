@@ -14,11 +14,12 @@ from aiohttp import web
 
 from lab import origins, topology
 from lab.events import Events
+from lab.world import load
 
 
 def local_world() -> topology.World:
     # Every origin on 127.0.0.1 (macOS has no other loopback address by default), port 0.
-    w = topology.load()
+    w = load()
     w = w.with_ports({o.name: 0 for o in w.origins})
     return dataclasses.replace(w, origins=tuple(dataclasses.replace(o, host="127.0.0.1") for o in w.origins))
 
@@ -180,7 +181,7 @@ async def test_the_second_saas_origin_has_no_tenants(lab):
 
 
 def test_collector_urls_prefer_a_loopback_address_then_the_lab_name():
-    world = topology.load()
+    world = load()
     assert origins.collector_urls(world) == ["http://127.0.0.33:8080/collect",
                                             "http://collect.attacker.example:8080/collect"]
     elsewhere = dataclasses.replace(world, origins=tuple(

@@ -1,10 +1,15 @@
-"""decide() over a table: every model, the write-up's attack, and the tricky targets."""
+"""decide() over a table: every model, the write-up's attack, and the tricky targets; the
+model table itself, and that every model earns its place in the catalog."""
 import dataclasses
+import itertools
 
 import pytest
 
+from lab import models
+from lab.models import MODELS
 from lab.policy import Target, certificate_names, decide
-from lab.topology import CustomHostname
+from lab.scenarios import discover
+from lab.topology import CustomHostname, WafRule
 
 ANY, SAAS, SAAS2 = "anycast", "saas-v1", "saas2-v1"
 R = lambda origin: ("origin", origin)  # routed to
@@ -13,10 +18,10 @@ X = lambda status, code: ("refused", status, code)  # refused by the edge
 CASES = [
     # (model, listener, sni, target, expected)
     # legit traffic reaches the right origin in every model
-    *[(m, ANY, "www.victim.example", Target(("www.victim.example",)), R("victim")) for m in ("host", "v1", "v1-waf", "v2", "v2-strict")],
-    *[(m, SAAS, "app.saas.example", Target(("app.saas.example",)), R("saas")) for m in ("host", "v1", "v1-waf", "v2", "v2-strict")],
-    *[(m, SAAS, "shop.customer.example", Target(("shop.customer.example",)), R("saas")) for m in ("host", "v1", "v1-waf", "v2", "v2-strict")],
-    *[(m, SAAS2, "app.saas2.example", Target(("app.saas2.example",)), R("saas2")) for m in ("host", "v1", "v1-waf", "v2", "v2-strict")],
+    *[(m, ANY, "www.victim.example", Target(("www.victim.example",)), R("victim")) for m in MODELS],
+    *[(m, SAAS, "app.saas.example", Target(("app.saas.example",)), R("saas")) for m in MODELS],
+    *[(m, SAAS, "shop.customer.example", Target(("shop.customer.example",)), R("saas")) for m in MODELS],
+    *[(m, SAAS2, "app.saas2.example", Target(("app.saas2.example",)), R("saas2")) for m in MODELS],
     # the write-up: SNI and Host www.victim.example on the SaaS v1 address
     ("v1", SAAS, "www.victim.example", Target(("www.victim.example",)), R("saas")),
     ("v1-waf", SAAS, "www.victim.example", Target(("www.victim.example",)), X(403, "waf-block")),
@@ -64,19 +69,48 @@ def test_decide(world, model, listener, sni, target, expected):
     assert d.model == model and d.reason.startswith(model)
 
 
-def test_at_least_thirty_cases():
-    assert len(CASES) >= 30 and {c[0] for c in CASES} == {"host", "v1", "v1-waf", "v2", "v2-strict"}
+def registered(world, name, status, zone="saas.example"):
+    return world.with_hostnames(world.custom_hostnames + (CustomHostname(name, zone, status),))
 
 
 @pytest.mark.parametrize("status", ["pending", "moved", "deleted"])
-def test_unverified_hostname_never_routed(world, status):
-    w = world.with_hostnames(world.custom_hostnames + (CustomHostname("www.newshop.test", "saas.example", status),))
-    for model in ("v2", "v2-strict", "host"):
+def test_unverified_hostname_never_routed_by_a_verifying_model(world, status):
+    w = registered(world, "www.newshop.test", status)
+    for model in ("v1", "v1-waf", "v2", "v2-strict"):
         d = decide(w.listener_by_name[ANY], "www.newshop.test", Target(("www.newshop.test",)), w, model)
-        assert not d.routed and d.status == 421
+        assert (d.status, d.code) == (421, "unknown-host" if status == "deleted" else "hostname-not-active"), d.reason
     d = decide(w.listener_by_name[SAAS], "app.saas.example", Target(("www.newshop.test",)), w, "v1-waf")
     assert d.status == 403
     assert ("www.newshop.test",) not in certificate_names(w)
+
+
+@pytest.mark.parametrize("status", ["pending", "moved"])
+def test_host_routes_a_registration_without_proof(world, status):
+    w = registered(world, "login.victim.example", status)
+    d = decide(w.listener_by_name[ANY], "login.victim.example", Target(("login.victim.example",)), w, "host")
+    assert (d.origin, d.rule) == ("saas", "custom-hostname")
+    assert d.reason == (f"host: host login.victim.example is a {status} custom hostname of saas.example, "
+                        "routed on its registration alone (no ownership proof)")
+    # ...but a registration still gets no certificate of its own: the name is only
+    # reachable on a certificate that already covers it (here *.victim.example).
+    assert ("login.victim.example",) not in certificate_names(w)
+
+
+def test_host_forgets_a_deleted_registration(world):
+    w = registered(world, "login.victim.example", "deleted")
+    d = decide(w.listener_by_name[ANY], "login.victim.example", Target(("login.victim.example",)), w, "host")
+    assert (d.status, d.code) == (421, "unknown-host")
+    assert d.reason == "host: no zone or registered custom hostname for host login.victim.example"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("status", ["pending", "active"])
+def test_a_zone_own_host_wins_over_a_registration(world, model, status):
+    # www.victim.example registered on the SaaS zone (the attacker's claim, or even an
+    # active one): by Host, the victim's zone keeps its own name.
+    w = registered(world, "www.victim.example", status)
+    d = decide(w.listener_by_name[ANY], "www.victim.example", Target(("www.victim.example",)), w, model)
+    assert (d.origin, d.rule) == ("victim", "zone-host")
 
 
 def test_active_hostname_routed_and_certified(world):
@@ -93,8 +127,6 @@ def test_v1_reason_names_listener(world):
 
 
 def test_zone_custom_rule_applies_in_every_model(world):
-    from lab.topology import WafRule
-
     zones = tuple(dataclasses.replace(z, rules=(WafRule("no-admin", 'http.path.startsWith("/admin")'),))
                   if z.name == "victim.example" else z for z in world.zones)
     w = dataclasses.replace(world, zones=zones)
@@ -103,3 +135,59 @@ def test_zone_custom_rule_applies_in_every_model(world):
         assert d.status == 403 and d.rule == "no-admin"
         d = decide(w.listener_by_name[ANY], "www.victim.example", Target(("www.victim.example",), path="/"), w, model)
         assert d.origin == "victim"
+
+
+def test_v1_zone_not_on_the_allowlist_is_routed_by_host(world):
+    d = decide(world.listener_by_name[SAAS2], "www.victim.example", Target(("www.victim.example",)), world, "v1-waf")
+    assert (d.origin, d.rule) == ("victim", "zone-host")
+    # ...and on the list it would keep v1 routing, behind the WAF allowlist.
+    zones = tuple(dataclasses.replace(z, v1_allowlisted=True) if z.name == "saas2.example" else z for z in world.zones)
+    w = dataclasses.replace(world, zones=zones)
+    d = decide(w.listener_by_name[SAAS2], "www.victim.example", Target(("www.victim.example",)), w, "v1-waf")
+    assert (d.status, d.rule) == (403, "v1-host-allowlist")
+    assert d.reason == ("v1-waf: rule v1-host-allowlist of zone saas2.example blocked the request "
+                        "(host www.victim.example is not an authorized hostname of saas2.example)")
+
+
+# --- the model table ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_decide_reads_the_row_not_the_name(world, monkeypatch, index):
+    """A copy of a row under another name decides every case the same way."""
+    model, listener, sni, target, expected = CASES[index]
+    monkeypatch.setitem(models.BY_NAME, "renamed", dataclasses.replace(models.get(model), name="renamed"))
+    d = decide(world.listener_by_name[listener], sni, target, world, "renamed")
+    assert (R(d.origin) if d.routed else X(d.status, d.code)) == expected, d.reason
+    assert d.model == "renamed" and d.reason.startswith("renamed: ")
+
+
+def test_unknown_model_is_a_clear_error(world):
+    with pytest.raises(ValueError, match="unknown model 'v3' \\(choose from host, v1, v1-waf, v2, v2-strict\\)"):
+        decide(world.listener_by_name[ANY], "www.victim.example", Target(), world, "v3")
+
+
+@pytest.mark.parametrize("row", models.TABLE, ids=lambda m: m.name)
+def test_a_protected_model_routes_only_what_was_verified(row):
+    # The table's own invariant: a protected model trusts no unproven registration, and
+    # never hands a dedicated address's traffic over without the host allowlist.
+    if row.protected:
+        assert row.trusts == models.VERIFIED
+        assert not row.by_listener or (row.host_allowlist and row.v1_allowlist)
+    assert row.description
+
+
+def test_the_table_prints_one_row_per_model():
+    lines = models.markdown().splitlines()
+    for m in models.TABLE:
+        row = next(line for line in lines if line.startswith(f"| `{m.name}` |"))
+        assert ", ".join(m.trusts) in row and row.endswith("| yes |" if m.protected else "| no |")
+        assert f"- `{m.name}`: {m.description}" in lines
+    assert "| `host` | by Host | pending, active, moved | none | no |" in lines
+    assert "| `v2-strict` | by Host | active | Host must equal SNI (421) | yes |" in lines
+
+
+def test_every_model_differs_from_every_other_on_some_scenario():
+    catalog = discover()
+    same = [(a, b) for a, b in itertools.combinations(MODELS, 2)
+            if all(sc.expect[a] == sc.expect[b] for sc in catalog)]
+    assert not same, f"models with identical expectations on all {len(catalog)} scenarios: {same}"

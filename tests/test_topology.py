@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from lab.hostnorm import HostError, normalize
-from lab.topology import WorldError, load
+from lab.topology import WorldError
+from lab.world import load
 
 
 def test_default_world(world):
@@ -14,6 +15,9 @@ def test_default_world(world):
                                                           "saas2-v1": "127.0.0.12"}
     saas = world.zone_by_name["saas.example"]
     assert saas.saas and saas.v1_allowlisted and saas.v1_listener == "saas-v1"
+    # the file states the dedicated address once, on the zone; the listener's side is derived
+    assert {l.name: l.zone for l in world.listeners} == {"anycast": None, "saas-v1": "saas.example",
+                                                          "saas2-v1": "saas2.example"}
     assert not world.zone_by_name["saas2.example"].v1_allowlisted
     assert world.authorized_hosts(saas)[-1] == "shop.customer.example"
     assert world.address_of("listener:saas-v1") == "127.0.0.11"
@@ -47,6 +51,35 @@ def test_broken_world_names_file_and_key(tmp_path, old, new, expected):
     assert str(path) in str(e.value)
     assert expected in str(e.value)
     assert "\n" not in str(e.value)
+
+
+_SAAS_V1 = 'name = "saas-v1"\nhost = "127.0.0.11"\nport = 8443\n'
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    # the older spelling of the v1 address, on the listener, must agree with the zone's
+    (_SAAS_V1, _SAAS_V1 + 'zone = "saas2.example"\n',
+     "listener[1].zone: saas2.example, but zone saas.example names it as its v1_listener; "
+     "state it once, as the zone's v1_listener"),
+    ('name = "anycast"\n', 'name = "anycast"\nzone = "victim.example"\n',
+     "listener[0].zone: victim.example, but no zone names it as its v1_listener; "
+     "state it once, as the zone's v1_listener"),
+    ('v1_listener = "saas2-v1"', 'v1_listener = "saas-v1"',
+     "zone[2].v1_listener: listener 'saas-v1' is already the v1 address of zone saas.example"),
+    ('hosts = ["www.victim.example", "victim.example"]\n',
+     'hosts = ["www.victim.example", "victim.example"]\nv1_listener = "anycast"\n',
+     "zone[0].v1_listener: only a SaaS zone (saas = true) has a dedicated v1 address"),
+])
+def test_the_v1_address_is_one_fact(tmp_path, old, new, expected):
+    path = _broken(tmp_path, old, new)
+    with pytest.raises(WorldError) as e:
+        load(path)
+    assert str(e.value) == f"{path}: {expected}"
+
+
+def test_the_older_listener_zone_is_read_when_it_agrees(tmp_path, world):
+    path = _broken(tmp_path, _SAAS_V1, _SAAS_V1 + 'zone = "saas.example"\n')
+    assert load(path).listeners == world.listeners
 
 
 def test_missing_file():
