@@ -14,6 +14,7 @@ no other way to withdraw a request. Nothing is left running for a client that le
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Callable
@@ -282,9 +283,9 @@ class OriginPool:
             self._connect_failed(ex, Failure(504, "origin-timeout", f"cannot connect to {key[0]}:{key[1]}: no answer "
                                                                    f"within {ex.limits.origin_connect_timeout:g} s"))
             return
-        except OSError as e:
-            self._connect_failed(ex, Failure(502, "origin-unreachable", f"cannot connect to {key[0]}:{key[1]}: "
-                                                                        f"{e.strerror or type(e).__name__}"))
+        except OSError as e:  # asyncio's strerror repeats the address: say what the kernel said
+            why = os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
+            self._connect_failed(ex, Failure(502, "origin-unreachable", f"cannot connect to {key[0]}:{key[1]}: {why}"))
             return
         except asyncio.CancelledError:  # the pool is closing
             self.open[key] -= 1
