@@ -286,8 +286,8 @@ class Origins:
             await runner.setup()
             self._runners.append(runner)
             self._apps.append(app)
-            try:
-                await web.TCPSite(runner, origin.host, origin.port, reuse_address=True).start()
+            try:  # backlog as the edge's: a burst of up to origin_max_connections new connections is accepted
+                await web.TCPSite(runner, origin.host, origin.port, reuse_address=True, backlog=1024).start()
             except OSError as e:
                 await self.stop()
                 raise bind_error(f"origin {origin.name}", origin.host, origin.port, e) from None

@@ -31,7 +31,6 @@ class Failure:
     reason: str
 
 
-Result = "tuple[int, list[tuple[str, str]], bytes] | Failure"
 Done = Callable[[object], None]  # called once, with (status, headers, body) or a Failure
 
 
