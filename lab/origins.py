@@ -14,12 +14,14 @@ from __future__ import annotations
 import html
 import ipaddress
 import json
+import logging
 import secrets
 import time
 from collections import deque
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from lab.binding import bind_error
 from lab.events import Events
@@ -32,6 +34,8 @@ TRACE_HEADER = "X-Lab-Trace"
 COLLECT_MAX_ENTRIES = 1000
 COLLECT_MAX_BYTES = 16 * 1024
 MAX_SESSIONS = 10000
+
+SERVER = "sni-lab origin"  # instead of aiohttp's Python/... aiohttp/... banner
 
 ORIGIN_KEY = web.AppKey("origin", Origin)
 COLLECTED_KEY = web.AppKey("collected", deque)
@@ -223,6 +227,7 @@ def build_app(origin: Origin, world: World, events: Events | None = None) -> web
     # 405s and 500s aiohttp makes itself, so no answer ever leaves unstamped.
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         response.headers.update(stamp)
+        response.headers["Server"] = SERVER
         if events is not None:
             events.emit("origin.hit", trace=request.headers.get(TRACE_HEADER), origin=origin.name,
                         method=request.method, host=request.headers.get("Host", ""), path=request.path,
@@ -237,6 +242,25 @@ def build_app(origin: Origin, world: World, events: Events | None = None) -> web
     elif collector:
         _collector_routes(app)
     return app
+
+
+class _OneLine(logging.Filter):
+    """A request the origin's parser refused is the client's mistake: one line, not a traceback.
+
+    aiohttp logs it with the exception attached; a crash in a handler keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: {exc.code} {' '.join(str(exc.message).split())[:200]}"
+            record.args = ()
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+log = logging.getLogger("lab.origins")
+log.addFilter(_OneLine())
 
 
 class Origins:
@@ -258,12 +282,12 @@ class Origins:
         for origin in sorted(world.origins, key=lambda o: o.kind != "collector"):
             origin = world.origin_by_name[origin.name]  # with the ports bound so far
             app = build_app(origin, world, self.events)
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.AppRunner(app, access_log=None, logger=log)
             await runner.setup()
             self._runners.append(runner)
             self._apps.append(app)
-            try:
-                await web.TCPSite(runner, origin.host, origin.port, reuse_address=True).start()
+            try:  # backlog as the edge's: a burst of up to origin_max_connections new connections is accepted
+                await web.TCPSite(runner, origin.host, origin.port, reuse_address=True, backlog=1024).start()
             except OSError as e:
                 await self.stop()
                 raise bind_error(f"origin {origin.name}", origin.host, origin.port, e) from None

@@ -78,6 +78,30 @@ async def test_a_handler_crash_is_stamped():
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("path", ["/", "/no-such-page"])
+async def test_no_response_names_the_software_behind_it(lab, path):
+    _, urls, session, _ = lab
+    _, headers, _ = await get(session, urls["victim"] + path)
+    assert headers.getall("Server") == [origins.SERVER]
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+], ids=["bad-header-name", "line-too-long"])
+async def test_a_rejected_request_is_one_log_line_not_a_traceback(lab, caplog, raw):
+    _, urls, _, _ = lab
+    host, port = urls["victim"].removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(raw)
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.0 400")
+    records = [r for r in caplog.records if r.name == "lab.origins"]
+    assert len(records) == 1 and records[0].exc_info is None and records[0].levelname == "WARNING"
+    assert "\n" not in records[0].getMessage() and "400" in records[0].getMessage()
+
+
 async def test_health_is_json(lab):
     _, urls, session, _ = lab
     async with session.get(urls["collector"] + "/health") as r:

@@ -2,7 +2,9 @@
 
 Every carrier (HTTP/1.1, HTTP/2, the mitmproxy engine) hands a request here as plain
 values and gets (status, headers, body) back through a callback, or awaits it with
-`handle_async`; the decision itself is `policy.decide`.
+`handle_async`; the decision itself is `policy.decide`. A forwarded request returns its
+`Exchange`: the carrier cancels it when its client goes away (a reset stream, a closed
+connection), so no origin request outlives the client that asked for it.
 """
 from __future__ import annotations
 
@@ -12,16 +14,34 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lab.edge import pages
-from lab.edge.upstream import OriginPool
+from lab.edge.upstream import Exchange, Failure, OriginPool
 from lab.events import Events
 from lab.policy import Decision, Target, decide
 from lab.topology import Listener, World
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length"})
+# Not passed on from an origin's answer: the edge speaks for itself (and hides what the origin runs).
+_NOT_RETURNED = HOP_BY_HOP | {"server"}
 _TRACE = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")
 
 Response = tuple[int, list[tuple[str, str]], bytes]
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request a carrier's header check refused, with the status that says why."""
+
+    problem: str
+    status: int = 400  # 414 for a too-long target, 413 for a too-large body, 431 for too-large headers
+    code: str = "bad-request"
+
+
+def excerpt(text: str | None, limit: int) -> str | None:
+    """At most `limit` characters of client-controlled text, for the event log."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:max(limit - 20, 0)]}... ({len(text)} chars)"
 
 
 @dataclass
@@ -68,49 +88,65 @@ class EdgeCore:
 
     def decide(self, listener: Listener, req: Request) -> Decision:
         decision = decide(listener, req.sni, req.target, self.world)
+        cap = self.world.limits.event_field
         self.events.emit("route.decision", trace=req.trace, conn=req.conn, listener=listener.name, sni=req.sni,
                          host=decision.host, model=decision.model, rule=decision.rule, origin=decision.origin,
-                         status=decision.status or None, code=decision.code or None, reason=decision.reason,
-                         method=req.method, path=req.target.path)
+                         status=decision.status or None, code=decision.code or None,
+                         reason=excerpt(decision.reason, cap), method=excerpt(req.method, cap),
+                         path=excerpt(req.target.path, cap))
         return decision
 
-    def refuse_malformed(self, listener: Listener, *, trace: str, conn: str, sni: str | None, problem: str,
-                         http2: bool = False, decision: Decision | None = None, accept: str | None = None) -> Response:
-        """Every engine's answer to a request its parser refused: a 400 from the edge, told like any decision."""
+    def refuse_malformed(self, listener: Listener, *, trace: str, conn: str, sni: str | None,
+                         problem: str | Malformed, http2: bool = False, decision: Decision | None = None,
+                         accept: str | None = None) -> Response:
+        """Every engine's answer to a request its parser refused: the edge's own page, told like any decision."""
+        if not isinstance(problem, Malformed):
+            problem = Malformed(problem)
         model = self.world.model
-        decision = decision or Decision(model=model, rule="bad-request", status=400, code="bad-request",
-                                        reason=f"{model}: malformed {'HTTP/2 ' if http2 else ''}request: {problem}")
+        cap = self.world.limits.event_field
+        decision = decision or Decision(
+            model=model, rule=problem.code, status=problem.status, code=problem.code,
+            reason=f"{model}: malformed {'HTTP/2 ' if http2 else ''}request: {excerpt(problem.problem, cap)}")
         self.events.emit("route.decision", trace=trace, conn=conn, listener=listener.name, sni=sni, host=None,
                          model=decision.model, rule=decision.rule, origin=None, status=decision.status,
-                         code=decision.code, reason=decision.reason)
+                         code=decision.code, reason=excerpt(decision.reason, cap))
         return pages.refusal(decision, accept)
 
-    def handle(self, listener: Listener, req: Request, respond: Callable[[Response], None]) -> None:
-        """Decide, then answer through `respond` (at once for a refusal, later for a forward)."""
+    def handle(self, listener: Listener, req: Request, respond: Callable[[Response], None]) -> Exchange | None:
+        """Decide, then answer through `respond` (at once for a refusal, later for a forward).
+
+        Returns the origin exchange of a forwarded request (`.cancel()` it if the client goes away)."""
         decision = self.decide(listener, req)
         accept = next((v for k, v in req.headers if k.lower() == "accept"), None)
         if not decision.routed:
             respond(pages.refusal(decision, accept))
-            return
+            return None
         origin = self.world.origin_by_name[decision.origin]
 
-        def done(status, headers, body) -> None:
-            if status is None:
-                self.events.emit("origin.error", trace=req.trace, conn=req.conn, origin=decision.origin, error=headers)
-                respond(pages.upstream_failure(decision, headers, accept))
+        def done(result) -> None:
+            if isinstance(result, Failure):
+                self.events.emit("origin.error", trace=req.trace, conn=req.conn, origin=decision.origin,
+                                 status=result.status, error=result.reason)
+                respond(pages.upstream_failure(decision, result, accept))
                 return
-            out = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
-            out.append(("X-Lab-Decision", decision.header()))
+            status, headers, body = result
+            out = [(k, v) for k, v in headers if k.lower() not in _NOT_RETURNED]
+            out += [pages.SERVER, ("X-Lab-Decision", decision.header())]
             respond((status, out, body))
 
         # A request naming no host (HTTP/1.0) still needs one upstream: the SNI is the name it asked for.
-        self.pool.request(origin.host, origin.port, _request_bytes(req, decision.host or req.sni), req.method == "HEAD",
-                          done)
+        return self.pool.request(origin.host, origin.port, _request_bytes(req, decision.host or req.sni),
+                                 req.method == "HEAD", done, self.world.limits)
 
     async def handle_async(self, listener: Listener, req: Request) -> Response:
         future = asyncio.get_running_loop().create_future()
-        self.handle(listener, req, lambda r: future.done() or future.set_result(r))
-        return await future
+        exchange = self.handle(listener, req, lambda r: future.done() or future.set_result(r))
+        try:
+            return await future
+        except asyncio.CancelledError:  # the carrier gave up on this request: so does the origin leg
+            if exchange is not None:
+                exchange.cancel()
+            raise
 
 
 def _request_bytes(req: Request, host: str | None) -> bytes:

@@ -2,6 +2,21 @@
 
 One connection may carry requests for several hosts (connection coalescing); the
 certificate was chosen once, by SNI, but every `:authority` goes through the policy.
+
+What a connection may cost is bounded by the world's limits, as nginx bounds it:
+- request bodies: the connection window is `h2_max_buffered` (at least one `max_body` and
+  a byte), handed back when a stream is done with its body, never on arrival, so flow
+  control holds a peer to it (nginx too refills windows as the body is consumed); a
+  stream's own window is `max_body` + 1, so a body one byte over gets the edge's 413.
+  Bodies are forwarded whole, so when partial bodies fill the window and none can finish,
+  the newest stream is refused (REFUSED_STREAM: not processed, safe to retry);
+- streams: the stream beyond `h2_max_streams` is refused, the others carry on;
+- control frames (SETTINGS, PING, RST_STREAM, PRIORITY, empty DATA, unknown): more than
+  `h2_control_frames` in 10 s is a flood (rapid reset, CVE-2023-44487): GOAWAY
+  ENHANCE_YOUR_CALM. Input is fed to h2 in slices, so a flood stops mid-read;
+- a peer that does not read: while the transport is paused nothing is read, and so
+  nothing (PING answers, responses) is generated;
+- idle: no stream for `idle_timeout`: GOAWAY and close.
 """
 from __future__ import annotations
 
@@ -12,165 +27,411 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 
-from lab.edge.core import EdgeCore, Request
+from lab.edge.core import EdgeCore, Malformed, Request
 from lab.policy import Target
+from lab.topology import Limits
 
-MAX_REQUEST_BODY = 1024 * 1024
 _CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
-
-
 _PSEUDO = frozenset({":method", ":scheme", ":path", ":authority"})
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_NAME_CHARS = _TCHAR - frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")  # RFC 9113 8.2.1: lowercase tokens
+_METHOD_CHARS = _TCHAR - frozenset("abcdefghijklmnopqrstuvwxyz")  # methods are case-sensitive; ours are upper
+_BAD_VALUE = frozenset("\r\n\0")
+CONTROL_PERIOD = 10.0  # seconds over which h2_control_frames are counted
+_SLICE = 16 * 1024  # bytes handed to h2 at a time: a flood is cut off within one slice
+_HPACK_OVERHEAD = 32  # per field, as SETTINGS_MAX_HEADER_LIST_SIZE counts (RFC 9113 6.5.2)
+_DEFAULT_LIMITS = Limits()
 
 
-def malformed(headers: list[tuple[str, str]]) -> str | None:
-    """What h2's inbound validation would have said (RFC 9113 8.2-8.3), minus the host check."""
+def malformed(headers: list[tuple[str, str]], limits: Limits | None = None) -> Malformed | None:
+    """The edge's one HTTP/2 request-header check: RFC 9113 8.2-8.3 and the world's size limits.
+
+    h2's own inbound validation is off, because it kills the whole connection over a `host`
+    that disagrees with `:authority`, where the policy answers that one stream 400; every
+    other rule h2 would apply is here, and what the edge refuses besides (CONNECT, a scheme
+    other than https), so no such request reaches an origin.
+    """
+    limits = limits or _DEFAULT_LIMITS
+    if len(headers) > limits.max_headers:
+        return Malformed(f"{len(headers)} header fields, more than {limits.max_headers}", 431, "headers-too-large")
+    total = 0
     seen_regular = False
-    pseudo = {}
+    pseudo: dict[str, str] = {}
     for name, value in headers:
-        if not name or name != name.lower() or any(c in name for c in "\r\n\0 ") or ":" in name[1:]:
-            return f"bad header name {name!r}"
-        if any(c in value for c in "\r\n\0"):
-            return f"bad value in header {name}"
+        if name == ":path" and len(value) > limits.max_request_line:
+            return Malformed(f":path of {len(value)} bytes, more than {limits.max_request_line}", 414, "uri-too-long")
+        size = len(name) + len(value)
+        if size > limits.max_field and name != ":path":
+            return Malformed(f"header {name[:64]!r} of {size} bytes, more than {limits.max_field}", 431,
+                             "headers-too-large")
+        total += size + _HPACK_OVERHEAD
+        if total > limits.max_header_bytes:
+            return Malformed(f"header fields over {limits.max_header_bytes} bytes", 431, "headers-too-large")
+        bare = name[1:] if name.startswith(":") else name
+        if not bare or not _NAME_CHARS.issuperset(bare):
+            return Malformed(f"bad header name {name[:64]!r}")
+        if not _BAD_VALUE.isdisjoint(value) or value[:1] in (" ", "\t") or value[-1:] in (" ", "\t"):
+            return Malformed(f"bad value in header {name[:64]}")
         if name.startswith(":"):
             if seen_regular or name not in _PSEUDO or name in pseudo:
-                return f"misplaced or unknown pseudo-header {name}"
+                return Malformed(f"misplaced, repeated or unknown pseudo-header {name[:64]}")
             pseudo[name] = value
         else:
             seen_regular = True
             if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
-                return f"connection-specific header {name}"
+                return Malformed(f"connection-specific header {name}")
+    method = pseudo.get(":method")
+    if method == "CONNECT":
+        return Malformed("CONNECT: the edge is not a proxy")
     missing = [p for p in (":method", ":scheme", ":path") if p not in pseudo]
-    if missing and pseudo.get(":method") != "CONNECT":
-        return f"missing {', '.join(missing)}"
+    if missing:
+        return Malformed(f"missing {', '.join(missing)}")
+    if not method or not _METHOD_CHARS.issuperset(method):
+        return Malformed(f"bad method {method[:32]!r}")
+    if pseudo[":scheme"] != "https":
+        return Malformed(f":scheme {pseudo[':scheme'][:32]!r} on a TLS connection")
+    path = pseudo[":path"]
+    if not (path.startswith("/") or (path == "*" and method == "OPTIONS")):
+        return Malformed(f":path {path[:64]!r} is neither absolute nor * for OPTIONS")
+    if any(c <= " " or c == "\x7f" for c in path):
+        return Malformed("space or control character in :path")
     return None
+
+
+class _Settings(h2.settings.Settings):
+    """Advertises `h2_max_streams`, but lets h2 accept more.
+
+    h2 turns a stream beyond the advertised limit into a connection error, losing every
+    stream in flight; RFC 9113 5.1.2 allows refusing just that one, which the edge does.
+    """
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return 2 ** 31 - 1
+
+
+class _Stream:
+    __slots__ = ("headers", "body", "held", "ended", "receiving", "exchange", "out")
+
+    def __init__(self, headers: list[tuple[str, str]]) -> None:
+        self.headers = headers
+        self.body: bytearray | None = bytearray()
+        self.held = 0  # flow-controlled bytes received and not yet acknowledged
+        self.ended = False  # the client's side is done
+        self.receiving = True  # its body still counts towards a request (not yet answered)
+        self.exchange = None  # the origin leg, cancelled if the stream goes away
+        self.out: memoryview | None = None  # response body still to send
 
 
 class H2Protocol(asyncio.Protocol):
     def __init__(self, core: EdgeCore, conn) -> None:
         self.core = core
         self.conn = conn  # the TLSConnection: our transport
-        # h2 would kill the whole connection over a host header that disagrees with :authority;
-        # the policy answers that request with a 400 instead, so the edge checks headers itself.
+        self.limits = limits = core.world.limits  # a connection keeps the limits it started with
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding="utf-8", validate_inbound_headers=False))
-        self.streams: dict[int, tuple[list, bytearray]] = {}
-        self.tasks: dict[int, asyncio.Task] = {}
-        self.window_open = asyncio.Event()
+            client_side=False, header_encoding=None, validate_inbound_headers=False))
+        # A body may reach max_body + 1 bytes without a window update: one byte over is how a
+        # stream shows it is too large. The connection window bounds them all (connection_made).
+        self.h2.local_settings = _Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2_max_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: min(limits.max_body + 1, 2 ** 31 - 1),
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+        })
+        self.streams: dict[int, _Stream] = {}
+        self.held = 0  # request body bytes held on this connection
+        self.pending = bytearray()  # read, not yet given to h2 (while the peer does not read)
+        self.paused = False
+        self.closed = False
+        self.loop = asyncio.get_running_loop()
+        self.control_count = 0
+        self.control_since = self.loop.time()
+        self.idle_since: float | None = self.loop.time()
+        self.paused_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         self.h2.initiate_connection()
+        # It starts at 65535 (RFC 9113 6.9.2). From here on the edge hands bytes back itself, as
+        # bodies are done with (_release), not h2's window manager, which would on arrival.
+        extra = self._window() - self.h2.inbound_flow_control_window
+        if extra > 0:
+            self.h2.increment_flow_control_window(extra)
         self._flush()
+        self.timer = self.loop.call_later(self.limits.idle_timeout, self._tick)
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
         if data:
             self.conn.write(data)
 
+    # ---- reading ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            self._flush()  # GOAWAY with the error h2 chose
-            self.conn.close()
-            return
-        for event in events:
-            if isinstance(event, h2.events.RequestReceived):
-                self.streams[event.stream_id] = (event.headers, bytearray())
-                if event.stream_ended:
-                    self._start(event.stream_id)
-            elif isinstance(event, h2.events.DataReceived):
-                stream = self.streams.get(event.stream_id)
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                if stream is not None:
-                    stream[1].extend(event.data)
-                    if len(stream[1]) > MAX_REQUEST_BODY:
-                        self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
-                        del self.streams[event.stream_id]
-                if event.stream_ended:
-                    self._start(event.stream_id)
-            elif isinstance(event, h2.events.StreamEnded):
-                self._start(event.stream_id)
-            elif isinstance(event, h2.events.StreamReset):
-                self.streams.pop(event.stream_id, None)
-                task = self.tasks.pop(event.stream_id, None)
-                if task:
-                    task.cancel()
-            elif isinstance(event, h2.events.WindowUpdated):
-                self.window_open.set()
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self._flush()
-                self.conn.close()
+        self.pending += data
+        self._process()
+
+    def _process(self) -> None:
+        while self.pending and not self.paused and not self.closed:
+            chunk = bytes(self.pending[:_SLICE])
+            del self.pending[:_SLICE]
+            try:
+                events = self.h2.receive_data(chunk)
+            except h2.exceptions.ProtocolError:
+                self._flush()  # GOAWAY with the error h2 chose
+                self._close()
                 return
-        self._flush()
+            for event in events:
+                self._event(event)
+                if self.closed:
+                    return
+            self._unstick()
+            self._flush()
 
-    def _start(self, stream_id: int) -> None:
-        if stream_id in self.streams and stream_id not in self.tasks:
-            self.tasks[stream_id] = asyncio.get_running_loop().create_task(self._respond(stream_id))
+    def _event(self, event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._request(event.stream_id, event.headers)
+        elif isinstance(event, h2.events.DataReceived):
+            self._data(event)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.ended = True
+                if stream.receiving:
+                    self._dispatch(event.stream_id, stream)
+        elif isinstance(event, h2.events.StreamReset):
+            self._control()
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.ended = True
+                self._finish(event.stream_id, stream)
+        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            if isinstance(event, h2.events.RemoteSettingsChanged):
+                self._control()
+            self._pump()
+        elif isinstance(event, (h2.events.PingReceived, h2.events.PingAckReceived, h2.events.SettingsAcknowledged,
+                                h2.events.PriorityUpdated, h2.events.UnknownFrameReceived)):
+            self._control()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._flush()
+            self._close()
 
-    async def _respond(self, stream_id: int) -> None:
-        headers, body = self.streams.pop(stream_id)
-        problem = malformed(headers)
-        if problem:
-            self._refuse_malformed(stream_id, problem)
+    def _control(self) -> None:
+        now = self.loop.time()
+        if now - self.control_since >= CONTROL_PERIOD:
+            self.control_since, self.control_count = now, 0
+        self.control_count += 1
+        if self.control_count > self.limits.h2_control_frames:
+            self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _request(self, stream_id: int, raw: list[tuple[bytes, bytes]]) -> None:
+        if len(self.streams) >= self.limits.h2_max_streams:
+            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._control()  # a peer ignoring the limit on purpose is the rapid-reset pattern
+            return
+        # As HTTP/1: bytes kept as latin-1, so any byte is a rule's matter, never a decode error.
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+        stream = self.streams[stream_id] = _Stream(headers)
+        self.idle_since = None
+        problem = malformed(headers, self.limits)
+        if problem is None:
+            length = next((v for k, v in headers if k == "content-length"), None)
+            if length is not None and not (length.isascii() and length.isdigit()):
+                problem = Malformed(f"bad content-length {length[:32]!r}")
+            elif length is not None and int(length) > self.limits.max_body:
+                problem = self._too_large()
+        if problem is not None:
+            self._refuse(stream_id, stream, problem)
+
+    def _too_large(self) -> Malformed:
+        return Malformed(f"request body larger than {min(self.limits.max_body, self._window())} bytes", 413,
+                         "body-too-large")
+
+    def _window(self) -> int:
+        """Request body bytes a connection may hold: h2_max_buffered, and one whole body at least."""
+        return max(self.limits.h2_max_buffered, self.limits.max_body + 1, 65535)
+
+    def _data(self, event: h2.events.DataReceived) -> None:
+        stream_id, length = event.stream_id, event.flow_controlled_length
+        stream = self.streams.get(stream_id)
+        if stream is None or not stream.receiving:
+            self._give_back(length)  # nobody wants it
+            return
+        if not length and not event.stream_ended:
+            self._control()  # empty DATA frames cost the edge work and the peer nothing
+        stream.body += event.data
+        stream.held += length
+        self.held += length
+        if len(stream.body) > self.limits.max_body:
+            self._refuse(stream_id, stream, self._too_large())
+
+    def _unstick(self) -> None:
+        """Every byte of the window is held by a body still arriving: none can finish, so one must go."""
+        if self.h2.inbound_flow_control_window > 0 or not self.held:
+            return
+        holders = [sid for sid, s in self.streams.items() if s.held]
+        if len(holders) < 2 or any(not self.streams[sid].receiving or self.streams[sid].ended for sid in holders):
+            return  # a finished body is on its way to an origin; its bytes come back when it is answered
+        newest = max(holders)
+        self.h2.reset_stream(newest, h2.errors.ErrorCodes.REFUSED_STREAM)
+        self.streams[newest].ended = True
+        self._finish(newest, self.streams[newest])
+
+    # ---- answering --------------------------------------------------------------------
+    def _dispatch(self, stream_id: int, stream: _Stream) -> None:
+        headers, body = stream.headers, bytes(stream.body)
+        stream.body = None
+        stream.receiving = False
+        length = next((v for k, v in headers if k == "content-length"), None)
+        if length is not None and int(length) != len(body):
+            self._refuse(stream_id, stream, Malformed(f"content-length {length} but a body of {len(body)} bytes"))
             return
         pseudo = {k: v for k, v in headers if k.startswith(":")}
         plain = [(k, v) for k, v in headers if not k.startswith(":")]
-        path = pseudo.get(":path", "/")
-        req = Request(method=pseudo.get(":method", "GET"),
+        path = pseudo[":path"]
+        conn = self.conn
+        req = Request(method=pseudo[":method"],
                       target=Target(hosts=tuple(v for k, v in plain if k == "host"), authority=pseudo.get(":authority"),
                                     path=path.split("?", 1)[0]),
-                      path_qs=path, headers=plain, body=bytes(body), client=self.conn.peer[0], sni=self.conn.sni,
-                      conn=self.conn.conn_id, trace="")
-        req.trace = self.core.trace_of(plain, self.conn.next_trace())
-        try:
-            status, out, payload = await self.core.handle_async(self.conn.listener, req)
-            response = [(":status", str(status))] + [(k.lower(), v) for k, v in out
-                                                     if k.lower() not in _CONNECTION_SPECIFIC]
-            response.append(("content-length", str(len(payload))))
-            self.h2.send_headers(stream_id, response, end_stream=not payload)
-            self._flush()
-            await self._send_body(stream_id, payload)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
-        finally:
-            self.tasks.pop(stream_id, None)
+                      path_qs=path, headers=plain, body=body, client=conn.peer[0], sni=conn.sni,
+                      conn=conn.conn_id, trace="")
+        req.trace = self.core.trace_of(plain, conn.next_trace())
+        exchange = self.core.handle(conn.listener, req, lambda response: self._answer(stream_id, response))
+        if self.streams.get(stream_id) is stream and stream.out is None:
+            stream.exchange = exchange  # still waiting for the origin
 
-    def _refuse_malformed(self, stream_id: int, problem: str) -> None:
+    def _refuse(self, stream_id: int, stream: _Stream, problem: Malformed) -> None:
         conn = self.conn
-        status, out, payload = self.core.refuse_malformed(conn.listener, trace=conn.next_trace(), conn=conn.conn_id,
-                                                          sni=conn.sni, problem=problem, http2=True)
+        accept = next((v for k, v in stream.headers if k == "accept"), None)
+        stream.receiving = False
+        stream.body = None
+        self._release(stream)  # what it sent is not needed any more
+        self._answer(stream_id, self.core.refuse_malformed(conn.listener, trace=conn.next_trace(), conn=conn.conn_id,
+                                                           sni=conn.sni, problem=problem, http2=True, accept=accept))
+
+    def _answer(self, stream_id: int, response) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or self.closed:
+            return
+        stream.exchange = None
+        status, out, payload = response
+        head = [(b":status", str(status).encode())]
+        head += [(k.lower().encode("latin-1", "replace"), v.encode("latin-1", "replace")) for k, v in out
+                 if k.lower() not in _CONNECTION_SPECIFIC]
+        head.append((b"content-length", str(len(payload)).encode()))
         try:
-            self.h2.send_headers(stream_id, [(":status", str(status))] + [(k.lower(), v) for k, v in out]
-                                 + [("content-length", str(len(payload)))])
-            self.h2.send_data(stream_id, payload, end_stream=True)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, h2.exceptions.FlowControlError):
-            pass
+            self.h2.send_headers(stream_id, head, end_stream=not payload)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._finish(stream_id, stream)
+            return
+        if payload:
+            stream.out = memoryview(payload)
+            self._pump()
+        else:
+            self._finish(stream_id, stream)
         self._flush()
 
-    async def _send_body(self, stream_id: int, payload: bytes) -> None:
-        view = memoryview(payload)
-        while view:
-            window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
-            if window <= 0:
-                self.window_open.clear()
-                await self.window_open.wait()
-                continue
-            chunk, view = view[:window], view[window:]
-            self.h2.send_data(stream_id, bytes(chunk), end_stream=not view)
-            self._flush()
+    def _pump(self) -> None:
+        """Send what windows and the transport allow of every pending response."""
+        for stream_id, stream in list(self.streams.items()):
+            while stream.out is not None and not self.paused and not self.closed:
+                try:
+                    window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+                    if window <= 0:
+                        break
+                    chunk, stream.out = stream.out[:window], stream.out[window:]
+                    self.h2.send_data(stream_id, bytes(chunk), end_stream=not stream.out)
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                    stream.out = None
+                if not stream.out:
+                    stream.out = None
+                    self._finish(stream_id, stream)
+                self._flush()
+
+    def _release(self, stream: _Stream) -> None:
+        if stream.held:
+            self.held -= stream.held
+            self._give_back(stream.held)
+            stream.held = 0
+
+    def _give_back(self, length: int) -> None:
+        if length and not self.closed:
+            try:
+                self.h2.increment_flow_control_window(length)
+            except h2.exceptions.ProtocolError:
+                pass
+
+    def _finish(self, stream_id: int, stream: _Stream) -> None:
+        """The stream is done (answered or reset): its origin leg stops and its window comes back."""
+        self.streams.pop(stream_id, None)
+        if stream.exchange is not None:
+            stream.exchange.cancel()
+            stream.exchange = None
+        if not stream.ended and stream.out is None and not self.closed:
+            try:  # answered before the request was complete: ask the peer to stop (RFC 9113 8.1)
+                self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
+        self._release(stream)
+        if not self.streams:
+            self.idle_since = self.loop.time()
+
+    # ---- the connection ---------------------------------------------------------------
+    def _tick(self) -> None:
+        if self.closed:
+            return
+        now = self.loop.time()
+        idle = self.limits.idle_timeout
+        if self.paused and now - self.paused_since >= idle:
+            self._close(abort=True)  # the peer stopped reading what it asked for
+            return
+        if self.idle_since is not None and now - self.idle_since >= idle:
+            self._goaway(h2.errors.ErrorCodes.NO_ERROR)
+            return
+        self.timer = self.loop.call_later(idle - (now - self.idle_since) if self.idle_since is not None else idle,
+                                          self._tick)
+
+    def _goaway(self, code: h2.errors.ErrorCodes) -> None:
+        try:
+            self.h2.close_connection(code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+        self._close()
+
+    def _close(self, abort: bool = False) -> None:
+        self._drop_all()
+        if abort:
+            self.conn.abort()
+        else:
+            self.conn.close()
+
+    def _drop_all(self) -> None:
+        self.closed = True
+        self.pending.clear()
+        if self.timer:
+            self.timer.cancel()
+        for stream in self.streams.values():
+            if stream.exchange is not None:
+                stream.exchange.cancel()
+        self.streams.clear()
 
     def eof_received(self) -> None:
         pass
 
     def connection_lost(self, exc) -> None:
-        for task in self.tasks.values():
-            task.cancel()
-        self.tasks.clear()
-        self.window_open.set()
+        self._drop_all()
 
     def pause_writing(self) -> None:
-        pass
+        self.paused = True
+        self.paused_since = self.loop.time()
+        self.conn.pause_reading()
 
     def resume_writing(self) -> None:
-        pass
+        if not self.paused:
+            return
+        self.paused = False
+        self.conn.resume_reading()
+        self._process()
+        self._pump()
+        self._flush()

@@ -7,8 +7,14 @@ from __future__ import annotations
 import html
 import json
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from lab.policy import Decision
+
+if TYPE_CHECKING:
+    from lab.edge.upstream import Failure
+
+SERVER = ("Server", "sni-lab")  # on every answer of the edge, its own and the origins' alike
 
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{status} {phrase} | sni-lab edge</title>
@@ -37,13 +43,15 @@ def refusal(decision: Decision, accept: str | None = None) -> tuple[int, list[tu
                             reason=html.escape(decision.reason), model=html.escape(decision.model),
                             rule=html.escape(decision.rule)).encode()
         ctype = "text/html; charset=utf-8"
-    headers = [("Content-Type", ctype), ("Cache-Control", "no-store"), ("X-Lab-Decision", decision.header())]
+    headers = [("Content-Type", ctype), ("Cache-Control", "no-store"), SERVER,
+               ("X-Lab-Decision", decision.header())]
     return status, headers, body
 
 
-def upstream_failure(decision: Decision, error: str, accept: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
-    """The decision routed, but the origin could not be reached: 502, saying which and why."""
-    failed = Decision(model=decision.model, rule=decision.rule, status=502, code="origin-unreachable",
-                      reason=f"origin {decision.origin} failed: {error}", host=decision.host)
+def upstream_failure(decision: Decision, failure: "Failure",
+                     accept: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The decision routed, but the origin gave no answer: 502, 503 or 504, saying which and why."""
+    failed = Decision(model=decision.model, rule=decision.rule, status=failure.status, code=failure.code,
+                      reason=f"origin {decision.origin} failed: {failure.reason}", host=decision.host)
     status, headers, body = refusal(failed, accept)
     return status, headers[:-1] + [("X-Lab-Decision", decision.header())], body
