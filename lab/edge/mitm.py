@@ -440,7 +440,9 @@ def _malformed(flow: http.HTTPFlow) -> str | None:
     """
     r = flow.request
     if r.is_http2:
-        pseudo = [(":method", r.method), (":scheme", r.scheme)]
+        # Reverse mode rewrites the scheme to the unrouted target's before any hook; the
+        # client's own :scheme never reaches us, and this listener is TLS.
+        pseudo = [(":method", r.method), (":scheme", "https")]
         pseudo += [(":authority", r.authority)] if r.authority else []
         pseudo += [(":path", r.path)]
         return malformed_h2(pseudo + [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields])
