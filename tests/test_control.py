@@ -136,7 +136,7 @@ async def test_model_switch_at_run_time_and_bad_input(up):
     assert (await up.api("PUT", "/model", {"model": "v1"}))[0] == 200
     assert (await up.get("saas-v1", "www.victim.example")).response.origin == "saas"
     status, body = await up.api("PUT", "/model", {"model": "v9"})
-    assert status == 400 and "unknown model" in body["error"]
+    assert status == 400 and body["error"] == "field 'model': 'v9' is not one of host, v1, v1-waf, v2, v2-strict"
     status, body = await up.api("POST", "/hostnames", {"hostname": "bad host!"})
     assert status == 400
     status, body = await up.api("POST", "/dns/overrides", {"name": "www.victim.example", "value": "not-an-ip"})
