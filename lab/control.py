@@ -107,7 +107,8 @@ class Control:
         if not self.state.hostnames() and not self.state.get("seeded"):
             now = self.clock()
             for c in world.custom_hostnames:
-                self.state.save_hostname(hn.from_world(c, id=_new_id(), txt_token=_token(), http_token=_token(), now=now))
+                h = hn.from_world(c, id=_new_id(), txt_token=_token(), http_token=_token(), now=now)
+                self._transition(h, hn.Transition(h.name, h.zone, None, h.status, h.reason))
             self.state.set("seeded", "1")
         self.state.purge_expired(self.clock())
         resolver = self.lab.resolver
