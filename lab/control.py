@@ -400,8 +400,9 @@ class Control:
         name, rtype = _name(body["name"]), body["type"]
         expires = self.clock() + body["expires_in"] if body["expires_in"] is not None else None
         saved_id = "ovr-" + secrets.token_hex(6)
-        self.state.save_override({"id": saved_id, "name": name, "type": rtype, "value": json.dumps(body["value"], allow_nan=False),
-                                  "client": body["client"], "expires": expires, "ttl": body["ttl"]})
+        self.state.save_override({"id": saved_id, "name": name, "type": rtype, "client": body["client"],
+                                  "value": json.dumps(body["value"], allow_nan=False), "expires": expires,
+                                  "ttl": body["ttl"]})
         try:
             oid = self.lab.resolver.set_override(name, rtype, body["value"], body["client"], expires, body["ttl"])
         except ValueError:

@@ -158,6 +158,13 @@ async def test_events_sse_and_openapi(up):
         async with s.get(url + "/openapi.json") as r:
             doc = await r.json()
         assert doc["openapi"].startswith("3.") and {"/hostnames", "/dns/overrides", "/model", "/events"} <= set(doc["paths"])
+        # the published request schemas are the tables the API validates with
+        override = doc["components"]["schemas"]["NewOverride"]
+        assert override["required"] == ["name", "value"] and override["additionalProperties"] is False
+        assert override["properties"]["expires_in"]["exclusiveMinimum"] == 0
+        assert override["properties"]["client"]["format"] == "ip"
+        assert doc["components"]["schemas"]["Record"]["properties"]["ttl"] == {
+            "type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1, "description": "seconds (default: the world's ttl)"}
         async with s.get(url + "/events?kind=route", headers={"Accept": "text/event-stream"}) as stream:
             assert stream.headers["Content-Type"] == "text/event-stream"
             await up.get("saas-v1", "www.victim.example")

@@ -390,3 +390,25 @@ def test_event_log_pruned_by_bytes_keeps_the_newest(tmp_path):
         assert st.prune_events(1000, keep_bytes=10 * one + 5) == 90
         assert [e["id"] for e in st.events()] == list(range(191, 201))
         assert st.prune_events(1000, keep_bytes=10 * one) == 0
+
+
+def test_a_schema_1_database_is_migrated_and_keeps_its_hostnames(tmp_path):
+    from lab.state import APPLICATION_ID, SCHEMA
+
+    db = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+    for stmt in filter(str.strip, SCHEMA.split(";")):
+        db.execute(stmt)
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    db.execute("PRAGMA user_version=1")
+    db.execute("INSERT INTO hostnames VALUES ('h1', 'shop.customer.example', 'saas.example', 'active', 't', 'h', "
+               "'declared active', 1.0, 2.0, 'world')")
+    db.close()
+    with State(tmp_path) as st:
+        (h,) = st.hostnames()
+        assert (h.name, h.status, h.ownership, h.failures, h.last_error, h.negatives) == \
+               ("shop.customer.example", "active", "world", 0, None, 0)
+        st.save_hostname(hostname("h2", failures=2, last_error="no answer", next_check=9.0, negatives=1,
+                                  negative_since=3.0))
+        assert st.hostname("h2").to_dict() == hostname("h2", failures=2, last_error="no answer", next_check=9.0,
+                                                       negatives=1, negative_since=3.0).to_dict()
+    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 2
