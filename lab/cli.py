@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--flows", metavar="FILE",
                     help="mitmproxy engine: write every flow to FILE (read it with `mitmdump -nr FILE`)")
     up.add_argument("--state", metavar="DIR", default=".lab", help="state directory (default: .lab/)")
+    up.add_argument("--free-ports", action="store_true",
+                    help="bind every part to a free port (the world's addresses, any port); see endpoints.json")
+    up.add_argument("--allow-remote", action="store_true",
+                    help="let the control plane listen on a non-loopback address of the world file "
+                         "(reachable from other machines: anyone with the token changes the lab)")
     _add_common(up)
 
     origins = sub.add_parser("origins", help="run only the world's origins (the rest runs elsewhere)",
@@ -127,7 +132,7 @@ def _control_parsers(sub) -> None:
     poison.add_argument("value", nargs="+")
     poison.add_argument("--type", default="A", type=str.upper, choices=("A", "AAAA", "CNAME", "TXT"))
     poison.add_argument("--client", metavar="IP", help="only this client address sees it (targeted poisoning)")
-    poison.add_argument("--expires", type=float, metavar="SECONDS", help="remove it after SECONDS")
+    poison.add_argument("--expires", type=_seconds, metavar="SECONDS", help="remove it after SECONDS")
     clear = _state_opts(ds.add_parser("clear", help="remove overrides: one id, every one of a NAME, or all"))
     clear.add_argument("ref", nargs="?", metavar="NAME|ID")
     _state_opts(ds.add_parser("list", help="records and overrides"))
@@ -143,6 +148,19 @@ def _control_parsers(sub) -> None:
 
     reset = _state_opts(sub.add_parser("reset", help="forget hostnames, DNS changes, model and events (lab stopped)"))
     reset.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse turns the ValueError into a usage error, exit 2)."""
+    from lab.schema import EXPIRES_MAX
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= EXPIRES_MAX:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and {EXPIRES_MAX:g}, got {text!r}")
+    return value
 
 
 def _ca(args, log=None):
@@ -187,7 +205,7 @@ def cmd_certs(args) -> int:
             except ValueError:
                 out.append({"file": str(path), "error": "unreadable"})
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2, allow_nan=False))
         return 0
     for item in out if isinstance(out, list) else [out]:
         for key, value in item.items():
@@ -216,7 +234,7 @@ def cmd_dig(args) -> int:
 
 def _print(args, data, human) -> int:
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(data, indent=2, allow_nan=False))
     else:
         human(data)
     return 0
@@ -225,6 +243,9 @@ def _print(args, data, human) -> int:
 def _hostname_line(h: dict) -> None:
     print(f"{h['name']:<28} {h['status']:<8} {h['zone']:<16} {h['id']}")
     print(f"{'':<28} {h['reason']}")
+    if h.get("last_error"):
+        retry = time.strftime("%H:%M:%S", time.localtime(h["next_check"])) if h.get("next_check") else "soon"
+        print(f"{'':<28} last check failed ({h['failures']} in a row, not evidence; next at {retry}): {h['last_error']}")
 
 
 def cmd_hostnames(args) -> int:
@@ -307,7 +328,7 @@ def cmd_events(args) -> int:
         return _print(args, api.call("GET", f"/events?{query}"), lambda es: [print(_event_line(e)) for e in es])
     try:
         for e in api.stream(f"/events?{query}"):
-            print(json.dumps(e) if args.json else _event_line(e), flush=True)
+            print(json.dumps(e, allow_nan=False) if args.json else _event_line(e), flush=True)
     except KeyboardInterrupt:
         pass
     return 0

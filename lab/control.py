@@ -3,33 +3,57 @@
 A thin aiohttp adapter around the pure `hostnames` state machine: the verifier asks the
 lab resolver and fetches HTTP tokens for real, then `hostnames.verify` decides. Every
 change is saved in `State` first, then applied to the running lab (edge certificates,
-routing, resolver), then told as an event.
+routing, resolver), then told as an event: a change the disk refuses (full, read-only)
+is a 503 that leaves the running lab as it was. A hostname's status and its
+`hostname.status` event are saved in one transaction.
+
+Every request body and query is checked against its table in `lab.schema` (which the
+OpenAPI document is made from) before anything happens. Only the lab's own names may
+appear in `Host` (a DNS-rebinding page must not read the verification tokens), and a
+change needs the Bearer token.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
+import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from lab import hostnames as hn
+from lab import schema
 from lab.binding import bind_error
 from lab.dns import query
+from lab.events import Events
+from lab.hostnorm import HostError, normalize
 from lab.openapi import spec
 from lab.state import State, StateError
-from lab.topology import MODELS
+from lab.topology import MODELS, World
+
+log = logging.getLogger(__name__)
 
 VERIFY_INTERVAL = 10.0
 SSE_QUEUE = 1000
+RCODES = {1: "FORMERR", 2: "SERVFAIL", 4: "NOTIMP", 5: "REFUSED"}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, indent=1, allow_nan=False)  # strict JSON: no Infinity, ever
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, indent=1))
+    return web.json_response(data, status=status, dumps=_dumps)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 class ApiError(Exception):
@@ -38,83 +62,120 @@ class ApiError(Exception):
         self.status = status
 
 
+class DnsAdmin(Protocol):
+    """What the control plane changes in the resolver."""
+    def set_record(self, name: str, rtype: str, value: list[str], ttl: int | None = None) -> None: ...
+    def delete_record(self, name: str, rtype: str | None = None) -> int: ...
+    def records(self) -> list[dict]: ...
+    def set_override(self, name: str, rtype: str, value: list[str], client: str | None = None,
+                     expires: float | None = None, ttl: int = 5) -> str: ...
+    def remove_override(self, ref: str) -> int: ...
+    def overrides(self) -> list[dict]: ...
+
+
+class Running(Protocol):
+    """What the control plane needs of the running lab (`lab.run.Lab` is one)."""
+    world: World
+    engine_name: str
+    events: Events
+    resolver: DnsAdmin
+    def set_world(self, world: World) -> None: ...
+    def set_model(self, model: str) -> None: ...
+
+
 class Control:
-    def __init__(self, lab, state: State, token: str | None = None, interval: float = VERIFY_INTERVAL) -> None:
+    def __init__(self, lab: Running, state: State, token: str | None = None, interval: float = VERIFY_INTERVAL,
+                 clock: Callable[[], float] = time.time, allow_remote: bool = False) -> None:
         self.lab = lab
         self.state = state
         self.token = token or secrets.token_urlsafe(24)
         self.interval = interval
+        self.clock = clock
+        self.allow_remote = allow_remote
         self.runner: web.AppRunner | None = None
         self.url = ""
+        self._hosts: frozenset[str] = frozenset()
         self._worker: asyncio.Task | None = None
         self._verify_lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
+        self._override_ids: dict[str, Any] = {}  # resolver id -> saved id (resolver ids restart with the process)
 
     # ---- state <-> running lab -------------------------------------------------
     def restore(self) -> None:
         """Seed the hostnames from the world file on first start, then push saved state into the lab."""
         world = self.lab.world
         if not self.state.hostnames() and not self.state.get("seeded"):
-            now = time.time()
+            now = self.clock()
             for c in world.custom_hostnames:
-                self.state.save_hostname(hn.from_world(c, id=_new_id(), txt_token=_token(), http_token=_token(), now=now))
+                h = hn.from_world(c, id=_new_id(), txt_token=_token(), http_token=_token(), now=now)
+                self._transition(h, hn.Transition(h.name, h.zone, None, h.status, h.reason))
             self.state.set("seeded", "1")
-        self.state.purge_expired(time.time())
+        self.state.purge_expired(self.clock())
         resolver = self.lab.resolver
         for r in self.state.records():
             resolver.set_record(r["name"], r["type"], r["value"], r["ttl"])
         for o in self.state.overrides():
-            new_id = resolver.set_override(o["name"], o["type"], json.loads(o["value"]), o["client"], o["expires"], o["ttl"])
-            if new_id != o["id"]:  # resolver ids restart with the process: keep the stored ones in step
-                self.state.delete_override(o["id"])
-                self.state.save_override({**o, "id": new_id})
+            rid = resolver.set_override(o["name"], o["type"], json.loads(o["value"]), o["client"], o["expires"], o["ttl"])
+            self._override_ids[rid] = o["id"]
         self._apply_hostnames()
 
     def _apply_hostnames(self) -> None:
         live = tuple(h.as_custom_hostname() for h in self.state.hostnames(include_deleted=False))
         self.lab.set_world(self.lab.world.with_hostnames(live))
 
-    async def _transition(self, h: hn.Hostname, t: hn.Transition | None) -> None:
-        self.state.save_hostname(h)
+    def _transition(self, h: hn.Hostname, t: hn.Transition | None) -> None:
+        """Save `h` (with its event, if its status changed), then apply, then tell."""
+        event = None
         if t is not None:
+            event = self.lab.events.prepare("hostname.status", hostname=t.hostname, zone=t.zone, old=t.old,
+                                            new=t.new, reason=t.reason, hostname_id=h.id)
+        self.state.save_hostname(h, event)
+        if event is not None:
             self._apply_hostnames()
-            await self._told(t.hostname, t.zone, t.old, t.new, t.reason, h.id)
-
-    async def _told(self, hostname: str, zone: str, old: str | None, new: str, reason: str, hid: str) -> None:
-        self.lab.events.emit("hostname.status", hostname=hostname, zone=zone, old=old, new=new, reason=reason,
-                             hostname_id=hid)
-        if self.lab.sink is not None:
-            await self.lab.sink.flush()  # a hostname's history must survive even a kill -9 right after
+            self.lab.events.publish(event)
 
     # ---- verification (I/O: gathers evidence; hostnames.verify decides) ---------
     async def evidence(self, h: hn.Hostname) -> hn.Evidence:
-        dns = self.lab.world.resolver
         target = self.lab.world.zone_by_name[h.zone].cname_target
+        errors: list[str] = []
         txt: tuple[str, ...] = ()
-        try:
-            reply = await query(hn.txt_name(h.name), "TXT", dns.host, dns.port)
+        reply, error = await self._ask(hn.txt_name(h.name), "TXT")
+        if error:
+            errors.append(error)
+        elif reply is not None:
             txt = tuple(b"".join(rr.rdata.data).decode("utf-8", "replace") for rr in reply.rr if rr.rtype == 16)
-        except (OSError, TimeoutError, ValueError):
-            pass
-        chain, addrs, desc = await self._resolve(h.name)
+        chain, addrs, desc, error = await self._resolve(h.name)
+        errors += [error] if error else []
         points = False
         if target:
-            _, target_addrs, _ = await self._resolve(target)
+            _, target_addrs, _, error = await self._resolve(target)
+            errors += [error] if error else []
             points = target in chain or (bool(addrs) and set(addrs) == set(target_addrs))
-        return hn.Evidence(txt=txt, http=await self._http_token(h, addrs), points_to_target=points, dns=desc)
+        return hn.Evidence(txt=txt, http=await self._http_token(h, addrs), points_to_target=points, dns=desc,
+                           error="; ".join(errors) or None)
 
-    async def _resolve(self, name: str) -> tuple[list[str], list[str], str]:
+    async def _ask(self, name: str, rtype: str):
+        """(reply, None) for a real answer (NOERROR or NXDOMAIN), else (None, why not)."""
         dns = self.lab.world.resolver
         try:
-            reply = await query(name, "A", dns.host, dns.port)
-        except (OSError, TimeoutError, ValueError) as e:
-            return [], [], f"no answer from the lab resolver ({type(e).__name__})"
+            reply = await query(name, rtype, dns.host, dns.port)
+        except Exception as e:  # noqa: BLE001 - no answer is no answer, whatever the client library raised
+            return None, f"{rtype} {name}: no answer from the lab resolver at {dns.host}:{dns.port} ({type(e).__name__})"
+        rcode = reply.header.rcode
+        if rcode not in (0, 3):
+            return None, f"{rtype} {name}: the lab resolver answered {RCODES.get(rcode, f'rcode {rcode}')}"
+        return reply, None
+
+    async def _resolve(self, name: str) -> tuple[list[str], list[str], str, str | None]:
+        reply, error = await self._ask(name, "A")
+        if reply is None:
+            return [], [], "no answer", error
         chain = [str(rr.rdata).rstrip(".") for rr in reply.rr if rr.rtype == 5]
         addrs = [str(rr.rdata) for rr in reply.rr if rr.rtype == 1]
         if reply.header.rcode == 3:
-            return chain, addrs, "NXDOMAIN"
+            return chain, addrs, "NXDOMAIN", None
         desc = " -> ".join(["CNAME " + c for c in chain] + (["A " + ",".join(addrs)] if addrs else ["no A record"]))
-        return chain, addrs, desc
+        return chain, addrs, desc, None
 
     async def _http_token(self, h: hn.Hostname, addrs: list[str]) -> str | None:
         if not addrs:
@@ -130,35 +191,55 @@ class Control:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
 
-    async def verify(self, h: hn.Hostname) -> hn.Hostname:
+    async def verify(self, h: hn.Hostname, *, conclusive: bool = False) -> hn.Hostname:
+        """One round for `h`. `conclusive` (the operator's "verify now"): one real answer decides;
+        otherwise the world's limits say how many negative answers, over how long, move it."""
         async with self._verify_lock:
             current = self.state.hostname(h.id) or h
             if current.status == "deleted":
                 return current
-            target = self.lab.world.zone_by_name[current.zone].cname_target or ""
+            world = self.lab.world
+            target = world.zone_by_name[current.zone].cname_target or ""
             ev = await self.evidence(current)
-            new, transition = hn.verify(current, ev, target=target, now=time.time())
+            recheck = hn.CONCLUSIVE if conclusive else hn.Recheck.of(world.limits, self.interval)
+            new, transition = hn.verify(current, ev, target=target, now=self.clock(), recheck=recheck)
             if new is not current:
-                await self._transition(new, transition)
+                self._transition(new, transition)
+            if ev.error is not None:
+                self.lab.events.emit("hostname.error", hostname=new.name, hostname_id=new.id, error=new.last_error,
+                                     next_check=new.next_check)
             return new
+
+    async def verify_due(self) -> None:
+        """One round of the background verifier: every live hostname whose retry time has come."""
+        for h in self.state.hostnames(include_deleted=False):
+            if h.next_check is not None and h.next_check > self.clock():
+                continue
+            try:
+                await self.verify(h)
+            except StateError as e:
+                self.lab.events.emit("hostname.error", hostname=h.name, hostname_id=h.id, error=str(e))
 
     async def _verify_forever(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            for h in self.state.hostnames(include_deleted=False):
-                try:
-                    await self.verify(h)
-                except (StateError, OSError) as e:
-                    self.lab.events.emit("hostname.error", hostname=h.name, error=str(e))
+            try:
+                await self.verify_due()
+            except StateError as e:
+                log.warning("verifier: %s", e)
 
     # ---- HTTP API --------------------------------------------------------------
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                return _json({"error": "missing or wrong token: send Authorization: Bearer <token> "
-                                       "(the token is in .lab/endpoints.json)"}, 401)
+        host = request.headers.get("Host")
+        if host is None:
+            return _json({"error": "missing Host header"}, 400)
+        if not self._host_allowed(host):
+            return _json({"error": f"Host {schema.show(host)} is not a name of this lab's control plane "
+                                   f"(use {self.url})"}, 403)
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not self._authorized(request):
+            return _json({"error": "missing or wrong token: send Authorization: Bearer <token> "
+                                   "(the token is in .lab/endpoints.json)"}, 401)
         try:
             return await handler(request)
         except ApiError as e:
@@ -166,7 +247,29 @@ class Control:
         except (hn.HostnameError, ValueError) as e:
             return _json({"error": str(e)}, 400)
         except StateError as e:
-            return _json({"error": str(e)}, 503)
+            return _json({"error": f"not saved, nothing changed: {e}"}, 503)
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+        # RFC 7235: the scheme is case-insensitive. Header bytes beyond ASCII never match, never raise.
+        given = credentials.strip().encode("utf-8", "replace")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, self.token.encode())
+
+    def _host_allowed(self, value: str) -> bool:
+        host = value.strip().lower()
+        if host in self._hosts:
+            return True
+        if not self.allow_remote:
+            return False
+        # Reached from elsewhere by address: a literal IP cannot be rebound the way a name can.
+        name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        if port and not port.isdigit():
+            return False
+        try:
+            ipaddress.ip_address((name or host).strip("[]"))
+        except ValueError:
+            return False
+        return True
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
@@ -189,7 +292,8 @@ class Control:
         r.add_get("/events", self.events)
         return app
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(self, host: str, port: int, background: bool = True) -> tuple[str, int]:
+        """Serve the API; `background`: also re-verify every hostname every `interval` seconds."""
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
@@ -199,9 +303,12 @@ class Control:
             await self.runner.cleanup()
             self.runner = None
             raise bind_error("control plane", host, port, e) from None
-        bound = site._server.sockets[0].getsockname()[:2]
-        self.url = f"http://{bound[0]}:{bound[1]}"
-        self._worker = asyncio.create_task(self._verify_forever())
+        bound = self.runner.addresses[0][:2]
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        self.url = f"http://{shown}:{bound[1]}"
+        self._hosts = frozenset(f"{n}{p}" for n in {*LOOPBACK_NAMES, shown} for p in ("", f":{bound[1]}"))
+        if background:
+            self._worker = asyncio.create_task(self._verify_forever())
         return bound
 
     async def stop(self) -> None:
@@ -216,22 +323,18 @@ class Control:
             await self.runner.cleanup()
             self.runner = None
 
-    async def _body(self, request: web.Request, *required: str) -> dict:
+    async def _body(self, request: web.Request, fields: tuple[schema.Field, ...]) -> dict:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            # parse_constant: NaN and Infinity are not JSON, whatever Python's parser accepts.
+            body = json.loads(await request.text(), parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "body must be a JSON object")
-        missing = [k for k in required if k not in body]
-        if missing:
-            raise ApiError(400, f"missing field(s): {', '.join(missing)}")
-        return body
+        return schema.validate(fields, body)
 
     def _hostname(self, request: web.Request) -> hn.Hostname:
         h = self.state.hostname(request.match_info["ref"])
         if h is None:
-            raise ApiError(404, f"no custom hostname {request.match_info['ref']!r}")
+            raise ApiError(404, f"no custom hostname {schema.show(request.match_info['ref'])}")
         return h
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -244,89 +347,102 @@ class Control:
         return _json([h.to_dict() for h in self.state.hostnames()])
 
     async def create_hostname(self, request: web.Request) -> web.Response:
-        body = await self._body(request, "hostname")
-        zone = body.get("zone") or next((z.name for z in self.lab.world.zones if z.saas), None)
-        h = hn.create(str(body["hostname"]), str(zone), world=self.lab.world, existing=self.state.hostnames(),
-                      id=_new_id(), txt_token=_token(), http_token=_token(), now=time.time())
-        self.state.save_hostname(h)
-        self._apply_hostnames()  # the edge knows it is pending: refused as such, never routed
-        await self._told(h.name, h.zone, None, h.status, h.reason, h.id)
+        body = await self._body(request, schema.NEW_HOSTNAME)
+        zone = body["zone"] or next((z.name for z in self.lab.world.zones if z.saas), None)
+        h = hn.create(body["hostname"], str(zone), world=self.lab.world, existing=self.state.hostnames(),
+                      id=_new_id(), txt_token=_token(), http_token=_token(), now=self.clock())
+        # the edge learns it is pending: refused as such, never routed
+        self._transition(h, hn.Transition(h.name, h.zone, None, h.status, h.reason))
         return _json(h.to_dict(), 201)
 
     async def get_hostname(self, request: web.Request) -> web.Response:
         return _json(self._hostname(request).to_dict())
 
     async def verify_hostname(self, request: web.Request) -> web.Response:
-        return _json((await self.verify(self._hostname(request))).to_dict())
+        return _json((await self.verify(self._hostname(request), conclusive=True)).to_dict())
 
     async def delete_hostname(self, request: web.Request) -> web.Response:
-        h, t = hn.delete(self._hostname(request), now=time.time())
-        await self._transition(h, t)
+        h, t = hn.delete(self._hostname(request), now=self.clock())
+        self._transition(h, t)
         return _json(h.to_dict())
 
     async def list_records(self, request: web.Request) -> web.Response:
         return _json(self.lab.resolver.records())
 
     async def set_record(self, request: web.Request) -> web.Response:
-        body = await self._body(request, "name", "type", "value")
-        ttl = int(body.get("ttl", self.lab.world.ttl))
-        self.lab.resolver.set_record(str(body["name"]), str(body["type"]), body["value"], ttl)
-        self.state.set_record(str(body["name"]), str(body["type"]), body["value"], ttl)
-        return _json({"name": body["name"], "type": str(body["type"]).upper(), "value": body["value"], "ttl": ttl}, 201)
+        body = await self._body(request, schema.RECORD)
+        name, rtype, values = _name(body["name"]), body["type"], body["value"]
+        ttl = self.lab.world.ttl if body["ttl"] is None else body["ttl"]
+        before = [r for r in self.state.records() if (r["name"], r["type"]) == (name, rtype)]
+        self.state.set_record(name, rtype, values, ttl)
+        try:
+            self.lab.resolver.set_record(name, rtype, values, ttl)
+        except ValueError:
+            # The resolver has the last word on values (addresses, listener: names): undo the save.
+            if before:
+                self.state.set_record(name, rtype, [r["value"] for r in before], before[0]["ttl"])
+            else:
+                self.state.delete_record(name, rtype)
+            raise
+        return _json({"name": name, "type": rtype, "value": values, "ttl": ttl}, 201)
 
     async def delete_record(self, request: web.Request) -> web.Response:
-        name = request.query.get("name")
-        if not name:
-            raise ApiError(400, "missing query parameter: name")
-        rtype = request.query.get("type")
-        removed = self.lab.resolver.delete_record(name, rtype)
-        self.state.delete_record(name, rtype)
-        return _json({"removed": removed})
+        q = schema.validate_query(schema.DELETE_RECORD, request.query)
+        name = _name(q["name"])
+        self.state.delete_record(name, q["type"])
+        return _json({"removed": self.lab.resolver.delete_record(name, q["type"])})
 
     async def list_overrides(self, request: web.Request) -> web.Response:
         return _json(self.lab.resolver.overrides())
 
     async def set_override(self, request: web.Request) -> web.Response:
-        body = await self._body(request, "name", "value")
-        rtype = str(body.get("type", "A"))
-        expires = body.get("expires_in")
-        values = body["value"] if isinstance(body["value"], list) else [body["value"]]
-        oid = self.lab.resolver.set_override(str(body["name"]), rtype, values, body.get("client"),
-                                             float(expires) if expires is not None else None, int(body.get("ttl", 5)))
-        saved = next(o for o in self.lab.resolver.overrides() if o["id"] == oid)
-        self.state.save_override({"id": oid, "name": saved["name"], "type": saved["type"],
-                                  "value": json.dumps(saved["values"]), "client": saved["client"],
-                                  "expires": saved["expires"], "ttl": saved["ttl"]})
-        return _json(saved, 201)
+        body = await self._body(request, schema.NEW_OVERRIDE)
+        name, rtype = _name(body["name"]), body["type"]
+        expires = self.clock() + body["expires_in"] if body["expires_in"] is not None else None
+        saved_id = "ovr-" + secrets.token_hex(6)
+        self.state.save_override({"id": saved_id, "name": name, "type": rtype, "client": body["client"],
+                                  "value": json.dumps(body["value"], allow_nan=False), "expires": expires,
+                                  "ttl": body["ttl"]})
+        try:
+            oid = self.lab.resolver.set_override(name, rtype, body["value"], body["client"], expires, body["ttl"])
+        except ValueError:
+            self.state.delete_override(saved_id)
+            raise
+        self._override_ids[oid] = saved_id
+        return _json(next(o for o in self.lab.resolver.overrides() if o["id"] == oid), 201)
 
     async def delete_override(self, request: web.Request) -> web.Response:
         ref = request.match_info["ref"]
-        before = {o["id"] for o in self.lab.resolver.overrides()}
-        removed = self.lab.resolver.remove_override(ref)
-        for oid in before - {o["id"] for o in self.lab.resolver.overrides()}:
-            self.state.delete_override(oid)
-        if not removed:
-            raise ApiError(404, f"no override {ref!r}")
-        return _json({"removed": removed})
+        live = self.lab.resolver.overrides()
+        gone = [o["id"] for o in live if o["id"] == ref]
+        if not gone:
+            try:
+                name = normalize(ref, allow_wildcard=True)
+            except HostError:
+                name = None
+            gone = [o["id"] for o in live if o["name"] == name]
+        if not gone:
+            raise ApiError(404, f"no override {schema.show(ref)}")
+        self.state.delete_overrides([self._override_ids.get(oid, oid) for oid in gone])
+        for oid in gone:
+            self._override_ids.pop(oid, None)
+        return _json({"removed": self.lab.resolver.remove_override(ref)})
 
     async def get_model(self, request: web.Request) -> web.Response:
         return _json({"model": self.lab.world.model, "models": list(MODELS)})
 
     async def set_model(self, request: web.Request) -> web.Response:
-        model = (await self._body(request, "model"))["model"]
-        if model not in MODELS:
-            raise ApiError(400, f"unknown model {model!r} (choose from {', '.join(MODELS)})")
-        self.lab.set_model(model)
+        model = (await self._body(request, schema.MODEL))["model"]
         self.state.set("model", model)
+        self.lab.set_model(model)
         return _json({"model": model})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        try:
-            since = int(request.query.get("since") or request.headers.get("Last-Event-ID") or 0)
-            limit = min(int(request.query.get("limit", 1000)), 10000)
-        except ValueError:
-            raise ApiError(400, "since and limit must be integers") from None
-        trace, kind = request.query.get("trace"), request.query.get("kind")
+        params = dict(request.query)
+        if "since" not in params and "Last-Event-ID" in request.headers:
+            params["since"] = request.headers["Last-Event-ID"]
+        q = schema.validate_query(schema.EVENTS, params)
+        since, limit, trace, kind = q["since"], q["limit"], q["trace"], q["kind"]
 
         def wanted(e: dict) -> bool:
             return (trace is None or e.get("trace") == trace) and (kind is None or e["kind"].startswith(kind))
@@ -371,7 +487,15 @@ class Control:
 
 
 def _sse(e: dict) -> bytes:
-    return f"id: {e['id']}\nevent: {e['kind']}\ndata: {json.dumps(e)}\n\n".encode()
+    return f"id: {e['id']}\nevent: {e['kind']}\ndata: {json.dumps(e, allow_nan=False)}\n\n".encode()
+
+
+def _name(value: str) -> str:
+    """A DNS name as the resolver will hold it, so what is saved is what is served."""
+    try:
+        return normalize(value, allow_wildcard=True)
+    except HostError as e:
+        raise ApiError(400, f"field 'name': {e}") from None
 
 
 def _new_id() -> str:

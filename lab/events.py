@@ -3,6 +3,10 @@
 Adapters call `events.emit("route.decision", trace=..., **fields)`; the control plane,
 `explain` and the live page read the same ring buffer or subscribe to it. Emitting is on
 the hot path of every request, so it only appends to a deque and calls subscribers.
+
+A field's text is whatever a client sent (a path, an SNI, a header): each is cut to
+`field_limit` characters, marked, so one long request cannot make a long event in memory,
+on disk or on screen. Non-finite numbers become text: every reader expects strict JSON.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from collections import deque
 from typing import Any, Callable
 
 KINDS = ("dns.answer", "dns.error", "tls.clienthello", "tls.cert", "tls.error", "route.decision",
-         "origin.hit", "origin.error", "hostname.status", "lab.model")
+         "origin.hit", "origin.error", "hostname.status", "hostname.error", "lab.model")
+FIELD_LIMIT = 512  # topology.Limits.event_field
 
 Event = dict[str, Any]
 Subscriber = Callable[[Event], None]
@@ -28,14 +33,39 @@ def new_trace() -> str:
     return f"{_PREFIX}{next(_COUNTER):08x}"
 
 
+def bounded(value: Any, limit: int = FIELD_LIMIT) -> Any:
+    """`value` as stored in an event: text cut to `limit` characters (marked), strict-JSON numbers."""
+    t = type(value)
+    if t is str:
+        return value if len(value) <= limit else f"{value[:limit]}...[{len(value) - limit} more characters]"
+    if t is float:
+        return value if value - value == 0 else str(value)  # inf - inf and nan - nan are nan
+    if t is list or t is tuple:
+        if len(value) > limit:
+            value = [*value[:limit], f"...[{len(value) - limit} more items]"]
+        return [bounded(v, limit) for v in value]
+    return value
+
+
 class Events:
-    def __init__(self, maxlen: int = 20000, start_id: int = 1) -> None:
+    def __init__(self, maxlen: int = 20000, start_id: int = 1, field_limit: int = FIELD_LIMIT) -> None:
         self._buf: deque[Event] = deque(maxlen=maxlen)
         self._ids = itertools.count(start_id)  # continue after the stored log, so ids stay unique
         self._subscribers: list[Subscriber] = []
+        self.field_limit = field_limit
 
     def emit(self, kind: str, trace: str | None = None, **data: Any) -> Event:
-        event = {"id": next(self._ids), "ts": time.time(), "kind": kind, "trace": trace, **data}
+        return self.publish(self.prepare(kind, trace, **data))
+
+    def prepare(self, kind: str, trace: str | None = None, **data: Any) -> Event:
+        """An event with its id and time, not yet told: to store it first (State.save_hostname)."""
+        limit = self.field_limit
+        for k, v in data.items():
+            if type(v) is not int and v is not None and type(v) is not bool:  # the common fields, fast
+                data[k] = bounded(v, limit)
+        return {"id": next(self._ids), "ts": time.time(), "kind": kind, "trace": bounded(trace, limit), **data}
+
+    def publish(self, event: Event) -> Event:
         self._buf.append(event)
         for sub in self._subscribers:
             sub(event)
@@ -61,3 +91,6 @@ class NullEvents(Events):
 
     def emit(self, kind: str, trace: str | None = None, **data: Any) -> Event:
         return {}
+
+    def publish(self, event: Event) -> Event:
+        return event

@@ -1,7 +1,7 @@
 """The life of a custom hostname of a SaaS zone (DESIGN.md glossary; issue [4]).
 
     pending --(ownership proven + DNS points at the zone's target)--> active
-    active  --(DNS no longer points at the target)------------------> moved
+    active  --(DNS no longer points at the target, N answers in a row)--> moved
     moved   --(points again + ownership proven again)---------------> active
     any     --(delete)----------------------------------------------> deleted (terminal)
 
@@ -10,6 +10,13 @@ claim www.victim.example. v2 routes only `active` hostnames, and `active` needs 
 control that a mere tenant of the SaaS cannot forge: a token in the name's own DNS
 (TXT) or on its own web server (HTTP). Pointing DNS at the target is not proof — a
 poisoned resolver makes any name point anywhere.
+
+A lookup that got no answer (resolver unreachable, timeout, SERVFAIL) is not evidence:
+the hostname keeps its state, records the error and is asked again later, with backoff.
+An active hostname is moved only after `moved_after` real negative answers in a row,
+the first and the last at least `moved_span` seconds apart, so one bad minute of DNS
+(or a client flooding the lab until its lookups fail) never de-activates a customer. An
+explicit "verify now" by the operator passes `CONCLUSIVE`: one real answer decides.
 
 Pure: no I/O, no clock, no randomness. The control plane passes in time, ids and tokens,
 and the verifier (I/O) condenses what it saw into `Evidence`.
@@ -28,6 +35,25 @@ HTTP_PREFIX = "/.well-known/sni-lab-custom-hostname-challenge/"
 STATUSES = topology.HOSTNAME_STATUSES
 # `ownership` of a hostname declared active in the world file: no proof was ever run.
 OWNERSHIP_WORLD = "world"
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """How much negative evidence moves an active hostname, and how failed lookups back off."""
+    moved_after: int = 3        # real negative answers in a row...
+    moved_span: float = 600.0   # ...the first and the last at least this many seconds apart
+    retry: float = 10.0         # first retry after a failed lookup; doubles with each failure in a row
+    retry_max: float = 600.0
+
+    @classmethod
+    def of(cls, limits: topology.Limits, retry: float) -> "Recheck":
+        return cls(limits.verify_moved_after, limits.verify_moved_span, retry, limits.verify_retry_max)
+
+    def backoff(self, failures: int) -> float:
+        return min(self.retry_max, self.retry * 2 ** min(failures - 1, 32))
+
+
+CONCLUSIVE = Recheck(moved_after=1, moved_span=0.0)
 
 
 class HostnameError(ValueError):
@@ -55,6 +81,13 @@ class Hostname:
     created: float
     updated: float
     ownership: str | None = None  # "txt" | "http" once proven ("world" when seeded active)
+    # The verifier's bookkeeping: failed lookups in a row, the last one's error and when to
+    # ask again; real negative answers in a row for an active hostname, since when.
+    failures: int = 0
+    last_error: str | None = None
+    next_check: float | None = None
+    negatives: int = 0
+    negative_since: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -85,6 +118,7 @@ class Evidence:
     http: str | None          # body served at http_path; None when unreachable / not 200
     points_to_target: bool    # resolves (CNAME chain or same addresses) to the zone's cname_target
     dns: str                  # short description for reasons: "CNAME customers.saas.example", "NXDOMAIN"
+    error: str | None = None  # a lookup got no real answer (unreachable, timeout, SERVFAIL): not evidence
 
 
 @dataclass(frozen=True)
@@ -133,10 +167,17 @@ def from_world(c: topology.CustomHostname, *, id: str, txt_token: str, http_toke
                     f"declared {c.status} in {source}", now, now, ownership)
 
 
-def verify(h: Hostname, ev: Evidence, *, target: str, now: float) -> tuple[Hostname, Transition | None]:
+def verify(h: Hostname, ev: Evidence, *, target: str, now: float,
+           recheck: Recheck = Recheck()) -> tuple[Hostname, Transition | None]:
     """Apply one round of evidence. Returns `h` itself when nothing changed (nothing to save)."""
     if h.status == "deleted":
         return h, None
+    if ev.error is not None:
+        failures = h.failures + 1
+        return dataclasses.replace(h, failures=failures, last_error=_show(ev.error, 200, quote=False),
+                                   next_check=now + recheck.backoff(failures)), None
+    if h.failures or h.last_error is not None or h.next_check is not None:
+        h = dataclasses.replace(h, failures=0, last_error=None, next_check=None)
     via = _ownership(h, ev)
     dns = _show(ev.dns, 80, quote=False)
     if h.status == "pending":
@@ -149,9 +190,19 @@ def verify(h: Hostname, ev: Evidence, *, target: str, now: float) -> tuple[Hostn
         return _note(h, _not_owned(h, ev) + f"; {h.name}: {dns}", now), None
     if h.status == "active":
         # Ownership is not re-checked: removing the TXT after activation is normal. DNS is.
-        if not ev.points_to_target:
-            return _move(h, "moved", f"DNS no longer points at {target} ({dns})", now)
-        return h, None
+        if ev.points_to_target:
+            if h.negatives:
+                return dataclasses.replace(h, negatives=0, negative_since=None, updated=now,
+                                           reason=f"{h.name} points at {target} again ({dns})"), None
+            return h, None
+        negatives, since = h.negatives + 1, h.negative_since if h.negatives else now
+        if negatives >= recheck.moved_after and now - since >= recheck.moved_span:
+            return _move(h, "moved", f"DNS no longer points at {target} ({dns})", now, negatives=0,
+                         negative_since=None)
+        return dataclasses.replace(
+            h, negatives=negatives, negative_since=since, updated=now,
+            reason=f"DNS does not point at {target} ({dns}): answer {negatives} in a row; moved after "
+                   f"{recheck.moved_after} over at least {recheck.moved_span:g} s"), None
     # moved: the name left us, so coming back needs fresh proof (it may have changed hands).
     if not ev.points_to_target:
         return _note(h, f"DNS still does not point at {target} ({dns})", now), None

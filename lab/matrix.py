@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,15 +80,12 @@ async def execute(args, scenarios: list[Scenario], models: tuple[str, ...], engi
         return results
     results = []
     for engine in engines or ("native",):
-        with tempfile.TemporaryDirectory(prefix="sni-lab-") as tmp:
-            lab = Lab(world.with_free_ports(), args.certs, engine=engine, state_dir=Path(tmp) / "state",
-                      verify_interval=3600)
-            async with lab:
-                runner = Runner({**lab.endpoints, "engine": engine}, lab.world, engine)
-                batch = await runner.run(scenarios, models, progress)
-                if events is not None:
-                    events += [e for r in batch for q in r.requests if q.trace for e in _story(lab.events.trace, q.trace)]
-                results += batch
+        async with Lab.ephemeral(world, args.certs, engine=engine) as lab:
+            runner = Runner({**lab.endpoints, "engine": engine}, lab.world, engine)
+            batch = await runner.run(scenarios, models, progress)
+            if events is not None:
+                events += [e for r in batch for q in r.requests if q.trace for e in _story(lab.events.trace, q.trace)]
+            results += batch
     return results
 
 

@@ -1,8 +1,11 @@
-"""The control plane's OpenAPI 3.1 description, served at GET /openapi.json."""
+"""The control plane's OpenAPI 3.1 description, served at GET /openapi.json.
+
+Request bodies and query parameters come from `lab.schema`, the tables the control plane
+validates with, so the document cannot drift from what is accepted."""
 from __future__ import annotations
 
-from lab import __version__
-from lab.topology import HOSTNAME_STATUSES, MODELS
+from lab import __version__, schema
+from lab.topology import HOSTNAME_STATUSES
 
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _AUTH = [{"bearer": []}]
@@ -17,6 +20,7 @@ def _op(summary: str, ok: str = "200", schema: dict | None = None, body: str | N
     if auth:
         op["security"] = _AUTH
         op["responses"]["401"] = _ERROR
+        op["responses"]["503"] = _ERROR  # the change could not be saved: nothing changed
     if params:
         op["parameters"] = params
     return op
@@ -24,6 +28,11 @@ def _op(summary: str, ok: str = "200", schema: dict | None = None, body: str | N
 
 def _q(name: str, typ: str = "string", required: bool = False, where: str = "query") -> dict:
     return {"name": name, "in": where, "required": required or where == "path", "schema": {"type": typ}}
+
+
+def _params(fields: tuple[schema.Field, ...]) -> list[dict]:
+    props = schema.json_schema(fields)["properties"]
+    return [{"name": f.name, "in": "query", "required": f.required, "schema": props[f.name]} for f in fields]
 
 
 def spec() -> dict:
@@ -48,7 +57,7 @@ def spec() -> dict:
             "/dns/records": {"get": _op("records the resolver serves", schema=listof("Record")),
                              "post": _op("set a record", "201", ref("Record"), "Record", True),
                              "delete": _op("delete records of a name", auth=True,
-                                           params=[_q("name", required=True), _q("type")])},
+                                           params=_params(schema.DELETE_RECORD))},
             "/dns/overrides": {"get": _op("active overrides (poisoning)", schema=listof("Override")),
                                "post": _op("force an answer, optionally for one client and with an expiry", "201",
                                            ref("Override"), "NewOverride", True)},
@@ -58,35 +67,32 @@ def spec() -> dict:
                        "put": _op("switch the model at run time", body="Model", auth=True)},
             "/events": {"get": {**_op("events as JSON, or as Server-Sent Events with Accept: text/event-stream",
                                       schema=listof("Event"),
-                                      params=[_q("since", "integer"), _q("limit", "integer"), _q("trace"), _q("kind")]),
+                                      params=_params(schema.EVENTS)),
                                 "description": "SSE resumes from Last-Event-ID."}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
-                "NewHostname": {"type": "object", "required": ["hostname"],
-                                "properties": {"hostname": {"type": "string"}, "zone": {"type": "string"}}},
+                "NewHostname": schema.json_schema(schema.NEW_HOSTNAME),
                 "Hostname": {"type": "object", "properties": {
                     "id": {"type": "string"}, "name": {"type": "string"}, "zone": {"type": "string"},
                     "status": {"enum": list(HOSTNAME_STATUSES)}, "reason": {"type": "string"},
                     "txt_name": {"type": "string"}, "txt_token": {"type": "string"}, "http_path": {"type": "string"},
                     "http_token": {"type": "string"}, "ownership": {"type": ["string", "null"]},
-                    "routable": {"type": "boolean"}, "created": {"type": "number"}, "updated": {"type": "number"}}},
-                "Record": {"type": "object", "required": ["name", "type", "value"], "properties": {
-                    "name": {"type": "string"}, "type": {"enum": ["A", "AAAA", "CNAME", "TXT"]},
-                    "value": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-                    "ttl": {"type": "integer"}}},
-                "NewOverride": {"type": "object", "required": ["name", "value"], "properties": {
-                    "name": {"type": "string"}, "type": {"type": "string", "default": "A"},
-                    "value": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-                    "client": {"type": "string", "description": "only this source address sees it"},
-                    "expires_in": {"type": "number", "description": "seconds"}, "ttl": {"type": "integer"}}},
+                    "routable": {"type": "boolean"}, "created": {"type": "number"}, "updated": {"type": "number"},
+                    "failures": {"type": "integer", "description": "failed lookups in a row (not evidence)"},
+                    "last_error": {"type": ["string", "null"]},
+                    "next_check": {"type": ["number", "null"], "description": "the verifier's retry, after failures"},
+                    "negatives": {"type": "integer", "description": "negative DNS answers in a row while active"},
+                    "negative_since": {"type": ["number", "null"]}}},
+                "Record": schema.json_schema(schema.RECORD),
+                "NewOverride": schema.json_schema(schema.NEW_OVERRIDE),
                 "Override": {"type": "object", "properties": {
                     "id": {"type": "string"}, "name": {"type": "string"}, "type": {"type": "string"},
                     "values": {"type": "array", "items": {"type": "string"}}, "client": {"type": ["string", "null"]},
                     "expires": {"type": ["number", "null"]}, "ttl": {"type": "integer"}}},
-                "Model": {"type": "object", "required": ["model"], "properties": {"model": {"enum": list(MODELS)}}},
+                "Model": schema.json_schema(schema.MODEL),
                 "Event": {"type": "object", "required": ["id", "ts", "kind"], "properties": {
                     "id": {"type": "integer"}, "ts": {"type": "number"}, "kind": {"type": "string"},
                     "trace": {"type": ["string", "null"]}}, "additionalProperties": True},

@@ -8,8 +8,6 @@ tests, async tests and scenario items can all share it through the `lab` fixture
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
@@ -117,12 +115,10 @@ class LabThread:
     """A Lab on free ports, serving from its own thread's event loop."""
 
     def __init__(self, world, engine: str) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="sni-lab-pytest-")
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"sni-lab-{engine}", daemon=True)
         self.thread.start()
-        self.lab = Lab(world.with_free_ports(), Path(self.tmp) / "certs", engine=engine,
-                       state_dir=Path(self.tmp) / "state", verify_interval=3600)
+        self.lab = Lab.ephemeral(world, engine=engine)
         self.call(self.lab.start())
         self.runner = Runner({**self.lab.endpoints, "engine": engine}, self.lab.world, engine)
 
@@ -152,7 +148,6 @@ class LabThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
             self.loop.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class _Labs:

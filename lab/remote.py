@@ -35,7 +35,7 @@ class Api:
         self.token = ep["control"]["token"]
 
     def _request(self, method: str, path: str, body: Any = None, accept: str = "application/json"):
-        data = json.dumps(body).encode() if body is not None else None
+        data = json.dumps(body, allow_nan=False).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Authorization": f"Bearer {self.token}", "Accept": accept,
                                               "Content-Type": "application/json"})

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,16 +27,26 @@ class Lab:
     def __init__(self, world: World, certs_dir: str | Path = "certs", engine: str = "native",
                  events: Events | None = None, log=lambda msg: None, state_dir: str | Path | None = None,
                  model: str | None = None, verify_interval: float | None = None,
-                 flows: str | Path | None = None, run_origins: bool = True) -> None:
+                 flows: str | Path | None = None, run_origins: bool = True, allow_remote: bool = False,
+                 verify_in_background: bool = True) -> None:
         """`state_dir` turns on the control plane and durable state; `model` (an explicit
-        choice) wins over the saved one and is saved."""
+        choice) wins over the saved one and is saved. `allow_remote`: the control plane may
+        listen on an address other machines reach (else that is a ValueError)."""
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}")
         if flows and engine != "mitmproxy":
             raise ValueError("--flows needs --engine mitmproxy")
         if not run_origins and any(o.port == 0 for o in world.origins):
             raise ValueError("--no-origins: the origins run elsewhere, so the world must give their ports (not 0)")
+        if state_dir is not None and not allow_remote and not ipaddress.ip_address(world.control.host).is_loopback:
+            raise RemoteNotAllowed(
+                f"the control plane would listen on {world.control.host}, reachable from other machines "
+                f"(its token changes the lab; its hostnames hold verification tokens): use a 127.0.0.0/8 "
+                f"address, or pass --allow-remote if that is what you want")
         self.run_origins = run_origins
+        self.allow_remote = allow_remote
+        self.verify_in_background = verify_in_background
+        self._tmp: str | None = None  # Lab.ephemeral's directory, removed on stop
         self.engine_name = engine
         self.flows = flows
         self.state = self.control = self.sink = None
@@ -49,10 +62,25 @@ class Lab:
             world = world.with_model(model)
         self.world = world
         self.verify_interval = verify_interval
-        self.events = events or Events(start_id=self.state.last_event_id() + 1 if self.state else 1)
+        self.events = events or Events(start_id=self.state.last_event_id() + 1 if self.state else 1,
+                                       field_limit=world.limits.event_field)
         self.ca = LabCA.open(certs_dir, tuple(world.tlds), log=log)
         self.origins = self.resolver = self.edge = None
         self.endpoints: dict = {}
+
+    @classmethod
+    def ephemeral(cls, world: World, certs_dir: str | Path | None = None, **options) -> "Lab":
+        """A lab for one run (tests, `matrix`, the pytest plugin): free ports, state in a
+        temporary directory removed on stop, no background verifier (verify on demand)."""
+        tmp = tempfile.mkdtemp(prefix="sni-lab-")
+        try:
+            lab = cls(world.with_free_ports(), certs_dir or Path(tmp) / "certs", state_dir=Path(tmp) / "state",
+                      verify_in_background=False, **options)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        lab._tmp = tmp
+        return lab
 
     async def start(self) -> dict:
         from lab.dns import Resolver
@@ -70,7 +98,8 @@ class Lab:
                 from lab.control import VERIFY_INTERVAL, Control
 
                 # Saved hostnames, records and overrides are in place before the edge takes a connection.
-                self.control = Control(self, self.state, interval=self.verify_interval or VERIFY_INTERVAL)
+                self.control = Control(self, self.state, interval=self.verify_interval or VERIFY_INTERVAL,
+                                       allow_remote=self.allow_remote)
                 self.control.restore()
             self.edge = self._make_edge()
             edge_bound = await self.edge.start()
@@ -97,9 +126,11 @@ class Lab:
     async def _start_control(self) -> None:
         from lab.state import EventSink
 
-        _, port = await self.control.start(self.world.control.host, self.world.control.port)
+        _, port = await self.control.start(self.world.control.host, self.world.control.port,
+                                           background=self.verify_in_background)
         self.world = self.world.with_ports({"control": port})
-        self.sink = EventSink(self.events, self.state)
+        limits = self.world.limits
+        self.sink = EventSink(self.events, self.state, keep_rows=limits.event_log_rows, keep_bytes=limits.event_log_bytes)
         await self.sink.start()
 
     def _make_edge(self):
@@ -136,6 +167,9 @@ class Lab:
         if self.state is not None:
             self.state.close()
             self.state = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     async def __aenter__(self) -> "Lab":
         await self.start()
@@ -145,8 +179,14 @@ class Lab:
         await self.stop()
 
 
+class RemoteNotAllowed(ValueError):
+    """The control plane would be reachable from other machines and nobody said so."""
+
+
 def up(args) -> int:
     world = load(args.config)
+    if args.free_ports:
+        world = world.with_free_ports()
     return run_loop(_serve(world, args))
 
 
@@ -173,7 +213,10 @@ async def _serve(world: World, args) -> int:
     stop = _stop_on_signals()
     try:
         lab = Lab(world, args.certs, engine=args.engine, log=lambda m: print(m, file=sys.stderr), state_dir=args.state,
-                  model=args.model, flows=args.flows, run_origins=not args.no_origins)
+                  model=args.model, flows=args.flows, run_origins=not args.no_origins, allow_remote=args.allow_remote)
+    except RemoteNotAllowed as e:
+        print(f"sni-lab: error: {e}", file=sys.stderr)
+        return 2
     except (StateError, ValueError) as e:
         print(f"sni-lab: error: {e}", file=sys.stderr)
         return 1
@@ -185,14 +228,17 @@ async def _serve(world: World, args) -> int:
     except RuntimeError as e:
         print(f"sni-lab: error: {e}", file=sys.stderr)
         return 1
+    if not ipaddress.ip_address(lab.world.control.host).is_loopback:
+        print(f"sni-lab: warning: the control plane listens on {endpoints['control']['url']}, reachable from other "
+              f"machines: anyone who learns its token can change this lab", file=sys.stderr, flush=True)
     state = Path(args.state)
     # 0600: it carries the control plane's token.
     fd = os.open(state / "endpoints.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(endpoints, indent=2) + "\n")
+        f.write(json.dumps(endpoints, indent=2, allow_nan=False) + "\n")
     ready_ms = (time.perf_counter() - started) * 1000
     if args.json:
-        print(json.dumps({"ready_ms": round(ready_ms, 1), **endpoints}), flush=True)
+        print(json.dumps({"ready_ms": round(ready_ms, 1), **endpoints}, allow_nan=False), flush=True)
     else:
         print(f"sni-lab ready in {ready_ms:.0f} ms: model {endpoints['model']}, engine {endpoints['engine']}")
         for l in endpoints["edge"]:
@@ -233,7 +279,7 @@ def origins(args) -> int:
             return 1
         urls = {name: f"http://{host}:{port}" for name, (host, port) in bound.items()}
         if args.json:
-            print(json.dumps({"origins": urls}), flush=True)
+            print(json.dumps({"origins": urls}, allow_nan=False), flush=True)
         else:
             for name, url in urls.items():
                 print(f"  origin   {name:<10} {url}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from lab.events import Event, Events
+from lab.topology import Limits
 from lab.hostnames import Hostname, HostnameError
 from lab.hostnorm import HostError, normalize
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
 LOCK_NAME = "state.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # PRAGMA application_id marks the file as ours ("SNIL"), so a foreign SQLite file is refused.
 APPLICATION_ID = 0x534E494C
 
@@ -54,13 +55,20 @@ CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE events (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, trace TEXT, data TEXT NOT NULL);
 """
+# Schema 2: the verifier's bookkeeping (failed lookups with backoff, negative answers in a row).
+MIGRATE_2 = """
+ALTER TABLE hostnames ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hostnames ADD COLUMN last_error TEXT;
+ALTER TABLE hostnames ADD COLUMN next_check REAL;
+ALTER TABLE hostnames ADD COLUMN negatives INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hostnames ADD COLUMN negative_since REAL
+"""
 TABLES = ("hostnames", "records", "overrides", "settings", "events")
 HOSTNAME_FIELDS = ("id", "name", "zone", "status", "txt_token", "http_token", "reason", "created", "updated",
-                   "ownership")
+                   "ownership", "failures", "last_error", "next_check", "negatives", "negative_since")
 OVERRIDE_FIELDS = ("id", "name", "type", "value", "client", "expires", "ttl")
 OVERRIDE_TTL = 60
-KEEP_EVENTS = 200_000  # the stored event log keeps the newest this many
-PRUNE_EVERY = 20  # event-sink flushes between prunings
+PRUNE_EVERY = 20  # event-sink flushes between prunings (sooner when a budget's eighth was written)
 
 
 class StateError(RuntimeError):
@@ -78,6 +86,10 @@ class State:
         self.path = self.directory / DB_NAME
         self._lock = threading.RLock()
         self._lockfile: int | None = None
+        # Called at the start of every write transaction; raising there is a failed write (the
+        # seam for tests of a full or read-only disk where no such disk can be made).
+        self.before_write: Any = None
+        self._written_with_hostname: set[int] = set()  # event ids save_hostname stored, until the sink offers them
         self._db: sqlite3.Connection | None = None
         try:
             # 0700: tokens and the event log are nobody else's business (umask can only narrow it).
@@ -127,16 +139,20 @@ class State:
         if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
             raise StateError(f"{self.path}: cannot switch to WAL mode (network file system?)")
         db.execute("PRAGMA synchronous=NORMAL")
-        if version == 0:
+        # After a checkpoint the WAL is cut back to this, so a burst of events does not leave it large.
+        db.execute("PRAGMA journal_size_limit=4194304")
+        if version < SCHEMA_VERSION:
             with self._tx() as c:
-                # Re-read under the write lock: another process may have created it meanwhile.
-                if c.execute("PRAGMA user_version").fetchone()[0] == 0:
-                    # Statement by statement: executescript() would COMMIT on its own, mid-transaction.
-                    for stmt in filter(str.strip, SCHEMA.split(";")):
+                # Re-read under the write lock: another process may have migrated it meanwhile.
+                # Statement by statement: executescript() would COMMIT on its own, mid-transaction.
+                version = c.execute("PRAGMA user_version").fetchone()[0]
+                steps = [(1, SCHEMA), (2, MIGRATE_2)]
+                for _, script in (step for step in steps if step[0] > version):
+                    for stmt in filter(str.strip, script.split(";")):
                         c.execute(stmt)
+                if version == 0:
                     c.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                    c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        # Future schema versions migrate here, one `if version < N:` step each.
+                c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -178,6 +194,8 @@ class State:
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
             try:
+                if self.before_write is not None:
+                    self.before_write()
                 yield db
                 db.execute("COMMIT")
             except BaseException:
@@ -212,10 +230,15 @@ class State:
                               "ORDER BY status = 'deleted', updated DESC LIMIT 1", (name,))
         return _hostname(rows[0]) if rows else None
 
-    def save_hostname(self, h: Hostname) -> None:
+    def save_hostname(self, h: Hostname, event: Event | None = None) -> None:
+        """Upsert `h`; with `event` (its hostname.status), both in one transaction, so a
+        kill -9 never leaves a status without its history or a history without its status."""
         cols = ", ".join(HOSTNAME_FIELDS)
         updates = ", ".join(f"{f} = excluded.{f}" for f in HOSTNAME_FIELDS[1:])
         with self._tx() as db:
+            if event is not None:
+                db.executemany(INSERT_EVENT, event_rows([event]))
+                self._written_with_hostname.add(event["id"])
             try:
                 db.execute(f"INSERT INTO hostnames ({cols}) VALUES ({', '.join('?' * len(HOSTNAME_FIELDS))}) "
                            f"ON CONFLICT (id) DO UPDATE SET {updates}",
@@ -266,8 +289,11 @@ class State:
                        f"ON CONFLICT (id) DO UPDATE SET {updates}", tuple(row[f] for f in OVERRIDE_FIELDS))
 
     def delete_override(self, id: Any) -> int:
+        return self.delete_overrides([id])
+
+    def delete_overrides(self, ids: Iterable[Any]) -> int:
         with self._tx() as db:
-            return db.execute("DELETE FROM overrides WHERE id = ?", (id,)).rowcount
+            return db.executemany("DELETE FROM overrides WHERE id = ?", [(i,) for i in ids]).rowcount
 
     def purge_expired(self, now: float) -> int:
         with self._tx() as db:
@@ -303,9 +329,10 @@ class State:
         """`add_events` for rows already made by `event_rows`."""
         with self._tx() as db:
             # executemany's rowcount sums the rows each statement inserted.
-            # ON CONFLICT (id), not OR IGNORE: that would also silently skip a NOT NULL violation.
-            return db.executemany("INSERT INTO events (id, ts, kind, trace, data) VALUES (?, ?, ?, ?, ?) "
-                                  "ON CONFLICT (id) DO NOTHING", rows).rowcount
+            stored = db.executemany(INSERT_EVENT, rows).rowcount
+            ours = self._written_with_hostname & {r[0] for r in rows}
+            self._written_with_hostname -= ours
+            return stored + len(ours)
 
     def events(self, since: int = 0, limit: int = 1000) -> list[Event]:
         rows = self._read("SELECT id, ts, kind, trace, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
@@ -313,10 +340,22 @@ class State:
         return [{"id": r["id"], "ts": r["ts"], "kind": r["kind"], "trace": r["trace"], **json.loads(r["data"])}
                 for r in rows]
 
-    def prune_events(self, keep: int) -> int:
-        """Forget all but the newest `keep` events: a load test must not fill the disk."""
+    def prune_events(self, keep: int, keep_bytes: int | None = None) -> int:
+        """Forget all but the newest `keep` events, and the oldest beyond `keep_bytes` of
+        stored data: a load test (or a flood of long paths) must not fill the disk."""
         with self._tx() as db:
-            return db.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (keep,)).rowcount
+            gone = db.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (keep,)).rowcount
+            if keep_bytes is not None:
+                # The newest event at which the running total, newest first, passes the budget.
+                row = db.execute("SELECT id FROM (SELECT id, SUM(length(data)) OVER (ORDER BY id DESC) AS total "
+                                 "FROM events) WHERE total > ? LIMIT 1", (keep_bytes,)).fetchone()
+                if row is not None:
+                    gone += db.execute("DELETE FROM events WHERE id <= ?", (row[0],)).rowcount
+            return gone
+
+    def event_bytes(self) -> int:
+        """Stored event data in bytes (what `prune_events(keep_bytes=...)` bounds)."""
+        return self._read("SELECT coalesce(sum(length(data)), 0) FROM events")[0][0]
 
     def last_event_id(self) -> int:
         return self._read("SELECT coalesce(max(id), 0) FROM events")[0][0]
@@ -350,6 +389,9 @@ def _lock(path: Path, directory: Path) -> int:
 
 
 _DUMPS = json.JSONEncoder(default=str, separators=(",", ":"), check_circular=False).encode
+# ON CONFLICT (id), not OR IGNORE: that would also silently skip a NOT NULL violation. An id
+# already stored is one the control plane wrote with its hostname (save_hostname).
+INSERT_EVENT = "INSERT INTO events (id, ts, kind, trace, data) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
 
 
 def event_rows(events: list[Event]) -> list[tuple]:
@@ -365,11 +407,15 @@ class EventSink:
     disk) the oldest events are dropped and counted in `dropped`, never the process' memory.
     """
 
-    def __init__(self, events: Events, state: State, interval: float = 0.5, max_buffer: int = 10000) -> None:
+    def __init__(self, events: Events, state: State, interval: float = 0.5, max_buffer: int = 10000,
+                 keep_rows: int = Limits.event_log_rows, keep_bytes: int = Limits.event_log_bytes) -> None:
         self.events = events
         self.state = state
         self.interval = interval
         self.max_buffer = max_buffer
+        self.keep_rows = keep_rows
+        self.keep_bytes = keep_bytes
+        self._unpruned = 0      # bytes written since the last pruning
         self.dropped = 0        # events lost because the buffer was full
         self.skipped = 0        # events whose id was already stored
         self.flushes = 0        # batches written
@@ -420,8 +466,14 @@ class EventSink:
                 self._push(event)
             return
         self.flushes += 1
-        if self.flushes % PRUNE_EVERY == 0:
-            await asyncio.to_thread(self.state.prune_events, KEEP_EVENTS)
+        self._unpruned += sum(len(r[4]) for r in rows)
+        if self.flushes % PRUNE_EVERY == 0 or self._unpruned > self.keep_bytes // 8:
+            self._unpruned = 0
+            try:
+                await asyncio.to_thread(self.state.prune_events, self.keep_rows, self.keep_bytes)
+            except StateError as e:
+                self.last_error = str(e)
+                log.warning("event log: pruning: %s", e)
         if stored < len(batch):
             if not self.skipped:
                 log.warning("event log: ids already stored were skipped; start Events after "

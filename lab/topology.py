@@ -135,6 +135,10 @@ class Limits:
     event_field: int = 512                 # longest text kept in one event field (paths, reasons)
     event_log_rows: int = 200_000          # newest events kept in the durable log
     event_log_bytes: int = 64 * 1024 * 1024  # and at most this much of it
+    # the background verifier of custom hostnames (Cloudflare retries before "moved")
+    verify_moved_after: int = 3            # an active hostname is moved after this many real negative answers
+    verify_moved_span: float = 600.0       # in a row, the first and the last at least this many seconds apart
+    verify_retry_max: float = 600.0        # a failed lookup is retried after 10 s, doubling up to this
 
 
 LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}

@@ -1,7 +1,6 @@
 """The control plane over real sockets, against a real `sni-lab up` process that we kill and restart."""
 import asyncio
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import aiohttp
 import pytest
 
 from lab.client import probe
-from lab.topology import default_path
 
 
 class UpProcess:
@@ -18,9 +16,7 @@ class UpProcess:
 
     def __init__(self, tmp_path, model="v2"):
         self.dir = tmp_path
-        config = tmp_path / "lab.toml"
-        config.write_text(re.sub(r"(?m)^port = \d+", "port = 0", default_path().read_text()))
-        self.cmd = [sys.executable, "-m", "lab", "up", "--config", str(config), "--certs", str(tmp_path / "certs"),
+        self.cmd = [sys.executable, "-m", "lab", "up", "--free-ports", "--certs", str(tmp_path / "certs"),
                     "--state", str(tmp_path / "state"), "--json", "--model", model]
         self.proc = None
         self.ep = None
@@ -44,11 +40,24 @@ class UpProcess:
     def listener(self, name):
         return next(l for l in self.ep["edge"] if l["name"] == name)
 
-    async def api(self, method, path, body=None, token=True):
-        headers = {"Authorization": f"Bearer {self.ep['control']['token']}"} if token else {}
+    async def api(self, method, path, body=None, token=True, headers=None, data=None):
+        headers = {**({"Authorization": f"Bearer {self.ep['control']['token']}"} if token else {}), **(headers or {})}
         async with aiohttp.ClientSession() as s:
-            async with s.request(method, self.ep["control"]["url"] + path, json=body, headers=headers) as r:
+            async with s.request(method, self.ep["control"]["url"] + path, json=body, data=data, headers=headers) as r:
                 return r.status, await r.json()
+
+    async def raw(self, request: bytes) -> bytes:
+        """Bytes no polite client sends, straight to the control plane; the status line back."""
+        host, port = self.ep["control"]["url"].removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(request.replace(b"{port}", port.encode()))
+            return await asyncio.wait_for(reader.readline(), 5)
+        finally:
+            writer.close()
+
+    async def everything(self):
+        return [await self.api("GET", p) for p in ("/hostnames", "/dns/records", "/dns/overrides", "/model")]
 
     async def get(self, listener, sni, host=None):
         l = self.listener(listener)
@@ -136,7 +145,7 @@ async def test_model_switch_at_run_time_and_bad_input(up):
     assert (await up.api("PUT", "/model", {"model": "v1"}))[0] == 200
     assert (await up.get("saas-v1", "www.victim.example")).response.origin == "saas"
     status, body = await up.api("PUT", "/model", {"model": "v9"})
-    assert status == 400 and "unknown model" in body["error"]
+    assert status == 400 and body["error"] == "field 'model': 'v9' is not one of host, v1, v1-waf, v2, v2-strict"
     status, body = await up.api("POST", "/hostnames", {"hostname": "bad host!"})
     assert status == 400
     status, body = await up.api("POST", "/dns/overrides", {"name": "www.victim.example", "value": "not-an-ip"})
@@ -149,6 +158,13 @@ async def test_events_sse_and_openapi(up):
         async with s.get(url + "/openapi.json") as r:
             doc = await r.json()
         assert doc["openapi"].startswith("3.") and {"/hostnames", "/dns/overrides", "/model", "/events"} <= set(doc["paths"])
+        # the published request schemas are the tables the API validates with
+        override = doc["components"]["schemas"]["NewOverride"]
+        assert override["required"] == ["name", "value"] and override["additionalProperties"] is False
+        assert override["properties"]["expires_in"]["exclusiveMinimum"] == 0
+        assert override["properties"]["client"]["format"] == "ip"
+        assert doc["components"]["schemas"]["Record"]["properties"]["ttl"] == {
+            "type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1, "description": "seconds (default: the world's ttl)"}
         async with s.get(url + "/events?kind=route", headers={"Accept": "text/event-stream"}) as stream:
             assert stream.headers["Content-Type"] == "text/event-stream"
             await up.get("saas-v1", "www.victim.example")
@@ -197,3 +213,104 @@ def test_cli_over_the_api(tmp_path):
     assert run("reset").returncode == 2  # no tty, no --yes: refuses
     assert run("reset", "--yes").returncode == 0
     assert not (tmp_path / "state" / "endpoints.json").exists()
+
+
+RECORD = {"name": "x.victim.example", "type": "A", "value": "127.0.0.11"}
+OVERRIDE = {"name": "www.victim.example", "value": "127.0.0.11"}
+BAD_BODIES = [
+    ("POST", "/dns/records", {**RECORD, "ttl": None}, "field 'ttl': expected an integer, got null"),
+    ("POST", "/dns/records", {**RECORD, "ttl": [1]}, "field 'ttl': expected an integer, got a list"),
+    ("POST", "/dns/records", {**RECORD, "ttl": True}, "field 'ttl': expected an integer, got a boolean"),
+    ("POST", "/dns/records", {**RECORD, "ttl": 1.5}, "field 'ttl': expected an integer, got a number"),
+    ("POST", "/dns/records", {**RECORD, "ttl": -1}, "field 'ttl': must be at least 0, got -1"),
+    ("POST", "/dns/records", {**RECORD, "ttl": 2 ** 31}, "field 'ttl': must be at most 2.14748e+09, got 2147483648"),
+    ("POST", "/dns/records", {**RECORD, "value": 5}, "field 'value' value: expected a string, got an integer"),
+    ("POST", "/dns/records", {**RECORD, "value": ["127.0.0.11", 5]}, "field 'value'[1]: expected a string, got an integer"),
+    ("POST", "/dns/records", {**RECORD, "value": []}, "field 'value': expected 1 to 64 values, got 0"),
+    ("POST", "/dns/records", {**RECORD, "value": "not-an-ip"}, "not an A address or known listener:/origin: name"),
+    ("POST", "/dns/records", {**RECORD, "type": "MX"}, "field 'type': 'MX' is not one of A, AAAA, CNAME, TXT"),
+    ("POST", "/dns/records", {**RECORD, "name": 5}, "field 'name': expected a string, got an integer"),
+    ("POST", "/dns/records", {**RECORD, "name": "a" * 300}, "field 'name': longer than 253 characters"),
+    ("POST", "/dns/records", {**RECORD, "name": "x.elsewhere.org"}, "outside the lab zones"),
+    ("POST", "/dns/records", {**RECORD, "tll": 5}, "unknown field(s): 'tll'"),
+    ("POST", "/dns/records", {"name": "x.victim.example"}, "missing field(s): type, value"),
+    ("POST", "/dns/records", [RECORD], "body must be a JSON object, got a list"),
+    ("POST", "/dns/overrides", {**OVERRIDE, "expires_in": [1]}, "field 'expires_in': expected a number, got a list"),
+    ("POST", "/dns/overrides", {**OVERRIDE, "expires_in": "10"}, "field 'expires_in': expected a number, got a string"),
+    ("POST", "/dns/overrides", {**OVERRIDE, "expires_in": 0}, "field 'expires_in': must be greater than 0, got 0"),
+    ("POST", "/dns/overrides", {**OVERRIDE, "expires_in": 1e12}, "field 'expires_in': must be at most"),
+    ("POST", "/dns/overrides", {**OVERRIDE, "client": 2130706433}, "field 'client': expected a string, got an integer"),
+    ("POST", "/dns/overrides", {**OVERRIDE, "client": "localhost"}, "field 'client': not an IP address: 'localhost'"),
+    ("POST", "/dns/overrides", {**OVERRIDE, "value": 5}, "field 'value' value: expected a string, got an integer"),
+    ("POST", "/dns/overrides", {**OVERRIDE, "ttl": None}, "field 'ttl': expected an integer, got null"),
+    ("PUT", "/model", {"model": 5}, "field 'model': expected a string, got an integer"),
+    ("PUT", "/model", {}, "missing field(s): model"),
+    ("POST", "/hostnames", {"hostname": None}, "field 'hostname': expected a string, got null"),
+    ("POST", "/hostnames", {"hostname": "x.newshop.test", "zone": 5}, "field 'zone': expected a string, got an integer"),
+]
+BAD_TEXT = [  # JSON that Python's parser would take and no other would, or numbers beyond a double
+    '{"name": "www.victim.example", "value": "127.0.0.11", "expires_in": 1e400}',
+    '{"name": "www.victim.example", "value": "127.0.0.11", "expires_in": Infinity}',
+    '{"name": "www.victim.example", "value": "127.0.0.11", "expires_in": NaN}',
+    '{"name": "www.victim.example", "value": "127.0.0.11", "expires_in": -Infinity}',
+    '{"name": "www.victim.example", "value": "127.0.0.11"',
+]
+BAD_QUERIES = [("GET", "/events?since=abc"), ("GET", "/events?since=-1"), ("GET", "/events?limit=0"),
+               ("GET", "/events?limit=99999999999"), ("GET", "/events?colour=red"), ("DELETE", "/dns/records"),
+               ("DELETE", "/dns/records?name=x.victim.example&type=MX")]
+
+
+async def test_bad_input_is_a_clear_400_and_changes_nothing(up):
+    before = await up.everything()
+    for method, path, body, message in BAD_BODIES:
+        status, answer = await up.api(method, path, body)
+        assert status == 400 and message in answer["error"], (body, answer)
+    for text in BAD_TEXT:
+        status, answer = await up.api("POST", "/dns/overrides", data=text, headers={"Content-Type": "application/json"})
+        assert status == 400 and answer["error"] in ("body is not valid JSON", "field 'expires_in': must be a finite "
+                                                                                "number, got inf"), (text, answer)
+    for method, path in BAD_QUERIES:
+        status, answer = await up.api(method, path)
+        assert status == 400 and ("parameter" in answer["error"] or "field" in answer["error"]), (path, answer)
+    assert await up.everything() == before
+    # what every reader gets is strict JSON
+    async with aiohttp.ClientSession() as s:
+        for path in ("/dns/overrides", "/events", "/hostnames"):
+            async with s.get(up.ep["control"]["url"] + path) as r:
+                json.loads(await r.text(), parse_constant=lambda c: pytest.fail(f"{path} sent {c}"))
+
+
+async def test_authorization_scheme_is_case_insensitive_and_odd_bytes_are_401(up):
+    token = up.ep["control"]["token"]
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        status, _ = await up.api("PUT", "/model", {"model": "v1"}, token=False,
+                                 headers={"Authorization": f"{scheme} {token}"})
+        assert status == 200, scheme
+    for value in (b"Bearer \xff\xfe\xfd", b"Bearer " + token.encode() + b"\xff", b"\xff" + token.encode()):
+        line = await up.raw(b"PUT /model HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: " + value +
+                            b"\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"model\": \"v2\"}")
+        assert line.startswith(b"HTTP/1.1 401"), (value, line)
+    assert (await up.api("GET", "/model"))[1]["model"] == "v1"
+
+
+async def test_only_the_labs_own_names_in_host(up):
+    """A DNS-rebinding page (its name now resolving to 127.0.0.1) reads nothing and changes nothing."""
+    port = up.ep["control"]["url"].rsplit(":", 1)[1]
+    before = await up.everything()
+    for host in (f"evil.test:{port}", "evil.test", f"127.0.0.1.evil.test:{port}", f"localhost:{int(port) + 1}"):
+        for method, path, body in (("GET", "/hostnames", None), ("GET", "/events", None), ("GET", "/health", None),
+                                   ("PUT", "/model", {"model": "v1"})):
+            status, answer = await up.api(method, path, body, headers={"Host": host})
+            assert status == 403 and "is not a name of this lab's control plane" in answer["error"], (host, path)
+    assert await up.everything() == before
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}", "localhost"):
+        assert (await up.api("GET", "/hostnames", headers={"Host": host}))[0] == 200, host
+    assert (await up.raw(b"GET /health HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 400")
+
+
+def test_cli_refuses_an_expiry_that_is_not_a_number_of_seconds(tmp_path):
+    for bad in ("inf", "nan", "1e400", "-5", "0", "soon"):
+        res = subprocess.run([sys.executable, "-m", "lab", "dns", "poison", "www.victim.example", "127.0.0.11",
+                              "--expires", bad, "--state", str(tmp_path)], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, bad
+        assert "argument --expires: expected seconds" in res.stderr.splitlines()[-1], res.stderr

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lab.hostnames import (Evidence, Hostname, HostnameError, create, delete, from_world, http_path, routable,
-                           txt_name, verify)
+from lab.hostnames import (CONCLUSIVE, Evidence, Hostname, HostnameError, Recheck, create, delete, from_world,
+                           http_path, routable, txt_name, verify)
 
 TARGET = "customers.saas.example"
 POISONED = Evidence(txt=(), http=None, points_to_target=True, dns="A 127.0.0.11 (override)")
@@ -105,7 +105,9 @@ def test_active_moves_when_dns_changes_and_comes_back(world):
     # Still pointing, token gone: activation does not depend on keeping the TXT.
     same, t = verify(active, Evidence((), None, True, "CNAME customers.saas.example"), target=TARGET, now=151.0)
     assert same is active and t is None
-    moved, t = verify(active, Evidence((), None, False, "CNAME elsewhere.example"), target=TARGET, now=160.0)
+    # The operator's "verify now": one real answer decides (the background verifier waits, below).
+    moved, t = verify(active, Evidence((), None, False, "CNAME elsewhere.example"), target=TARGET, now=160.0,
+                      recheck=CONCLUSIVE)
     assert moved.status == "moved" and not routable(moved)
     assert (t.old, t.new) == ("active", "moved")
     assert t.reason == f"DNS no longer points at {TARGET} (CNAME elsewhere.example)"
@@ -116,6 +118,54 @@ def test_active_moves_when_dns_changes_and_comes_back(world):
     assert back.status == "moved" and t is None and "ownership not proven" in back.reason
     again, t = verify(back, owned_txt(h), target=TARGET, now=170.0)
     assert again.status == "active" and (t.old, t.new) == ("moved", "active") and routable(again)
+
+
+UNREACHABLE = Evidence((), None, False, "no answer",
+                       error="A www.newshop.test: no answer from the lab resolver at 127.0.0.2:5353 (TimeoutError)")
+MOVED_AWAY = Evidence((), None, False, "CNAME elsewhere.example")
+POINTING = Evidence((), None, True, "CNAME customers.saas.example")
+
+
+@pytest.mark.parametrize("status", ["pending", "active", "moved"])
+def test_a_failed_lookup_is_not_evidence(world, status):
+    """Resolver down, timeout, SERVFAIL: the state stays, the error is kept, retries back off."""
+    h = dataclasses.replace(new(world), status=status)
+    recheck = Recheck(retry=10.0, retry_max=600.0)
+    waits = []
+    for i in range(12):
+        now = 1000.0 + i
+        h2, t = verify(h, UNREACHABLE, target=TARGET, now=now, recheck=recheck)
+        assert t is None and h2.status == status and h2.reason == h.reason
+        assert h2.failures == i + 1 and "no answer from the lab resolver" in h2.last_error
+        waits.append(h2.next_check - now)
+        h = h2
+    assert waits == [10, 20, 40, 80, 160, 320, 600, 600, 600, 600, 600, 600]
+    # The first real answer clears the errors and is evidence again: owned and pointing is active.
+    h, _ = verify(h, owned_txt(h), target=TARGET, now=2000.0, recheck=recheck)
+    assert (h.failures, h.last_error, h.next_check, h.status) == (0, None, None, "active")
+
+
+def test_active_is_moved_only_after_negative_answers_in_a_row_over_time(world):
+    recheck = Recheck(moved_after=3, moved_span=600.0)
+    h = dataclasses.replace(new(world), status="active", ownership="txt")
+    # Three negative answers within a minute: not yet (a flapping resolver, a DNS change in flight).
+    for now in (100.0, 130.0, 160.0):
+        h, t = verify(h, MOVED_AWAY, target=TARGET, now=now, recheck=recheck)
+        assert t is None and h.status == "active" and routable(h)
+    assert (h.negatives, h.negative_since) == (3, 100.0)
+    assert "answer 3 in a row; moved after 3 over at least 600 s" in h.reason
+    # An error in between is no answer: it neither counts nor breaks the run.
+    h, t = verify(h, UNREACHABLE, target=TARGET, now=400.0, recheck=recheck)
+    assert t is None and (h.status, h.negatives) == ("active", 3)
+    # A positive answer starts over.
+    h, t = verify(h, POINTING, target=TARGET, now=500.0, recheck=recheck)
+    assert t is None and (h.status, h.negatives, h.negative_since) == ("active", 0, None)
+    for now in (600.0, 900.0, 1199.0):
+        h, t = verify(h, MOVED_AWAY, target=TARGET, now=now, recheck=recheck)
+        assert t is None and h.status == "active"
+    h, t = verify(h, MOVED_AWAY, target=TARGET, now=1200.0, recheck=recheck)
+    assert h.status == "moved" and (t.old, t.new) == ("active", "moved") and not routable(h)
+    assert (h.negatives, h.negative_since) == (0, None)
 
 
 def test_deleted_is_terminal(world):
@@ -225,3 +275,15 @@ def test_no_forged_evidence_ever_activates(world, start, evidence):
         assert h.status != "active" and not routable(h)
         assert t is None or t.new != "active"
         assert "\n" not in h.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=st.sampled_from(["pending", "active", "moved"]), evidence=st.lists(
+    st.builds(Evidence, txt=st.lists(st.text(max_size=30), max_size=3).map(tuple), http=st.none() | st.text(max_size=30),
+              points_to_target=st.booleans(), dns=st.text(max_size=40), error=st.text(min_size=1, max_size=60)),
+    max_size=20))
+def test_no_failed_lookup_ever_changes_a_status(world, start, evidence):
+    h = _hostname(world, start)
+    for i, ev in enumerate(evidence):
+        h, t = verify(h, ev, target=TARGET, now=float(i + 1), recheck=CONCLUSIVE)
+        assert t is None and h.status == start and "\n" not in h.last_error

@@ -352,3 +352,63 @@ def test_event_log_keeps_the_newest(tmp_path):
     kept = state.events(0, 1000)
     assert [e["id"] for e in kept] == list(range(71, 101)) and kept[0]["n"] == 71
     state.close()
+
+
+def _size(directory):
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+
+
+async def test_long_paths_cannot_grow_the_event_log(tmp_path):
+    """The probe's flood: 5000 decisions for a 60 KiB path (was +286 MB of `.lab/`)."""
+    events = Events(field_limit=512)
+    path = "/" + "a" * (60 * 1024)
+    with State(tmp_path / "lab") as st:
+        sink = EventSink(events, st, interval=3600, keep_bytes=1_000_000)
+        await sink.start()
+        before = _size(tmp_path / "lab")
+        for i in range(5000):
+            events.emit("route.decision", trace=f"t{i}", host="www.victim.example", status=421, path=path,
+                        reason="x" * 600, ms=float("inf"))
+            if i % 250 == 249:
+                await sink.flush()
+        await sink.close()
+        newest = st.events(since=st.last_event_id() - 1)[0]
+        assert st.event_bytes() <= 1_000_000
+        grown = _size(tmp_path / "lab") - before
+    assert newest["path"] == path[:512] + f"...[{len(path) - 512} more characters]"
+    assert newest["reason"] == "x" * 512 + "...[88 more characters]" and newest["ms"] == "inf"
+    assert events.since(4999)[0]["path"] == newest["path"]  # the ring buffer holds the bounded event too
+    # the data budget, its page overhead and the WAL (cut back to 4 MiB after each checkpoint)
+    assert grown < 2 * 1_000_000 + 4 * 1024 * 1024 + 65536, grown
+
+
+def test_event_log_pruned_by_bytes_keeps_the_newest(tmp_path):
+    with State(tmp_path) as st:
+        st.add_events([{"id": i, "ts": 0.0, "kind": "origin.hit", "trace": None, "pad": "p" * 1000}
+                       for i in range(101, 201)])  # ids of one length: rows of one size
+        one = st.event_bytes() // 100
+        assert st.prune_events(1000, keep_bytes=10 * one + 5) == 90
+        assert [e["id"] for e in st.events()] == list(range(191, 201))
+        assert st.prune_events(1000, keep_bytes=10 * one) == 0
+
+
+def test_a_schema_1_database_is_migrated_and_keeps_its_hostnames(tmp_path):
+    from lab.state import APPLICATION_ID, SCHEMA
+
+    db = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+    for stmt in filter(str.strip, SCHEMA.split(";")):
+        db.execute(stmt)
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    db.execute("PRAGMA user_version=1")
+    db.execute("INSERT INTO hostnames VALUES ('h1', 'shop.customer.example', 'saas.example', 'active', 't', 'h', "
+               "'declared active', 1.0, 2.0, 'world')")
+    db.close()
+    with State(tmp_path) as st:
+        (h,) = st.hostnames()
+        assert (h.name, h.status, h.ownership, h.failures, h.last_error, h.negatives) == \
+               ("shop.customer.example", "active", "world", 0, None, 0)
+        st.save_hostname(hostname("h2", failures=2, last_error="no answer", next_check=9.0, negatives=1,
+                                  negative_since=3.0))
+        assert st.hostname("h2").to_dict() == hostname("h2", failures=2, last_error="no answer", next_check=9.0,
+                                                       negatives=1, negative_since=3.0).to_dict()
+    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 2

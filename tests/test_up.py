@@ -104,3 +104,33 @@ def test_origins_in_their_own_process(tmp_path):
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(10)
+
+
+def test_control_plane_off_loopback_needs_allow_remote(tmp_path):
+    text = re.sub(r"(?m)^port = \d+", "port = 0", default_path().read_text())
+    assert '[control]\nhost = "127.0.0.1"' in text
+    config = _config(tmp_path, text.replace('[control]\nhost = "127.0.0.1"', '[control]\nhost = "0.0.0.0"'))
+    proc = _up(tmp_path, config)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and "Traceback" not in err and out == ""
+    assert err.splitlines() == ["sni-lab: error: the control plane would listen on 0.0.0.0, reachable from other "
+                                "machines (its token changes the lab; its hostnames hold verification tokens): use a "
+                                "127.0.0.0/8 address, or pass --allow-remote if that is what you want"]
+    assert not (tmp_path / "state" / "endpoints.json").exists()
+    # (With --allow-remote it would bind 0.0.0.0 and warn; the tests bind nothing beyond loopback.)
+
+
+def test_free_ports_runs_the_packaged_world_beside_another(tmp_path):
+    """`--free-ports`: the world's addresses, any free port, so two labs (or a busy 8443) coexist."""
+    first = _up(tmp_path / "a", default_path(), "--free-ports", "--json")
+    second = _up(tmp_path / "b", default_path(), "--free-ports", "--json")
+    try:
+        a, b = (json.loads(p.stdout.readline()) for p in (first, second))
+        ports = lambda ep: {l["port"] for l in ep["edge"]} | {ep["dns"]["port"]}
+        assert not ports(a) & ports(b) and 8443 not in ports(a) | ports(b)
+        assert [l["host"] for l in a["edge"]] == [l["host"] for l in b["edge"]]  # the world's own addresses
+    finally:
+        for proc in (first, second):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+    assert first.returncode == second.returncode == 0
