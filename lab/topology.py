@@ -132,6 +132,8 @@ class Limits:
     event_field: int = 512                 # longest text kept in one event field (paths, reasons)
     event_log_rows: int = 200_000          # newest events kept in the durable log
     event_log_bytes: int = 64 * 1024 * 1024  # and at most this much of it
+    # the process
+    descriptor_reserve: int = 256          # descriptors never given to edge connections (control, DNS, origins, log)
 
 
 LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}
