@@ -207,14 +207,14 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                self._flush()
-                self.app.eof_received()
-                self.close()
-                break
+                chunk = b""
             except (ssl.SSLError, OSError):
                 self.abort()
                 break
-            if not chunk:
+            if not chunk:  # close_notify (the stdlib reads it as b"", or raises): the client is done
+                self._flush()
+                self.app.eof_received()
+                self.close()
                 break
             self.app.data_received(chunk)
         self._flush()
