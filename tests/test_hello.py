@@ -148,6 +148,16 @@ def test_descriptor_cap_raises_the_soft_limit():
     assert soft == new_hard == hard and cap == hard - 100
 
 
+def test_a_small_descriptor_limit_still_leaves_the_edge_half():
+    resource = pytest.importorskip("resource")
+    code = ("import resource; from lab.edge.admission import descriptor_cap\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))\n"
+            "print(descriptor_cap(256))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT,
+                         check=True)
+    assert int(out.stdout) == 150
+
+
 def test_throttle_reports_once_per_interval():
     clock = [0.0]
     t = Throttle(10.0, clock=lambda: clock[0])

@@ -18,24 +18,30 @@ log = logging.getLogger("lab.edge")
 
 
 def descriptor_cap(reserve: int) -> int | None:
-    """Raise the soft descriptor limit to the hard one; how many of them the edge may use.
+    """Raise the soft descriptor limit as far as the hard one allows; how many the edge may use.
 
-    None where the platform has no such limit (no `resource` module).
+    None where the platform has no such limit (no `resource` module). A soft limit too
+    small for the reserve still leaves half of it to the edge: refusing every client would
+    be worse than a thin reserve.
     """
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (OSError, ValueError):
-            pass
     if soft == resource.RLIM_INFINITY:
         return None
-    return max(soft - reserve, 1)
+    # macOS reports an unlimited hard limit but refuses a soft limit above OPEN_MAX (10240).
+    for target in ([hard] if hard != resource.RLIM_INFINITY else []) + [10240]:
+        if soft >= target:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+            break
+        except (OSError, ValueError):
+            continue
+    return max(soft - reserve, soft // 2)
 
 
 class ConnectionCaps:
