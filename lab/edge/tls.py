@@ -73,8 +73,8 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
     """Protocol towards the socket, Transport towards the HTTP protocol above it.
 
     Handed what it needs: the certificate lookup, the session contexts, the events and
-    how to tell of refusals, the handshake timeout, and two callbacks of its engine: `admit` (may this client connect
-    at all) and `on_close` (it is gone).
+    how to tell of refusals, the handshake timeout, and two callbacks of its engine:
+    `admit` (may this client connect at all) and `on_close` (it is gone).
     """
 
     def __init__(self, listener: Listener, *, lookup: Callable[[bytes | None], Cert | None],
@@ -105,10 +105,6 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         self.admitted = False
         self.closing = False
         self._timeout: asyncio.TimerHandle | None = None
-
-    @property
-    def cert_names(self) -> tuple[str, ...]:
-        return self.cert.names if self.cert else ()
 
     # ---- towards the socket -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -195,7 +191,7 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             self._timeout = None
         alpn = self.sslobj.selected_alpn_protocol() or "http/1.1"
         self.events.emit("tls.cert", trace=self.conn_id, conn=self.conn_id, listener=self.listener.name,
-                         sni=self.sni, names=list(self.cert_names), alpn=alpn, version=self.sslobj.version(),
+                         sni=self.sni, names=list(self.cert.names), alpn=alpn, version=self.sslobj.version(),
                          resumed=self.sslobj.session_reused)
         self.app = self.app_factory(self, alpn)
         self.app.connection_made(self)
