@@ -79,3 +79,22 @@ def wildcard_of(host: str) -> str | None:
     """`a.b.c` -> `*.b.c`: the one wildcard name that may cover `host` (RFC 6125)."""
     _, dot, parent = host.partition(".")
     return f"*.{parent}" if dot and "." in parent else None
+
+
+def sni_name(sni: bytes | str) -> str:
+    """The host an SNI asks for, as `normalize` names it; HostError if the SNI is no host name.
+
+    An SNI is a bare DNS name (RFC 6066 §3): ASCII (IDNs as A-labels), no port, no IP
+    literal, no `*` label. Anything else names no certificate, so the edge never has to
+    guess which one it meant.
+    """
+    if isinstance(sni, bytes):
+        if not sni.isascii():
+            raise HostError(f"SNI {sni.decode('ascii', 'backslashreplace')!r} is not ASCII")
+        sni = sni.decode("ascii")
+    if not sni.isascii() or ":" in sni or "[" in sni or sni != sni.strip():
+        raise HostError(f"SNI {sni!r} is not a host name")
+    host = normalize(sni)
+    if is_ip(host):
+        raise HostError(f"SNI {sni!r} is an IP address")
+    return host

@@ -139,6 +139,8 @@ class Limits:
     verify_moved_after: int = 3            # an active hostname is moved after this many real negative answers
     verify_moved_span: float = 600.0       # in a row, the first and the last at least this many seconds apart
     verify_retry_max: float = 600.0        # a failed lookup is retried after 10 s, doubling up to this
+    # the process
+    descriptor_reserve: int = 256          # descriptors never given to edge connections (control, DNS, origins, log)
 
 
 LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}

@@ -235,16 +235,6 @@ async def test_plain_http_on_a_tls_listener_is_dropped(lab):
     assert last["error"] == "the client did not start TLS" and last["listener"] == "anycast"
 
 
-async def test_silent_client_is_dropped_after_the_handshake_timeout(lab, monkeypatch):
-    monkeypatch.setattr("lab.edge.mitm.HANDSHAKE_TIMEOUT", 0.3)
-    l = lab.world.listener_by_name["saas-v1"]
-    reader, writer = await asyncio.open_connection(l.host, l.port)
-    assert await asyncio.wait_for(reader.read(), 5) == b""
-    writer.close()
-    last = [e for e in lab.events.since(0) if e["kind"] == "tls.error"][-1]
-    assert last["error"] == "handshake timeout" and last["listener"] == "saas-v1"
-
-
 @pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
 async def test_exception_in_a_hook_is_a_502_naming_it(lab, monkeypatch, caplog, http2):
     def explode(*args, **kw):

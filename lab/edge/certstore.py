@@ -1,26 +1,40 @@
 """Certificates by SNI: exact name first, then the one wildcard that may cover it.
 
 Holds only what `policy.certificate_names` allows (zones, active custom hostnames) and
-never mints on demand; an SNI it holds nothing for gets no certificate at all.
+never mints on demand; an SNI it holds nothing for gets no certificate at all. The SNI is
+read with `hostnorm.sni_name`, the policy's own normalisation: the certificate is always
+the one for the name the policy routes on, or none.
+
+The TLS settings both engines share are here too: ALPN, TLS 1.2 suites, no tickets.
 """
 from __future__ import annotations
 
 import ssl
+from typing import NamedTuple
 
-from lab.hostnorm import wildcard_of
+from lab.hostnorm import HostError, sni_name, wildcard_of
 from lab.pki import LabCA
 from lab.policy import certificate_names
 from lab.topology import World
 
 ALPN = ["h2", "http/1.1"]
+# TLS 1.2 offers forward-secret AEAD suites only (TLS 1.3's are all AEAD already).
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+class Cert(NamedTuple):
+    name: str  # the SNI as the policy names it
+    names: tuple[str, ...]  # the certificate's names
+    context: ssl.SSLContext
 
 
 def server_context(cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
     ctx.set_alpn_protocols(ALPN)
-    # No resumption: a resumed session skips the SNI callback, and the lab's point is that
-    # every connection's certificate is chosen by its SNI, in front of the audience.
+    # No tickets in any version. TLS 1.2 session IDs have no off switch in the stdlib:
+    # lab.edge.tls keeps one session cache per listener and name instead.
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
     if cert:
@@ -50,15 +64,30 @@ class CertStore:
                 index.setdefault(name, (names, ctx))
         self._by_names, self._index = contexts, index
 
-    def lookup(self, sni: str | None) -> tuple[tuple[str, ...], ssl.SSLContext] | None:
-        if not sni:
+    def lookup(self, sni: bytes | str | None) -> Cert | None:
+        """The certificate for an SNI as sent (raw bytes or text); None if it names none."""
+        if sni is None:
             return None
-        sni = sni.lower().rstrip(".")
-        found = self._index.get(sni)
+        try:
+            name = sni_name(sni)
+        except HostError:
+            return None
+        found = self._index.get(name)
         if found is None:
-            wildcard = wildcard_of(sni)
+            wildcard = wildcard_of(name)
             found = self._index.get(wildcard) if wildcard else None
-        return found
+        return Cert(name, *found) if found else None
 
     def names(self) -> list[tuple[str, ...]]:
         return list(self._by_names)
+
+
+def refusal(sni: bytes | str | None) -> str:
+    """Why an SNI got no certificate, as `tls.error` tells it."""
+    if sni is None:
+        return "unrecognized_name: no SNI"
+    try:
+        sni_name(sni)
+    except HostError as e:
+        return f"unrecognized_name: {e}"
+    return "unrecognized_name: no certificate for this SNI"

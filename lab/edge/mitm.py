@@ -2,11 +2,13 @@
 listener per edge listener, and four small addons, one concern each:
 
   _Connections  which listener a client connected to (by the address it hit), its conn id
-                (the trace of its TLS events and first request), the handshake timeout;
-                no new connections while stopping
+                (the trace of its TLS events and first request), the connection caps and the
+                handshake timeout of `world.limits`; no new connections while stopping
   _CertBySni    the certificate, by SNI, from the lab's CertStore (`tls_start_client`);
                 mitmproxy never mints one, and an SNI with no certificate fails the handshake
-                with alert 112 unrecognized_name, as on the native engine
+                with alert 112 unrecognized_name, as on the native engine. The SNI is read
+                from the ClientHello's own extension (`hello.server_name`), as the native
+                engine reads it, not from mitmproxy's filtered `client.sni`
   _Route        the `request` hook: `EdgeCore.handle` decides (policy.decide, same events) and
                 answers: a refusal page, or the origin's response fetched over plain HTTP;
                 requests the native engine's parsers refuse get its 400 bad-request
@@ -44,7 +46,6 @@ import functools
 import inspect
 import logging
 import os
-import socket
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -62,11 +63,11 @@ from mitmproxy.net.http.validate import validate_headers
 from OpenSSL import SSL
 
 from lab.binding import bind_error
-from lab.edge import pages
-from lab.edge.certstore import ALPN, CertStore
+from lab.edge import hello, pages
+from lab.edge.admission import ConnectionCaps, Refusals, descriptor_cap
+from lab.edge.certstore import ALPN, TLS12_CIPHERS, CertStore, refusal
 from lab.edge.core import EdgeCore, Request, absolute_authority
 from lab.edge.http2 import malformed as malformed_h2
-from lab.edge.tls import HANDSHAKE_TIMEOUT
 from lab.events import Events, new_trace
 from lab.hostnorm import HostError, normalize
 from lab.pki import LabCA
@@ -95,19 +96,19 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     return SSL.NO_OVERLAPPING_PROTOCOLS  # no ALPN in the ServerHello, like the native engine
 
 
-def _no_tickets(ctx: SSL.Context) -> None:
-    # No resumption, as the native engine: every connection's certificate is chosen by its SNI.
+def _server_context() -> SSL.Context:
+    """The native engine's settings (certstore.server_context) for pyOpenSSL: TLS >= 1.2, AEAD
+    suites, and no resumption at all, which pyOpenSSL can switch off: no tickets, no cache."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(TLS12_CIPHERS.encode())
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    set_num_tickets = getattr(getattr(SSL, "_lib", None), "SSL_CTX_set_num_tickets", None)
-    if set_num_tickets is not None and hasattr(ctx, "_context"):
-        set_num_tickets(ctx._context, 0)
+    return ctx
 
 
 def _leaf_context(cert: str, key: str) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    _no_tickets(ctx)
+    ctx = _server_context()
     ctx.use_certificate_chain_file(cert)
     ctx.use_privatekey_file(key)
     ctx.check_privatekey()
@@ -129,9 +130,7 @@ def _refusing_context() -> tuple[SSL.Context, str]:
     """
     global _refusing
     if _refusing is None:
-        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        _no_tickets(ctx)
+        ctx = _server_context()
         ctx.set_alpn_select_callback(_select_alpn)
         alert = "handshake_failure"
         try:
@@ -209,8 +208,10 @@ class _Conn:
     client: str
     id: str = field(default_factory=new_trace)
     first_trace: str | None = None
-    sni: str | None = None
+    sni: str | None = None  # as sent (hello.shown)
+    sni_raw: bytes | None = None
     cert_names: tuple[str, ...] = ()
+    admitted: bool = False  # counted in the connection caps
     failure: str | None = None  # why the handshake cannot succeed, when the edge knows
     error_reported: bool = False
     timer: asyncio.TimerHandle | None = None  # the handshake timeout
@@ -262,8 +263,16 @@ class _Connections:
             client.error = "the edge is stopping"
             return
         st = self.edge._conn(client)
+        limits = self.edge.world.limits
+        why = self.edge.caps.admit(st.client, limits)
+        if why is not None:
+            client.error = why  # mitmproxy closes it before reading a byte
+            self.edge.refusals.connection(client=st.client, listener=st.listener, conn=st.id, why=why)
+            return
+        st.admitted = True
         # As the native engine: a client that has not finished its handshake in time is dropped.
-        st.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self.edge._handshake_timeout, client)
+        st.timer = asyncio.get_running_loop().call_later(limits.handshake_timeout, self.edge._handshake_timeout,
+                                                         client)
 
     @_guarded
     def client_disconnected(self, client) -> None:
@@ -272,6 +281,9 @@ class _Connections:
         st = self.edge._conns.get(client)
         if st is not None:
             st.stop_timer()
+            if st.admitted:
+                st.admitted = False
+                self.edge.caps.release(st.client)
 
 
 class _CertBySni:
@@ -284,7 +296,14 @@ class _CertBySni:
     def tls_clienthello(self, data) -> None:
         client = data.context.client
         st = self.edge._conn(client)
-        st.sni = data.client_hello.sni
+        try:
+            st.sni_raw = next((hello.server_name(body) for kind, body in data.client_hello.extensions
+                               if kind == hello.SERVER_NAME), None)
+        except hello.HelloError as e:
+            st.failure = f"unrecognized_name: {e.reason}"
+        st.sni = hello.shown(st.sni_raw)
+        if st.sni_raw is not None and not st.sni_raw.isascii():
+            self.edge.refusals.non_ascii_sni(client=st.client, sni=st.sni)
         self.edge.events.emit("tls.clienthello", trace=st.id, conn=st.id, listener=st.listener, sni=st.sni,
                               client=st.client)
 
@@ -294,13 +313,13 @@ class _CertBySni:
             return
         client = data.conn
         st = self.edge._conn(client)
-        found = self.edge.certs.lookup(client.sni)
+        found = None if st.failure else self.edge.certs.lookup(st.sni_raw)
         if found is None:
             ctx, alert = _refusing_context()
-            st.failure = f"{alert}: no certificate for this SNI"
+            st.failure = st.failure or refusal(st.sni_raw).replace("unrecognized_name", alert, 1)
         else:
-            st.cert_names = found[0]
-            ctx = self.edge._tls.get(found[0])
+            st.cert_names = found.names
+            ctx = self.edge._tls.get(found.names)
         conn = _EdgeTLS(ctx)
         conn._lab_on_failure = functools.partial(self.edge._tls_failed_now, client, st)
         conn.set_accept_state()
@@ -312,8 +331,8 @@ class _CertBySni:
         st = self.edge._conn(client)
         st.stop_timer()
         alpn = client.alpn.decode() if client.alpn else "http/1.1"
-        self.edge.events.emit("tls.cert", trace=st.id, conn=st.id, listener=st.listener, sni=client.sni,
-                              names=list(st.cert_names), alpn=alpn, version=client.tls_version)
+        self.edge.events.emit("tls.cert", trace=st.id, conn=st.id, listener=st.listener, sni=st.sni,
+                              names=list(st.cert_names), alpn=alpn, version=client.tls_version, resumed=False)
 
     @_guarded
     def tls_failed_client(self, data) -> None:
@@ -422,7 +441,7 @@ def _lab_request(flow: http.HTTPFlow, st: _Conn, core: EdgeCore) -> Request:
     target = Target(hosts=tuple(v for k, v in headers if k.lower() == "host"), authority=authority,
                     absolute=absolute, path=path_qs.split("?", 1)[0])
     req = Request(method=r.method, target=target, path_qs=path_qs, headers=headers, body=r.raw_content or b"",
-                  client=st.client, sni=flow.client_conn.sni, conn=st.id, trace="")
+                  client=st.client, sni=st.sni, conn=st.id, trace="")
     req.trace = core.trace_of(headers, st.next_trace())
     return req
 
@@ -512,6 +531,8 @@ class MitmEdge:
         self._by_spec: dict[str, str] = {}  # mitmproxy mode spec -> listener name
         self._stopping = False
         self._log_level: int | None = None
+        self.caps = ConnectionCaps()
+        self.refusals = Refusals(events)
 
     @property
     def world(self) -> World:
@@ -532,6 +553,7 @@ class MitmEdge:
             raise RuntimeError("a mitmproxy edge is already running in this process "
                                "(mitmproxy keeps its state in module globals: one engine per process)")
         MitmEdge._active = self
+        self.caps = ConnectionCaps(descriptor_cap(self.world.limits.descriptor_reserve))
         await self.core.start()
         try:
             return await self._start()
@@ -582,12 +604,13 @@ class MitmEdge:
         seen: dict[tuple[str, int], str] = {}
         for listener in self.world.listeners:
             port = listener.port
-            if port == 0:
-                # Pick the free port here: mitmproxy refuses two modes on the same "host:0".
-                port = _free_port(listener)
-            elif (listener.host, port) in seen:
+            if (listener.host, port) in seen:
+                # mitmproxy serves one mode per address, and takes "host:0" as one address: the
+                # port it binds is only known after. Port 0 on a host of its own is fine.
+                why = ("mitmproxy binds one free port per host: give it a port"
+                       if port == 0 else f"listener {seen[(listener.host, port)]} has this address")
                 raise OSError(errno.EADDRINUSE, f"edge listener {listener.name}: cannot bind {listener.host}:{port}: "
-                                                f"listener {seen[(listener.host, port)]} has this address")
+                                                f"{why}")
             seen[(listener.host, port)] = listener.name
             specs[f"{UNROUTED}@{listener.host}:{port}"] = (listener, port)
         return specs
@@ -686,7 +709,7 @@ class MitmEdge:
         if st.error_reported:
             return
         st.error_reported = True
-        self.events.emit("tls.error", trace=st.id, conn=st.id, listener=st.listener, sni=client.sni,
+        self.events.emit("tls.error", trace=st.id, conn=st.id, listener=st.listener, sni=st.sni,
                          error=st.failure or reason)
 
     def _close_client(self, client_id: str) -> None:
@@ -727,16 +750,6 @@ def _bind_error(listener: Listener, port: int, exc: BaseException | None) -> OSE
     if not isinstance(cause, OSError) or not cause.errno:
         cause = OSError(errno.EADDRNOTAVAIL, str(cause) if cause else "")
     return bind_error(f"edge listener {listener.name}", listener.host, port, cause)
-
-
-def _free_port(listener: Listener) -> int:
-    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((listener.host, 0))
-        except OSError as e:
-            raise bind_error(f"edge listener {listener.name}", listener.host, 0, e) from None
-        return s.getsockname()[1]
 
 
 def _mitmproxy_tasks() -> set[asyncio.Task]:

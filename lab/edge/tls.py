@@ -1,10 +1,19 @@
 """TLS over MemoryBIO, so the edge controls every byte of the handshake.
 
-asyncio's own SSL transport closes TCP when the handshake fails, dropping the alert
-OpenSSL queued; here the outgoing BIO is always flushed first, so a client asking for an
-SNI the edge holds nothing for sees a real `unrecognized_name` (112) alert on the wire.
-After the handshake the connection is a plain asyncio transport for the HTTP protocol
-chosen by ALPN (aiohttp for http/1.1, h2 for h2).
+The ClientHello is read first (`hello`) and the certificate chosen from its SNI before
+OpenSSL sees a byte: a name the edge holds nothing for, a name that is no host name, or
+bytes that are no ClientHello are answered here, with the alert written by the edge
+(`unrecognized_name` (112) for a bad SNI) and no TLS work at all. Alerts OpenSSL queues
+later are sent too: the outgoing BIO is always flushed before TCP is closed (asyncio's own
+SSL transport would drop them). After the handshake the connection is a plain asyncio
+transport for the HTTP protocol chosen by ALPN (aiohttp for http/1.1, h2 for h2).
+
+Resumption. Tickets are off in every version (`certstore.server_context`). The stdlib has
+no switch for OpenSSL's TLS 1.2 session-ID cache, and that cache lives in the context a
+connection *starts* on. So a connection starts on a context of its own listener and name
+(`SessionContexts`): a session made for www.victim.example on one listener resumes only
+there, for that name, never on another listener or under another SNI (the CVE-2025-23419
+class); anywhere else the client gets a full handshake.
 """
 from __future__ import annotations
 
@@ -12,34 +21,88 @@ import asyncio
 import ssl
 from typing import Any, Callable
 
+from lab.edge import hello
+from lab.edge.admission import Refusals
+from lab.edge.certstore import Cert, refusal, server_context
 from lab.events import Events, new_trace
+from lab.hostnorm import HostError, sni_name
+from lab.topology import Listener
 
 READ_CHUNK = 256 * 1024
-HANDSHAKE_TIMEOUT = 10.0
+
+
+class SessionContexts:
+    """The context each connection starts on, one per (listener, name), newest kept.
+
+    Dropping a context drops its sessions: those clients get a full handshake, nothing
+    worse. `sessions` bounds each cache (the stdlib cannot size it), `size` how many
+    there are, so memory stays bounded whatever names a wildcard lets clients send.
+    """
+
+    def __init__(self, size: int = 128, sessions: int = 160) -> None:
+        self.size = size
+        self.sessions = sessions
+        self._by_key: dict[tuple[str, str], ssl.SSLContext] = {}
+
+    def get(self, listener: str, name: str) -> ssl.SSLContext:
+        key = (listener, name)
+        ctx = self._by_key.pop(key, None)
+        if ctx is None or ctx.session_stats()["number"] >= self.sessions:
+            ctx = server_context()
+            ctx.sni_callback = _switch_context
+        self._by_key[key] = ctx  # last in, newest
+        while len(self._by_key) > self.size:
+            del self._by_key[next(iter(self._by_key))]
+        return ctx
+
+
+def _switch_context(sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext):
+    """OpenSSL's moment to switch to the certificate already chosen from the ClientHello."""
+    conn: TLSConnection = sslobj._lab_conn
+    try:
+        same = server_name is not None and sni_name(server_name) == conn.cert.name
+    except HostError:
+        same = False
+    if not same:  # a second ClientHello (after HelloRetryRequest) naming another host
+        return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+    sslobj.context = conn.cert.context
+    return None
 
 
 class TLSConnection(asyncio.Protocol, asyncio.Transport):
-    """Protocol towards the socket, Transport towards the HTTP protocol above it."""
+    """Protocol towards the socket, Transport towards the HTTP protocol above it.
 
-    def __init__(self, edge: Any, listener: Any, base_ctx: ssl.SSLContext,
-                 app_factory: Callable[["TLSConnection"], asyncio.Protocol]) -> None:
+    Handed what it needs: the certificate lookup, the session contexts, the events and
+    how to tell of refusals, the handshake timeout, and two callbacks of its engine:
+    `admit` (may this client connect at all) and `on_close` (it is gone).
+    """
+
+    def __init__(self, listener: Listener, *, lookup: Callable[[bytes | None], Cert | None],
+                 contexts: SessionContexts, events: Events, refusals: Refusals, handshake_timeout: float,
+                 app_factory: Callable[["TLSConnection", str], asyncio.Protocol],
+                 admit: Callable[["TLSConnection"], bool], on_close: Callable[["TLSConnection"], None]) -> None:
         asyncio.Transport.__init__(self)
-        self.edge = edge
         self.listener = listener
-        self.events: Events = edge.events
+        self.lookup = lookup
+        self.contexts = contexts
+        self.events = events
+        self.refusals = refusals
+        self.handshake_timeout = handshake_timeout
+        self.app_factory = app_factory
+        self.admit = admit
+        self.on_close = on_close
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.sslobj = base_ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
-        self.sslobj._lab_conn = self  # read back in the SNI callback
-        self.app_factory = app_factory
+        self.sslobj: ssl.SSLObject | None = None  # once the ClientHello named a certificate
+        self.hello = bytearray()  # the ClientHello so far
         self.app: asyncio.Protocol | None = None
         self.transport: asyncio.Transport | None = None
-        self.sni: str | None = None
-        self.sni_seen = False  # the SNI callback ran (with or without a name)
-        self.cert_names: tuple[str, ...] = ()
+        self.sni: str | None = None  # as sent (hello.shown)
+        self.cert: Cert | None = None
         self.conn_id = new_trace()
         self.first_trace: str | None = self.conn_id  # the first request reuses it: one story per trace
         self.peer: tuple = ("", 0)
+        self.admitted = False
         self.closing = False
         self._timeout: asyncio.TimerHandle | None = None
 
@@ -47,15 +110,31 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername") or ("", 0)
-        self._timeout = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        self.admitted = self.admit(self)
+        if not self.admitted:
+            self.closing = True
+            transport.close()
+            return
+        self._timeout = asyncio.get_running_loop().call_later(self.handshake_timeout, self._handshake_timeout)
 
     def _handshake_timeout(self) -> None:
         if self.app is None:
-            self.events.emit("tls.error", trace=self.conn_id, conn=self.conn_id, listener=self.listener.name,
-                             sni=self.sni, error="handshake timeout")
+            self._tls_error("handshake timeout")
             self.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.sslobj is None:
+            self.hello += data
+            try:
+                first = hello.client_hello(self.hello)
+            except hello.HelloError as e:
+                self._refuse(e.reason, e.alert)
+                return
+            if first is None or not self._start_tls(first.sni):
+                return
+            data, self.hello = bytes(self.hello), bytearray()
         self.incoming.write(data)
         if self.app is None:
             try:
@@ -64,31 +143,56 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
                 self._flush()
                 return
             except (ssl.SSLError, OSError) as e:
-                self._flush()  # carries the alert (112 for an SNI without a certificate)
-                self._handshake_failed(e)
+                self._flush()  # carries OpenSSL's alert
+                self._handshake_failed(getattr(e, "reason", None) or str(e))
                 return
             self._flush()
             self._handshake_done()
         self._read_app_data()
 
-    def _handshake_failed(self, e: Exception) -> None:
-        if self._timeout:
-            self._timeout.cancel()
-        reason = getattr(e, "reason", None) or str(e)
-        if not self.cert_names and self.sni_seen:
-            reason = "unrecognized_name: no certificate for this SNI"
-        self.events.emit("tls.error", trace=self.conn_id, conn=self.conn_id, listener=self.listener.name,
-                         sni=self.sni, error=reason)
+    def _start_tls(self, sni: bytes | None) -> bool:
+        """The certificate for this ClientHello's SNI, and OpenSSL from here on; False if none."""
+        self.sni = hello.shown(sni)
+        self.events.emit("tls.clienthello", trace=self.conn_id, conn=self.conn_id, listener=self.listener.name,
+                         sni=self.sni, client=self.peer[0])
+        self.cert = self.lookup(sni)
+        if self.cert is None:
+            if sni is not None and not sni.isascii():
+                self.refusals.non_ascii_sni(client=self.peer[0], sni=self.sni)
+            self._refuse(refusal(sni), hello.UNRECOGNIZED_NAME)
+            return False
+        self.sslobj = self.contexts.get(self.listener.name, self.cert.name).wrap_bio(
+            self.incoming, self.outgoing, server_side=True)
+        self.sslobj._lab_conn = self  # read back in _switch_context
+        return True
+
+    def _refuse(self, reason: str, alert: int | None) -> None:
+        """Answer the ClientHello with an alert of the edge's own, before any TLS work."""
+        if alert is not None and self.transport:
+            self.transport.write(hello.alert(alert))
+        self._handshake_failed(reason)
+
+    def _handshake_failed(self, reason: str) -> None:
+        self._tls_error(reason)
         self.closing = True
         if self.transport:
             self.transport.close()
 
+    def _tls_error(self, reason: str) -> None:
+        if self._timeout:
+            self._timeout.cancel()
+            self._timeout = None
+        self.events.emit("tls.error", trace=self.conn_id, conn=self.conn_id, listener=self.listener.name,
+                         sni=self.sni, error=reason)
+
     def _handshake_done(self) -> None:
         if self._timeout:
             self._timeout.cancel()
+            self._timeout = None
         alpn = self.sslobj.selected_alpn_protocol() or "http/1.1"
         self.events.emit("tls.cert", trace=self.conn_id, conn=self.conn_id, listener=self.listener.name,
-                         sni=self.sni, names=list(self.cert_names), alpn=alpn, version=self.sslobj.version())
+                         sni=self.sni, names=list(self.cert.names), alpn=alpn, version=self.sslobj.version(),
+                         resumed=self.sslobj.session_reused)
         self.app = self.app_factory(self, alpn)
         self.app.connection_made(self)
 
@@ -99,14 +203,14 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                self._flush()
-                self.app.eof_received()
-                self.close()
-                break
+                chunk = b""
             except (ssl.SSLError, OSError):
                 self.abort()
                 break
-            if not chunk:
+            if not chunk:  # close_notify (the stdlib reads it as b"", or raises): the client is done
+                self._flush()
+                self.app.eof_received()
+                self.close()
                 break
             self.app.data_received(chunk)
         self._flush()
@@ -124,8 +228,9 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timeout:
             self._timeout.cancel()
+            self._timeout = None
         self.closing = True
-        self.edge.connections.discard(self)
+        self.on_close(self)
         if self.app is not None:
             app, self.app = self.app, None
             app.connection_lost(exc)
@@ -162,11 +267,12 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         if self.closing:
             return
         self.closing = True
-        try:
-            self.sslobj.unwrap()  # queue close_notify
-        except (ssl.SSLError, OSError, ValueError):
-            pass
-        self._flush()
+        if self.sslobj is not None:
+            try:
+                self.sslobj.unwrap()  # queue close_notify
+            except (ssl.SSLError, OSError, ValueError):
+                pass
+            self._flush()
         if self.transport:
             self.transport.close()
 
@@ -197,7 +303,7 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         if name == "ssl_object":
             return self.sslobj
         if name == "sslcontext":
-            return self.sslobj.context
+            return self.sslobj.context if self.sslobj else None
         if name == "peercert":
             return None
         if name == "socket":
@@ -208,20 +314,3 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         trace, self.first_trace = self.first_trace, None
         return trace or new_trace()
 
-
-def sni_callback(edge: Any) -> Callable:
-    """The certificate choice: by SNI, from the edge's store, never minted."""
-
-    def callback(sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext):
-        conn: TLSConnection = sslobj._lab_conn
-        conn.sni = server_name
-        conn.sni_seen = True
-        edge.events.emit("tls.clienthello", trace=conn.conn_id, conn=conn.conn_id, listener=conn.listener.name,
-                         sni=server_name, client=conn.peer[0])
-        found = edge.certs.lookup(server_name)
-        if found is None:
-            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        conn.cert_names, sslobj.context = found
-        return None
-
-    return callback
