@@ -28,11 +28,22 @@ from hypothesis import strategies as st
 
 from lab.dns import CACHE_MAX, Resolver, dig_command, query
 from lab.events import Events
+from lab.resolver import TRACE_OPTION, Override, Zones
 from lab.topology import load
 
 HOST = "127.0.0.1"
 OTHER_CLIENT = "127.0.0.5"  # a second source address on loopback (Linux routes all of 127/8)
 ANYCAST, SAAS_V1 = "127.0.0.10", "127.0.0.11"
+
+
+class Clock:
+    """A wall clock the test moves by hand: expiry without sleeping."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -41,11 +52,27 @@ def events() -> Events:
 
 
 @pytest.fixture
-async def lab(events):
-    resolver = Resolver(load(), events)
+def clock() -> Clock:
+    return Clock()
+
+
+def limited(**limits):
+    """The default world with some `[limits]` changed, as a world file would."""
+    world = load()
+    return dataclasses.replace(world, limits=dataclasses.replace(world.limits, **limits))
+
+
+async def serve(world, events, clock=time.time) -> SimpleNamespace:
+    resolver = Resolver(world, events, clock=clock)
     host, port = await resolver.start(HOST, 0)
-    yield SimpleNamespace(resolver=resolver, events=events, host=host, port=port)
-    await resolver.stop()
+    return SimpleNamespace(resolver=resolver, events=events, host=host, port=port, clock=clock)
+
+
+@pytest.fixture
+async def lab(events, clock):
+    running = await serve(load(), events, clock)
+    yield running
+    await running.resolver.stop()
 
 
 def _need(tool: str):
@@ -274,22 +301,24 @@ async def test_targeted_poisoning_seen_from_dig(lab):
 
 
 async def test_poisoning_expires(lab):
-    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=0.5)
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=30)
     assert addresses(await ask(lab, "www.victim.example")) == [SAAS_V1]
-    await asyncio.sleep(0.7)
+    lab.clock.now += 29.9
+    assert addresses(await ask(lab, "www.victim.example")) == [SAAS_V1]  # from the cache, still valid
+    lab.clock.now += 0.1
     assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
     assert lab.resolver.overrides() == []
 
 
 async def test_poisoning_with_absolute_expiry(lab):
-    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=time.time() + 0.5)
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=lab.clock.now + 30)
     assert addresses(await ask(lab, "www.victim.example")) == [SAAS_V1]
-    await asyncio.sleep(0.7)
+    lab.clock.now += 31
     assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
 
 
 async def test_override_with_an_absolute_expiry_already_past_never_applies(lab):
-    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=time.time() - 5)
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=lab.clock.now - 5)
     assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
     assert lab.resolver.overrides() == []
 
@@ -392,17 +421,16 @@ def test_record_arguments_are_checked():
 def test_answer_cache_stays_bounded():
     r = Resolver(load(), Events(maxlen=10))
     for i in range(CACHE_MAX * 2):
-        wire = r.answer(bytes(dns.message.make_query(f"n{i}.victim.example", "A").to_wire()), HOST)
+        wire = r.respond(bytes(dns.message.make_query(f"n{i}.victim.example", "A").to_wire()), HOST)
         assert wire is not None
     assert len(r._udp_cache) <= CACHE_MAX
 
 
 async def test_stop_frees_both_udp_and_tcp_and_hangs_up_on_clients(events):
-    resolver = Resolver(load(), events)
-    resolver.tcp_idle_timeout = 60  # so only stop() can be what hangs up
-    host, port = await resolver.start(HOST, 0)
+    running = await serve(limited(dns_tcp_idle_timeout=60), events)  # so only stop() can be what hangs up
+    resolver, host, port = running.resolver, running.host, running.port
     reader, writer = await asyncio.open_connection(host, port)
-    await asyncio.sleep(0.05)  # let the server take the connection in
+    await until(lambda: resolver.tcp_clients == 1)  # the server has taken the connection in
     await resolver.stop()
     assert await _closed_by_server(reader)
     writer.close()
@@ -503,7 +531,7 @@ async def test_random_bytes_never_stop_it(lab):
 @given(st.binary(max_size=700))
 def test_any_bytes_get_a_formerr_or_nothing_never_an_exception(data):
     r = Resolver(load(), Events(maxlen=50))
-    wire = r.answer(data, HOST)
+    wire = r.respond(data, HOST)
     assert wire is None or wire[:2] == data[:2]
 
 
@@ -512,7 +540,7 @@ async def test_error_events_are_rate_limited_under_a_flood(lab):
     assert addresses(await ask_like_a_stub(lab)) == [ANYCAST]
     errors = _errors(lab)
     assert 0 < len(errors) < 2000
-    await asyncio.sleep(0.2)  # let the bucket refill a little
+    lab.clock.now += 0.2  # the bucket refills a little
     await udp_exchange(lab, b"\x00")
     assert _errors(lab)[-1]["suppressed"] > 0
 
@@ -521,11 +549,20 @@ async def tcp_good_query(lab) -> dns.message.Message:
     return await ask(lab, "www.victim.example", tcp=True)
 
 
-async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+async def _closed_by_server(reader: asyncio.StreamReader, within: float = 10) -> bool:
     try:
-        return await asyncio.wait_for(reader.read(), 10) == b""
+        return await asyncio.wait_for(reader.read(), within) == b""
     except ConnectionResetError:
         return True
+
+
+async def until(condition, seconds: float = 5.0) -> None:
+    """Wait, bounded, for something the server does on its own schedule."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        assert loop.time() < deadline, f"not within {seconds}s"
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("payload", [
@@ -544,15 +581,29 @@ async def test_tcp_bad_length_prefix_is_dropped(lab, payload):
 
 @pytest.mark.parametrize("payload", [b"", b"\x00", b"\x00\x28" + b"\0" * 10],
                          ids=["silent", "half-prefix", "half-message"])
-async def test_tcp_idle_or_half_message_times_out(lab, payload):
-    lab.resolver.tcp_idle_timeout = 0.3
-    before = len(_errors(lab))
-    reader, writer = await asyncio.open_connection(lab.host, lab.port)
-    writer.write(payload)
-    assert await _closed_by_server(reader)
-    writer.close()
-    assert len(_errors(lab)) == before + 1
-    assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+async def test_tcp_idle_or_half_message_times_out(events, payload):
+    lab = await serve(limited(dns_tcp_idle_timeout=0.3), events)  # set where a user sets it: the world
+    try:
+        reader, writer = await asyncio.open_connection(lab.host, lab.port)
+        writer.write(payload)
+        assert await _closed_by_server(reader, within=5)
+        writer.close()
+        assert len(_errors(lab)) == 1
+        assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+    finally:
+        await lab.resolver.stop()
+
+
+async def test_tcp_idle_timeout_after_answers_frees_the_slot(events):
+    lab = await serve(limited(dns_tcp_idle_timeout=0.3), events)
+    try:
+        reader, writer = await asyncio.open_connection(lab.host, lab.port)
+        assert await tcp_exchange(reader, writer)
+        assert await _closed_by_server(reader, within=5)
+        writer.close()
+        await until(lambda: lab.resolver.tcp_clients == 0)
+    finally:
+        await lab.resolver.stop()
 
 
 async def test_tcp_half_message_then_hang_up(lab):
@@ -583,28 +634,57 @@ async def test_tcp_pipelined_queries_on_one_connection(lab):
     assert got == [1, 2, 3]
 
 
-async def test_tcp_connections_are_bounded(lab):
-    lab.resolver.max_tcp_clients = 4
-    conns = [await asyncio.open_connection(lab.host, lab.port) for _ in range(10)]
-    served = 0
-    for reader, writer in conns:
-        wire = _good_query()
-        try:
-            writer.write(len(wire).to_bytes(2, "big") + wire)
-            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 5), "big")
-            await reader.readexactly(size)
-            served += 1
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-    assert served == 4
-    assert any("TCP clients" in e["reason"] for e in _errors(lab))
-    for _, writer in conns:
-        writer.close()
-    for _ in range(250):  # the server sees the hang-ups, then has room again
-        if lab.resolver.tcp_clients == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+async def tcp_exchange(reader, writer) -> bool:
+    """One query on an open connection: True when answered, False when the server hung up."""
+    wire = _good_query()
+    try:
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 5), "big")
+        return dns.message.from_wire(await reader.readexactly(size)).id == 0x4242
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return False
+
+
+async def held_connections(lab, source: str, n: int) -> list[tuple]:
+    """n connections from `source`, each asked once: (reader, writer, answered)."""
+    out = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection(lab.host, lab.port, local_addr=(source, 0))
+        out.append((reader, writer, await tcp_exchange(reader, writer)))
+    return out
+
+
+async def test_tcp_connections_are_bounded_per_client_and_in_all(events):
+    lab = await serve(limited(dns_tcp_max_connections=4, dns_tcp_per_client=3), events)
+    conns = []
+    try:
+        conns += await held_connections(lab, "127.0.0.5", 4)
+        assert [ok for *_, ok in conns] == [True, True, True, False]  # the fourth from one client is refused
+        conns += await held_connections(lab, "127.0.0.6", 2)
+        assert [ok for *_, ok in conns[4:]] == [True, False]  # the one slot left, then the total is reached
+        reasons = [e["reason"] for e in _errors(lab)]
+        assert reasons == ["more than 3 TCP connections from one client", "4 TCP connections open, the limit"]
+        for _, writer, _ in conns:
+            writer.close()
+        await until(lambda: lab.resolver.tcp_clients == 0)  # the server sees the hang-ups, then has room again
+        assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+    finally:
+        for _, writer, _ in conns:
+            writer.close()
+        await lab.resolver.stop()
+
+
+@_need("dig")
+async def test_one_client_holding_every_connection_cannot_starve_others(lab):
+    """The probe's finding: 128 connections from one address made every `dig +tcp` fail."""
+    hog = await held_connections(lab, "127.0.0.5", 128)
+    try:
+        assert sum(ok for *_, ok in hog) == load().limits.dns_tcp_per_client
+        got = await cli("dig", lab.port, "+tcp", "-b", "127.0.0.6", "www.victim.example")
+        assert got.status == "NOERROR" and got.answer == [("www.victim.example", "A", ANYCAST)]
+    finally:
+        for _, writer, _ in hog:
+            writer.close()
 
 
 # ---- the client and `sni-lab dig` ----------------------------------------------------------
