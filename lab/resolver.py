@@ -190,6 +190,7 @@ class Zones:
             reply.set_header_qa()
             wire = reply.pack()
             answer = []
+        wire = bytes(wire)  # dnslib packs into a bytearray
         info = {"name": shown, "type": qtype, "rcode": "BADVERS" if rcode == BADVERS else RCODE.get(rcode, str(rcode)),
                 "answers": [_text(r[3]) for r in answer], "poisoned": bool(used),
                 "override": used[0].id if used else None, "trace": _trace(opt)}

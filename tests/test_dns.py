@@ -17,9 +17,11 @@ import time
 from types import SimpleNamespace
 
 import dns.asyncquery
+import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rdatatype
 import pytest
@@ -28,7 +30,7 @@ from hypothesis import strategies as st
 
 from lab.dns import CACHE_MAX, Resolver, dig_command, query
 from lab.events import Events
-from lab.resolver import TRACE_OPTION, Override, Zones
+from lab.resolver import TRACE_OPTION, Override, Zones, wire_name, world_records
 from lab.topology import load
 
 HOST = "127.0.0.1"
@@ -685,6 +687,131 @@ async def test_one_client_holding_every_connection_cannot_starve_others(lab):
     finally:
         for _, writer, _ in hog:
             writer.close()
+
+
+# ---- the answer, without sockets or clocks -------------------------------------------------
+
+def _addresses_in(wire: bytes) -> list[str]:
+    return addresses(dns.message.from_wire(wire))
+
+
+def test_the_answer_is_a_function_of_query_client_and_time():
+    world = load()
+    poison = Override("ovr-7", "www.victim.example", "A", ("listener:saas-v1",), expires_at=1000.0)
+    targeted = Override("ovr-8", "www.victim.example", "A", ("127.0.0.12",), client=OTHER_CLIENT)
+    zones = Zones.build(world, world_records(world), (poison, targeted))
+    q = _good_query()
+    wire, info = zones.answer(q, HOST, now=999.0)
+    assert _addresses_in(wire) == [SAAS_V1]
+    assert (info["name"], info["rcode"], info["poisoned"], info["override"]) == ("www.victim.example", "NOERROR", True, "ovr-7")
+    assert zones.answer(q, HOST, now=999.0) == (wire, info)  # same inputs, same answer
+    wire, info = zones.answer(q, HOST, now=1000.0)  # expired at exactly expires_at
+    assert _addresses_in(wire) == [ANYCAST] and (info["poisoned"], info["override"]) == (False, None)
+    wire, info = zones.answer(q, OTHER_CLIENT, now=5000.0)
+    assert _addresses_in(wire) == ["127.0.0.12"] and info["override"] == "ovr-8"
+    assert zones.valid_until == 1000.0
+
+
+def test_the_answer_tells_errors_apart_from_answers():
+    zones = Zones.build(load(), world_records(load()))
+    assert zones.answer(b"\x12\x34\x01", HOST, 0.0) == (None, {"error": "truncated header"})
+    wire, info = zones.answer(_header(0x1111, 2) + _question("www.victim.example") * 2, HOST, 0.0)
+    assert dns.message.from_wire(wire, question_only=True).rcode() == dns.rcode.FORMERR and "malformed" in info["error"]
+
+
+def test_the_answer_module_is_pure():
+    import ast
+    import inspect
+
+    import lab.resolver
+
+    tree = ast.parse(inspect.getsource(lab.resolver))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"asyncio", "socket", "time", "selectors", "threading", "aiohttp", "sqlite3", "logging",
+                           "lab.dns", "lab.events", "lab.state", "lab.control", "lab.run"}, imported
+
+
+# ---- joins: the trace a query carries (EDNS0 option) --------------------------------------
+
+async def test_trace_option_puts_the_requests_trace_on_its_answer(lab):
+    lab.resolver.set_record("huge.victim.example", "A", _many_addresses(120))  # truncated over UDP: asked again on TCP
+    for name, trace in (("www.victim.example", "req-1_A"), ("huge.victim.example", "x" * 64)):
+        await query(name, "A", lab.host, lab.port, trace=trace)
+        await query(name, "A", lab.host, lab.port)  # the same question with no trace, from the cache
+        mine = lab.events.trace(trace)
+        assert {e["name"] for e in mine} == {name} and all(e["kind"] == "dns.answer" for e in mine)
+        assert [e["transport"] for e in mine] == (["udp"] if name.startswith("www") else ["udp", "tcp"])
+        assert answers(lab.events)[-1]["trace"] is None
+    with pytest.raises(ValueError, match="trace"):
+        await query("www.victim.example", "A", lab.host, lab.port, trace="bad trace")
+
+
+BAD_TRACE_OPTIONS = {
+    "space": [dns.edns.GenericOption(TRACE_OPTION, b"has space")],
+    "65-chars": [dns.edns.GenericOption(TRACE_OPTION, b"x" * 65)],
+    "empty": [dns.edns.GenericOption(TRACE_OPTION, b"")],
+    "non-ascii": [dns.edns.GenericOption(TRACE_OPTION, "caf\u00e9".encode())],
+    "twice": [dns.edns.GenericOption(TRACE_OPTION, b"one"), dns.edns.GenericOption(TRACE_OPTION, b"two")],
+    "other-option": [dns.edns.GenericOption(TRACE_OPTION + 1, b"not-ours")],
+}
+
+
+async def test_a_bad_trace_option_is_ignored_and_the_query_answered(lab):
+    async def trace_of(options) -> str | None:
+        q = dns.message.make_query("www.victim.example", "A", use_edns=0, options=options)
+        reply = await dns.asyncquery.udp(q, lab.host, timeout=2, port=lab.port)
+        assert addresses(reply) == [ANYCAST]
+        event = answers(lab.events)[-1]
+        assert event["rcode"] == "NOERROR"
+        return event["trace"]
+
+    assert await trace_of([dns.edns.GenericOption(TRACE_OPTION, b"good-1")]) == "good-1"  # dnspython's, not ours
+    assert {kind: await trace_of(options) for kind, options in BAD_TRACE_OPTIONS.items()} == \
+           dict.fromkeys(BAD_TRACE_OPTIONS)
+
+
+# ---- names and types the lab does not serve ------------------------------------------------
+
+def test_wire_name_is_the_one_conversion():
+    assert wire_name((b"WWW", b"Victim", b"example")) == "www.victim.example"
+    assert wire_name(()) == ""
+    assert wire_name((b"a.b", b"victim", b"example")) is None
+    assert wire_name((b"a\x00b", b"example")) is None
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+@pytest.mark.parametrize("labels, rcode, shown", [
+    ((b"a.b", b"victim", b"example"), dns.rcode.NXDOMAIN, "a\\.b.victim.example"),
+    ((b"www.victim", b"example"), dns.rcode.REFUSED, "www\\.victim.example"),
+    ((b"www", b"victim.example"), dns.rcode.REFUSED, "www.victim\\.example"),
+], ids=["below-the-zone", "zone-split", "zone-as-one-label"])
+async def test_a_label_holding_a_dot_is_not_two_labels(lab, tcp, labels, rcode, shown):
+    lab.resolver.set_record("a.b.victim.example", "A", "127.0.0.50")  # the two-label reading exists
+    q = dns.message.make_query(dns.name.Name(labels + (b"",)), "A")
+    reply = await (dns.asyncquery.tcp if tcp else dns.asyncquery.udp)(q, lab.host, timeout=2, port=lab.port)
+    assert reply.rcode() == rcode and reply.answer == []
+    if rcode == dns.rcode.NXDOMAIN:
+        assert str(reply.authority[0].name) == "victim.example." and reply.flags & dns.flags.AA
+    assert answers(lab.events)[-1]["name"] == shown
+    assert addresses(await ask(lab, "a.b.victim.example", tcp=tcp)) == ["127.0.0.50"]
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+@pytest.mark.parametrize("qtype, rcode", [("AXFR", dns.rcode.REFUSED), ("IXFR", dns.rcode.REFUSED),
+                                          ("MAILB", dns.rcode.NOTIMP)])
+async def test_zone_transfers_are_refused(lab, tcp, qtype, rcode):
+    reply = await ask(lab, "victim.example", qtype, tcp=tcp)
+    assert reply.rcode() == rcode and reply.answer == [] and not reply.flags & dns.flags.AA
+    assert answers(lab.events)[-1]["rcode"] == dns.rcode.to_text(rcode)
+
+
+@_need("dig")
+async def test_dig_axfr_is_refused(lab):
+    proc = await asyncio.create_subprocess_exec("dig", f"@{HOST}", "-p", str(lab.port), "+time=2", "+tries=1",
+                                                "victim.example", "AXFR", stdout=asyncio.subprocess.PIPE)
+    out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
+    assert "Transfer failed" in out and "SOA" not in out
 
 
 # ---- the client and `sni-lab dig` ----------------------------------------------------------
