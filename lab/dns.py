@@ -191,7 +191,7 @@ class Resolver:
         gone = [oid for oid, o in self._overrides.items() if not o.live(now)]
         for oid in gone:
             del self._overrides[oid]
-        if gone or self.zones.valid_until <= now:
+        if gone:
             self._rebuild()
 
     # ---- answering --------------------------------------------------------------------
