@@ -88,6 +88,7 @@ SNI_FORMS = [
     # every SNI of the catalog (test_every_catalog_sni_is_covered keeps this list whole)
     ("www.victim.example", VICTIM, "www.victim.example"),
     ("other.victim.example", VICTIM, "other.victim.example"),
+    ("shop.victim.example", VICTIM, "shop.victim.example"),
     ("app.saas.example", SAAS, "app.saas.example"),
     ("app.saas2.example", SAAS2, "app.saas2.example"),
     ("shop.customer.example", ["shop.customer.example"], "shop.customer.example"),
