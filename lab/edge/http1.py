@@ -264,7 +264,12 @@ class H1Protocol(asyncio.Protocol):
             if low == "content-length":
                 length = int(value)  # llhttp let through digits only, and one such field
             elif low == "transfer-encoding":
-                chunked = True  # llhttp let through only a final "chunked"
+                chunked = True  # llhttp let through one field, ending in "chunked"; nginx wants it alone
+                if value.strip().lower() != "chunked":
+                    self._stop(501, "transfer-encoding-not-implemented", f"Transfer-Encoding {value[:64]!r}: "
+                               "only chunked is served")
+                if version == "1.0":  # RFC 9112 6.1: the framing of such a message is faulty
+                    self._stop(400, "bad-request", "Transfer-Encoding in an HTTP/1.0 request")
             elif low == "expect":
                 expect = value.strip().lower()
         if version == "1.1" and not any(name.lower() == "host" for name, _ in msg.headers):
