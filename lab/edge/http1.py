@@ -46,7 +46,7 @@ class _Message:
     """The request being parsed."""
 
     __slots__ = ("started", "line", "url", "headers", "fields", "field_bytes", "fed", "in_body", "remaining",
-                 "body", "body_len", "expect", "continued", "keep_alive")
+                 "body", "body_len", "expect", "keep_alive")
 
     def __init__(self, now: float) -> None:
         self.started = now
@@ -61,7 +61,6 @@ class _Message:
         self.body = bytearray()
         self.body_len = 0
         self.expect = False  # Expect: 100-continue, no 100 sent yet
-        self.continued = False
         self.keep_alive = True
 
 
@@ -72,7 +71,7 @@ class H1Protocol(asyncio.Protocol):
         self.limits = core.world.limits  # a connection keeps the limits it started with
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
-        # Parsed, not yet answered: (Request, close, method) or (None, refusal, linger).
+        # Parsed, not yet answered: (Request, close, HTTP version) or (None, refusal, linger).
         self.queue: deque = deque()
         self.busy = False  # the queue's head went to the core; its answer is awaited
         self.msg: _Message | None = None
@@ -182,10 +181,11 @@ class H1Protocol(asyncio.Protocol):
             if req is None:
                 self._respond(self._refusal(*what), close=True, linger=extra)
             else:
-                self.core.handle(self.conn.listener, req,
-                                 lambda response, close=what, head=extra: self._respond(response, close, head=head))
+                self.core.handle(self.conn.listener, req, lambda response, close=what, head=req.method == "HEAD",
+                                 http10=extra == "1.0": self._respond(response, close, head=head, http10=http10))
 
-    def _respond(self, response: Response, close: bool, *, head: str = "", linger: bool = False) -> None:
+    def _respond(self, response: Response, close: bool, *, head: bool = False, http10: bool = False,
+                 linger: bool = False) -> None:
         if self.closed:
             return
         status, headers, body = response
@@ -194,9 +194,9 @@ class H1Protocol(asyncio.Protocol):
         lines.append(f"Content-Length: {len(body)}")
         if close:
             lines.append("Connection: close")
-        elif head == "1.0":
+        elif http10:
             lines.append("Connection: keep-alive")
-        self.conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + (b"" if head == "HEAD" else body))
+        self.conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + (b"" if head else body))
         self.busy = False
         self._idle_since = self.loop.time()
         self._first = False
@@ -217,7 +217,7 @@ class H1Protocol(asyncio.Protocol):
         msg = self.msg
         if (msg is not None and msg.expect and not msg.body_len and not self.queue and not self.busy
                 and self.writable and not self.stopped):
-            msg.expect, msg.continued = False, True
+            msg.expect = False
             self.conn.write(_CONTINUE)
 
     # ---- parser callbacks (httptools) ---------------------------------------
@@ -313,8 +313,7 @@ class H1Protocol(asyncio.Protocol):
                       path_qs=path_qs, headers=headers, body=bytes(msg.body), client=conn.peer[0], sni=conn.sni,
                       conn=conn.conn_id, trace="")
         req.trace = self.core.trace_of(headers, conn.next_trace())
-        head = "HEAD" if req.method == "HEAD" else self.parser.get_http_version()
-        self.queue.append((req, not msg.keep_alive, head))
+        self.queue.append((req, not msg.keep_alive, self.parser.get_http_version()))
         if not msg.keep_alive:
             self.stopped = True
             raise _Stop
