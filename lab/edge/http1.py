@@ -36,6 +36,7 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 # most (room - 1) * _MIN_REQUEST bytes at a time can complete at most `room` requests.
 _MIN_REQUEST = 18
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_EMPTY = memoryview(b"")
 
 
 class _Stop(Exception):
@@ -45,23 +46,21 @@ class _Stop(Exception):
 class _Message:
     """The request being parsed."""
 
-    __slots__ = ("started", "line", "url", "headers", "fields", "field_bytes", "fed", "in_body", "remaining",
-                 "body", "body_len", "expect", "keep_alive")
+    __slots__ = ("started", "url", "raw", "fields", "field_bytes", "fed", "in_body", "remaining", "body", "expect",
+                 "keep_alive", "version")
 
     def __init__(self, now: float) -> None:
         self.started = now
-        self.line = 0  # bytes of the request line so far
-        self.url = bytearray()
-        self.headers: list[tuple[str, str]] = []
-        self.fields = 0
-        self.field_bytes = 0
+        self.url = b""
+        self.raw: list[tuple[bytes, bytes]] = []  # header fields as received (trailers are not kept)
+        self.fields = self.field_bytes = 0  # trailers included
         self.fed = 0  # bytes fed while this head was being read (an upper bound of its size)
         self.in_body = False
         self.remaining = 0  # of a declared Content-Length
         self.body = bytearray()
-        self.body_len = 0
         self.expect = False  # Expect: 100-continue, no 100 sent yet
         self.keep_alive = True
+        self.version = "1.1"
 
 
 class H1Protocol(asyncio.Protocol):
@@ -75,7 +74,7 @@ class H1Protocol(asyncio.Protocol):
         self.queue: deque = deque()
         self.busy = False  # the queue's head went to the core; its answer is awaited
         self.msg: _Message | None = None
-        self.pending = memoryview(b"")  # read but not parsed: held back while the queue is full
+        self.pending = _EMPTY  # read but not parsed: held back while the queue is full
         self.stopped = False  # nothing more is parsed on this connection (refusal, close, upgrade)
         self.closed = False
         self.writable = True  # the peer reads what we write
@@ -112,7 +111,7 @@ class H1Protocol(asyncio.Protocol):
         self._cancel_timer()
         self.queue.clear()
         self.msg = None
-        self.pending = memoryview(b"")
+        self.pending = _EMPTY
 
     def pause_writing(self) -> None:
         self.writable = False
@@ -153,7 +152,10 @@ class H1Protocol(asyncio.Protocol):
                 n = msg.remaining  # the rest of a declared body: no other request can end inside it
             else:
                 n = max(1, (room - 1) * _MIN_REQUEST)
-            view, self.pending = self.pending[:n], self.pending[n:]
+            if n >= len(self.pending):
+                view, self.pending = self.pending, _EMPTY
+            else:
+                view, self.pending = self.pending[:n], self.pending[n:]
             try:
                 self.parser.feed_data(view)
             except httptools.HttpParserUpgrade:
@@ -171,7 +173,7 @@ class H1Protocol(asyncio.Protocol):
                     self._refuse(431, "headers-too-large", f"request head larger than {_head_cap(limits)} bytes "
                                  f"(limits.max_header_bytes)")
         if self.stopped and self.pending:
-            self.pending = memoryview(b"")
+            self.pending = _EMPTY
             self._dropped = True
 
     def _dispatch(self) -> None:
@@ -215,7 +217,7 @@ class H1Protocol(asyncio.Protocol):
             self.paused = False
             self.conn.resume_reading()
         msg = self.msg
-        if (msg is not None and msg.expect and not msg.body_len and not self.queue and not self.busy
+        if (msg is not None and msg.expect and not msg.body and not self.queue and not self.busy
                 and self.writable and not self.stopped):
             msg.expect = False
             self.conn.write(_CONTINUE)
@@ -226,53 +228,57 @@ class H1Protocol(asyncio.Protocol):
 
     def on_url(self, fragment: bytes) -> None:
         msg = self.msg
-        if not msg.line:
-            msg.line = len(self.parser.get_method()) + len(" HTTP/1.1 ")
-        msg.line += len(fragment)
-        if msg.line > self.limits.max_request_line:
+        msg.url += fragment
+        # The request line: method, target, " HTTP/1.1" and the spaces around the target.
+        if len(self.parser.get_method()) + len(msg.url) + 10 > self.limits.max_request_line:
             self._stop(414, "uri-too-long", f"request line longer than {self.limits.max_request_line} bytes "
                        f"(limits.max_request_line)")
-        msg.url += fragment
 
     def on_header(self, name: bytes, value: bytes) -> None:
         msg, limits = self.msg, self.limits
-        msg.fields += 1
         size = len(name) + len(value)
+        msg.fields += 1
         msg.field_bytes += size
+        if size > limits.max_field or msg.fields > limits.max_headers or msg.field_bytes > limits.max_header_bytes:
+            self._too_large(name, size)
+        if not msg.in_body:  # a trailer is counted, never forwarded: it could name a second Host
+            msg.raw.append((name, value))
+
+    def _too_large(self, name: bytes, size: int) -> None:
+        limits = self.limits
         if size > limits.max_field:
             self._stop(431, "headers-too-large", f"header field {name[:64].decode('latin-1')} larger than "
                        f"{limits.max_field} bytes (limits.max_field)")
-        if msg.fields > limits.max_headers:
+        if self.msg.fields > limits.max_headers:
             self._stop(431, "headers-too-large", f"more than {limits.max_headers} header fields (limits.max_headers)")
-        if msg.field_bytes > limits.max_header_bytes:
-            self._stop(431, "headers-too-large", f"header fields larger than {limits.max_header_bytes} bytes "
-                       f"(limits.max_header_bytes)")
-        if not msg.in_body:  # a trailer is counted, never forwarded: it could name a second Host
-            msg.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        self._stop(431, "headers-too-large", f"header fields larger than {limits.max_header_bytes} bytes "
+                   f"(limits.max_header_bytes)")
 
     def on_headers_complete(self) -> None:
         msg, parser, limits = self.msg, self.parser, self.limits
         msg.in_body = True
-        version = parser.get_http_version()
-        if version not in ("1.0", "1.1"):
+        msg.version = version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
             self._stop(505, "http-version-not-supported", f"HTTP/{version} is not served over HTTP/1")
         if parser.get_method() == b"CONNECT":
             self._stop(400, "bad-request", "CONNECT: the edge is not a forward proxy")
-        length, chunked, expect = None, False, ""
-        for name, value in msg.headers:
+        length, chunked, expect, host = None, False, b"", False
+        for name, value in msg.raw:
             low = name.lower()
-            if low == "content-length":
+            if low == b"host":
+                host = True
+            elif low == b"content-length":
                 length = int(value)  # llhttp let through digits only, and one such field
-            elif low == "transfer-encoding":
+            elif low == b"transfer-encoding":
                 chunked = True  # llhttp let through one field, ending in "chunked"; nginx wants it alone
-                if value.strip().lower() != "chunked":
-                    self._stop(501, "transfer-encoding-not-implemented", f"Transfer-Encoding {value[:64]!r}: "
-                               "only chunked is served")
+                if value.strip().lower() != b"chunked":
+                    self._stop(501, "transfer-encoding-not-implemented",
+                               f"Transfer-Encoding {value[:64].decode('latin-1')!r}: only chunked is served")
                 if version == "1.0":  # RFC 9112 6.1: the framing of such a message is faulty
                     self._stop(400, "bad-request", "Transfer-Encoding in an HTTP/1.0 request")
-            elif low == "expect":
+            elif low == b"expect":
                 expect = value.strip().lower()
-        if version == "1.1" and not any(name.lower() == "host" for name, _ in msg.headers):
+        if version == "1.1" and not host:
             self._stop(400, "bad-request", "Missing 'Host' header in request.")  # mitm.py words it alike
         if length is not None and length > limits.max_body:
             self._stop(413, "body-too-large", f"declared body of {length} bytes is larger than {limits.max_body} "
@@ -285,14 +291,13 @@ class H1Protocol(asyncio.Protocol):
         else:
             msg.keep_alive = parser.should_keep_alive()
         msg.remaining = length or 0
-        msg.expect = version == "1.1" and expect == "100-continue" and has_body
+        msg.expect = version == "1.1" and expect == b"100-continue" and has_body
 
     def on_body(self, chunk: bytes) -> None:
         msg = self.msg
-        msg.body_len += len(chunk)
         if msg.remaining:
             msg.remaining -= len(chunk)
-        if msg.body_len > self.limits.max_body:
+        if len(msg.body) + len(chunk) > self.limits.max_body:
             self._stop(413, "body-too-large", f"request body larger than {self.limits.max_body} bytes "
                        f"(limits.max_body)")
         msg.body += chunk
@@ -306,14 +311,14 @@ class H1Protocol(asyncio.Protocol):
         if absolute is not None:
             rest = raw.split("://", 1)[1]
             path_qs = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
-        headers = msg.headers
+        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in msg.raw]
         req = Request(method=self.parser.get_method().decode("latin-1"),
                       target=Target(hosts=tuple(v for k, v in headers if k.lower() == "host"), absolute=absolute,
                                     path=path_qs.split("?", 1)[0]),
                       path_qs=path_qs, headers=headers, body=bytes(msg.body), client=conn.peer[0], sni=conn.sni,
                       conn=conn.conn_id, trace="")
         req.trace = self.core.trace_of(headers, conn.next_trace())
-        self.queue.append((req, not msg.keep_alive, self.parser.get_http_version()))
+        self.queue.append((req, not msg.keep_alive, msg.version))
         if not msg.keep_alive:
             self.stopped = True
             raise _Stop
@@ -347,7 +352,7 @@ class H1Protocol(asyncio.Protocol):
         self.lingering = True
         self.msg = None
         self.queue.clear()
-        self.pending = memoryview(b"")
+        self.pending = _EMPTY
         self._linger_since = self._last_read = self.loop.time()
         self._flow()  # resumes reading, if it was paused
         self._arm()
