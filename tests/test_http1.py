@@ -98,8 +98,9 @@ async def until(condition, what: str):
         await asyncio.sleep(0.01)
 
 
-def head(path="/login", *extra: str) -> bytes:
-    return ("\r\n".join([f"POST {path} HTTP/1.1", f"Host: {HOST}", *extra]) + "\r\n\r\n").encode()
+def head(*extra: str) -> bytes:
+    """The head of a POST to the victim's login form."""
+    return ("\r\n".join(["POST /login HTTP/1.1", f"Host: {HOST}", *extra]) + "\r\n\r\n").encode()
 
 
 def chunked(body: bytes, size: int) -> list[bytes]:
@@ -113,13 +114,13 @@ def _shape(shape: str, form: bytes) -> list[bytes]:
     ctype = "Content-Type: application/x-www-form-urlencoded"
     length = f"Content-Length: {len(form)}"
     if shape == "whole":
-        return [head("/login", ctype, length) + form]
+        return [head(ctype, length) + form]
     if shape == "split":
-        return [head("/login", ctype, length)[:20], head("/login", ctype, length)[20:] + form[:5], form[5:9], form[9:]]
+        return [head(ctype, length)[:20], head(ctype, length)[20:] + form[:5], form[5:9], form[9:]]
     if shape == "chunked":
-        return [head("/login", ctype, "Transfer-Encoding: chunked")] + chunked(form, 4) + [b"0\r\n\r\n"]
+        return [head(ctype, "Transfer-Encoding: chunked")] + chunked(form, 4) + [b"0\r\n\r\n"]
     if shape == "trailers":
-        return ([head("/login", ctype, "Transfer-Encoding: chunked", "Trailer: X-Checksum")] + chunked(form, 7)
+        return ([head(ctype, "Transfer-Encoding: chunked", "Trailer: X-Checksum")] + chunked(form, 7)
                 + [b"0\r\nX-Checksum: 1234\r\n\r\n"])
     raise AssertionError(shape)
 
@@ -137,7 +138,7 @@ async def test_login_body_reaches_the_origin(lab, shape, request):
     reader, writer = await connect(lab)
     try:
         if shape == "expect-100":
-            writer.write(head("/login", "Content-Type: application/x-www-form-urlencoded",
+            writer.write(head("Content-Type: application/x-www-form-urlencoded",
                               f"Content-Length: {len(form)}", "Expect: 100-continue"))
             await writer.drain()
             status, _, _ = await read_response(reader)
@@ -165,7 +166,7 @@ async def test_declared_body_over_max_body_is_refused_before_it_is_sent(lab, exp
     reader, writer = await connect(lab)
     try:
         declared = 100 * 1024 * 1024
-        writer.write(head("/login", f"Content-Length: {declared}", *(["Expect: 100-continue"] if expect else [])))
+        writer.write(head(f"Content-Length: {declared}", *(["Expect: 100-continue"] if expect else [])))
         if not expect:
             writer.write(b"user=" + b"a" * 65536)  # a client that does not wait: 64 KiB of its 100 MiB
         await writer.drain()
@@ -184,7 +185,7 @@ async def test_chunked_body_is_refused_at_the_byte_that_crosses_max_body(lab):
     with limits(lab, max_body=256 * 1024) as lim:
         reader, writer = await connect(lab)
         try:
-            writer.write(head("/login", "Transfer-Encoding: chunked") + b"100000\r\n")
+            writer.write(head("Transfer-Encoding: chunked") + b"100000\r\n")
             for _ in range(lim.max_body // 16384):
                 writer.write(b"x" * 16384)
             writer.write(b"x")
@@ -209,9 +210,9 @@ async def test_an_upload_at_full_speed_still_sees_its_413(lab):
 
     async def send():
         nonlocal sent
-        writer.write(head("/login", "Transfer-Encoding: chunked"))
+        writer.write(head("Transfer-Encoding: chunked"))
         deadline = time.monotonic() + LOOP_LIMIT
-        while sent < whole and time.monotonic() < deadline:
+        while sent < whole and time.monotonic() < deadline and not writer.is_closing():
             writer.write(chunk)
             sent += 16384
             await writer.drain()
@@ -285,6 +286,21 @@ async def test_a_peer_that_does_not_read_stops_dispatching(lab):
         writer.close()
 
 
+@NATIVE
+async def test_a_peer_that_never_reads_is_dropped_after_send_timeout(lab):
+    with limits(lab, max_pipelined=8, send_timeout=0.3):
+        reader, writer = await connect(lab, rcvbuf=4096, limit=2048)
+    conn, app = edge_side(lab, writer)
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn.set_write_buffer_limits(high=8192)
+    try:
+        writer.write(_pipelined(3000)[0])
+        await until(lambda: not app.writable, "the edge to see its answers unread")
+        await until(lambda: conn not in lab.edge.connections, "the edge to drop the connection")
+    finally:
+        writer.transport.abort()
+
+
 # ---- timeouts (native engine) ------------------------------------------------------------
 
 @NATIVE
@@ -313,7 +329,7 @@ async def test_body_trickle_gets_408_after_body_timeout(lab):
     with limits(lab, body_timeout=0.3):
         reader, writer = await connect(lab)
     try:
-        writer.write(head("/login", "Content-Length: 100") + b"user=")
+        writer.write(head("Content-Length: 100") + b"user=")
         status, headers, _ = await read_response(reader)
         assert status == 408 and "body_timeout" in headers["x-lab-decision"]
     finally:
@@ -366,7 +382,7 @@ async def test_endless_header_is_refused_before_it_ends(lab):
         nonlocal sent
         writer.write(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nX-Endless: ".encode())
         deadline = time.monotonic() + LOOP_LIMIT
-        while sent < 64 * 1024 * 1024 and time.monotonic() < deadline:
+        while sent < 64 * 1024 * 1024 and time.monotonic() < deadline and not writer.is_closing():
             writer.write(b"a" * 16384)
             sent += 16384
             await writer.drain()
@@ -451,7 +467,7 @@ async def test_a_trailer_cannot_name_a_host(lab):
     reader, writer = await connect(lab)
     try:
         form = b"user=bob&password=x"
-        writer.write(head("/login", "Content-Type: application/x-www-form-urlencoded", "Transfer-Encoding: chunked")
+        writer.write(head("Content-Type: application/x-www-form-urlencoded", "Transfer-Encoding: chunked")
                      + b"".join(chunked(form, 8)) + b"0\r\nHost: app.saas.example\r\n\r\n")
         status, headers, _ = await read_response(reader)
         assert status == 303 and headers["x-lab-origin"] == "victim"

@@ -6,6 +6,8 @@ and forwarded straight from `data_received` once the one before it is answered.
 Hostile input is bounded the nginx way, every bound from `world.limits`:
 - llhttp's strict defaults refuse what nginx refuses (obs-fold, bare CR or LF, Content-Length
   with Transfer-Encoding, two Content-Lengths, an unknown Transfer-Encoding): the lab's 400;
+  checked here besides: a coding other than plain "chunked" (501, as nginx), Transfer-Encoding
+  in HTTP/1.0, CONNECT, an Upgrade with a body (400), a version other than 1.0 and 1.1 (505);
 - request line over `max_request_line`: 414; a field over `max_field`, all fields over
   `max_header_bytes` or more than `max_headers` of them: 431; a body over `max_body`: 413,
   at once for a declared length, as soon as a chunked body crosses it; never buffered past it;
