@@ -116,6 +116,9 @@ class Limits:
     max_header_bytes: int = 32768          # all header fields of one request: 4 x 8k
     max_headers: int = 100                 # header fields of one request
     max_pipelined: int = 32                # HTTP/1.1 requests read ahead of their answers on one connection
+    send_timeout: float = 60.0             # a peer that reads none of our answers: send_timeout 60 s
+    lingering_time: float = 10.0           # after refusing a request still being sent, read and drop it at
+    lingering_timeout: float = 2.0         # most this long, until it pauses this long: lingering_time 30 s / 5 s
     max_connections: int = 4096            # edge connections in all (also capped below the descriptor limit)
     max_connections_per_client: int = 256  # edge connections from one client address: limit_conn
     h2_max_streams: int = 100              # http2_max_concurrent_streams (128)

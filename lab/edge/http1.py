@@ -1,7 +1,26 @@
-"""HTTP/1.1 on the edge: aiohttp's request parser (llhttp), responses in order, no task per request.
+"""HTTP/1.1 on the edge: httptools (llhttp, strict mode), answers in order, no task per request.
 
-Requests on one connection are answered strictly in order (pipelining); a request
-without a body is decided and forwarded straight from `data_received`.
+Requests on one connection are answered strictly in order (pipelining); each is decided
+and forwarded straight from `data_received` once the one before it is answered.
+
+Hostile input is bounded the nginx way, every bound from `world.limits`:
+- llhttp's strict defaults refuse what nginx refuses (obs-fold, bare CR or LF, Content-Length
+  with Transfer-Encoding, two Content-Lengths, an unknown Transfer-Encoding): the lab's 400;
+  checked here besides: a coding other than plain "chunked" (501, as nginx), Transfer-Encoding
+  in HTTP/1.0, CONNECT, an Upgrade with a body (400), a version other than 1.0 and 1.1 (505);
+- request line over `max_request_line`: 414; a field over `max_field`, all fields over
+  `max_header_bytes` or more than `max_headers` of them: 431; a body over `max_body`: 413,
+  at once for a declared length, as soon as a chunked body crosses it; never buffered past it;
+- at most `max_pipelined` requests read ahead of their answers: past that, bytes stay unparsed
+  and the socket stops being read; while the peer reads none of our answers nothing more
+  is dispatched;
+- `header_timeout` for a request head, `body_timeout` between body reads (both answer 408
+  and close: the client learns why), `idle_timeout` between keep-alive requests (closed
+  silently, as a client expects of an idle connection), `send_timeout` for a peer that stops
+  reading our answers.
+
+After a refusal the client may still be sending: the rest is read and dropped for a while
+(nginx's lingering close), so the client's TCP stack does not reset away the answer.
 """
 from __future__ import annotations
 
@@ -9,126 +28,399 @@ import asyncio
 from collections import deque
 from http import HTTPStatus
 
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import HttpRequestParser
-from aiohttp.streams import EMPTY_PAYLOAD
+import httptools
 
 from lab.edge.core import EdgeCore, Request, Response, absolute_authority
-from lab.policy import Target, decide
+from lab.policy import Decision, Target
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
-MAX_BODY = 1024 * 1024
+# "GET / HTTP/1.1\r\n\r\n": llhttp wants CRLF, so no complete request is shorter. Feeding at
+# most (room - 1) * _MIN_REQUEST bytes at a time can complete at most `room` requests.
+_MIN_REQUEST = 18
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_EMPTY = memoryview(b"")
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp at once; what to answer is already queued."""
+
+
+class _Message:
+    """The request being parsed."""
+
+    __slots__ = ("started", "url", "raw", "fields", "field_bytes", "fed", "in_body", "remaining", "body", "expect",
+                 "keep_alive", "version")
+
+    def __init__(self, now: float) -> None:
+        self.started = now
+        self.url = b""
+        self.raw: list[tuple[bytes, bytes]] = []  # header fields as received (trailers are not kept)
+        self.fields = self.field_bytes = 0  # trailers included
+        self.fed = 0  # bytes fed while this head was being read (an upper bound of its size)
+        self.in_body = False
+        self.remaining = 0  # of a declared Content-Length
+        self.body = bytearray()
+        self.expect = False  # Expect: 100-continue, no 100 sent yet
+        self.keep_alive = True
+        self.version = "1.1"
 
 
 class H1Protocol(asyncio.Protocol):
     def __init__(self, core: EdgeCore, conn) -> None:
         self.core = core
         self.conn = conn  # the TLSConnection: our transport
-        self.parser = HttpRequestParser(self, asyncio.get_running_loop(), 2 ** 16, max_line_size=8190,
-                                        max_field_size=8190, auto_decompress=False)
+        self.limits = core.world.limits  # a connection keeps the limits it started with
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        # Parsed, not yet answered: (Request, close, HTTP version) or (None, refusal, linger).
         self.queue: deque = deque()
-        self.busy = False
+        self.busy = False  # the queue's head went to the core; its answer is awaited
+        self.msg: _Message | None = None
+        self.pending = _EMPTY  # read but not parsed: held back while the queue is full
+        self.stopped = False  # nothing more is parsed on this connection (refusal, close, upgrade)
         self.closed = False
-        self._reading_paused = False  # read by aiohttp's StreamReader for request bodies
+        self.writable = True  # the peer reads what we write
+        self.paused = False  # we stopped reading the socket
+        self.lingering = False
+        self._dropped = False  # input came after the last request: linger before closing
+        self._pumping = self._again = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        now = self.loop.time()
+        self._idle_since = self._last_read = self._send_since = self._linger_since = now
+        self._first = True  # waiting for the connection's first request: header_timeout, not idle_timeout
 
+    # ---- transport events ---------------------------------------------------
     def connection_made(self, transport) -> None:
-        pass
+        self._arm()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        try:
-            messages, _, _ = self.parser.feed_data(data)
-        except HttpProcessingError as e:
-            self.queue.append((None, e))
-        else:
-            self.queue.extend(messages)
-        self._next()
+        self._last_read = self.loop.time()
+        if self.lingering or self.stopped:
+            self._dropped = True  # after a refusal or a last request: read and dropped
+            self._arm()
+            return
+        self.pending = memoryview(bytes(self.pending) + data) if self.pending else memoryview(data)
+        self._pump()
 
-    def _next(self) -> None:
-        while self.queue and not self.busy and not self.closed:
-            message, payload = self.queue.popleft()
-            self.busy = True
-            if message is None:
-                self._malformed(payload)
-            elif payload is EMPTY_PAYLOAD:
-                self._dispatch(message, b"")
+    def eof_received(self) -> None:
+        self._close()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self.queue.clear()
+        self.msg = None
+        self.pending = _EMPTY
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        self._send_since = self.loop.time()
+        self._arm()
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        self._pump()
+
+    # ---- the loop: parse while there is room, answer in order ----------------
+    def _pump(self) -> None:
+        if self._pumping:  # an answer given from inside the loop: go round once more
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            while not self.closed:
+                self._again = False
+                self._parse()
+                self._dispatch()
+                if not self._again:
+                    break
+        finally:
+            self._pumping = False
+        if not self.closed:
+            self._flow()
+            self._arm()
+
+    def _parse(self) -> None:
+        limits = self.limits
+        while self.pending and not self.stopped:
+            room = limits.max_pipelined - len(self.queue) - self.busy
+            if room <= 0:
+                return
+            msg = self.msg
+            if msg is not None and msg.remaining:
+                n = msg.remaining  # the rest of a declared body: no other request can end inside it
             else:
-                asyncio.get_running_loop().create_task(self._with_body(message, payload))
+                n = max(1, (room - 1) * _MIN_REQUEST)
+            if n >= len(self.pending):
+                view, self.pending = self.pending, _EMPTY
+            else:
+                view, self.pending = self.pending[:n], self.pending[n:]
+            try:
+                self.parser.feed_data(view)
+            except httptools.HttpParserUpgrade:
+                self.stopped = True  # what follows an Upgrade or CONNECT is not HTTP/1 we agreed on
+            except httptools.HttpParserCallbackError:
+                if not self.stopped:  # not one of our _Stop: a bug here, to be seen
+                    raise
+            except httptools.HttpParserError as e:
+                self._refuse(400, "bad-request", str(e) or "bad request")
+            msg = self.msg
+            if msg is not None and not msg.in_body and not self.stopped:
+                # httptools holds a header field it has not finished; this bounds it.
+                msg.fed += len(view)
+                if msg.fed > _head_cap(limits):
+                    self._refuse(431, "headers-too-large", f"request head larger than {_head_cap(limits)} bytes "
+                                 f"(limits.max_header_bytes)")
+        if self.stopped and self.pending:
+            self.pending = _EMPTY
+            self._dropped = True
 
-    async def _with_body(self, message, payload) -> None:
-        try:
-            body = await payload.read()
-        except Exception as e:  # a broken body is the client's mistake: answer it, do not crash
-            self._malformed(e)
+    def _dispatch(self) -> None:
+        while self.queue and not self.busy and not self.closed and self.writable:
+            req, what, extra = self.queue.popleft()
+            self.busy = True
+            if req is None:
+                self._respond(self._refusal(*what), close=True, linger=extra)
+            else:
+                self.core.handle(self.conn.listener, req, lambda response, close=what, head=req.method == "HEAD",
+                                 http10=extra == "1.0": self._respond(response, close, head=head, http10=http10))
+
+    def _respond(self, response: Response, close: bool, *, head: bool = False, http10: bool = False,
+                 linger: bool = False) -> None:
+        if self.closed:
             return
-        if len(body) > MAX_BODY:
-            self._malformed(ValueError(f"request body larger than {MAX_BODY} bytes"))
-            return
-        self._dispatch(message, body)
-
-    def _dispatch(self, message, body: bytes) -> None:
-        conn = self.conn
-        raw = message.path
-        absolute = absolute_authority(raw)
-        path_qs = raw
-        if absolute is not None:
-            rest = raw.split("://", 1)[1]
-            path_qs = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.raw_headers]
-        req = Request(method=message.method,
-                      target=Target(hosts=tuple(v for k, v in headers if k.lower() == "host"), absolute=absolute,
-                                    path=path_qs.split("?", 1)[0]),
-                      path_qs=path_qs, headers=headers, body=body, client=conn.peer[0], sni=conn.sni,
-                      conn=conn.conn_id, trace="")
-        req.trace = self.core.trace_of(headers, conn.next_trace())
-        close = message.should_close
-        self.core.handle(conn.listener, req, lambda response: self._respond(response, close))
-
-    def _respond(self, response: Response, close: bool) -> None:
         status, headers, body = response
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
         lines += [f"{k}: {v}" for k, v in headers]
         lines.append(f"Content-Length: {len(body)}")
         if close:
             lines.append("Connection: close")
-        self.conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body)
+        elif http10:
+            lines.append("Connection: keep-alive")
+        self.conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + (b"" if head else body))
         self.busy = False
+        self._idle_since = self.loop.time()
+        self._first = False
         if close:
-            self.closed = True
-            self.conn.close()
+            self._finish(linger)
         else:
-            self._next()
+            self._pump()
 
-    def _malformed(self, exc: Exception) -> None:
-        text = str(getattr(exc, "message", None) or exc or "bad request")
+    def _flow(self) -> None:
+        """Read only while there is room; say 100 Continue once a body will be read."""
+        held = bool(self.pending)
+        if held and not self.paused:
+            self.paused = True
+            self.conn.pause_reading()
+        elif not held and self.paused:
+            self.paused = False
+            self.conn.resume_reading()
+        msg = self.msg
+        if (msg is not None and msg.expect and not msg.body and not self.queue and not self.busy
+                and self.writable and not self.stopped):
+            msg.expect = False
+            self.conn.write(_CONTINUE)
+
+    # ---- parser callbacks (httptools) ---------------------------------------
+    def on_message_begin(self) -> None:
+        self.msg = _Message(self.loop.time())
+
+    def on_url(self, fragment: bytes) -> None:
+        msg = self.msg
+        msg.url += fragment
+        # The request line: method, target, " HTTP/1.1" and the spaces around the target.
+        if len(self.parser.get_method()) + len(msg.url) + 10 > self.limits.max_request_line:
+            self._stop(414, "uri-too-long", f"request line longer than {self.limits.max_request_line} bytes "
+                       f"(limits.max_request_line)")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        msg, limits = self.msg, self.limits
+        size = len(name) + len(value)
+        msg.fields += 1
+        msg.field_bytes += size
+        if size > limits.max_field or msg.fields > limits.max_headers or msg.field_bytes > limits.max_header_bytes:
+            self._too_large(name, size)
+        if not msg.in_body:  # a trailer is counted, never forwarded: it could name a second Host
+            msg.raw.append((name, value))
+
+    def _too_large(self, name: bytes, size: int) -> None:
+        limits = self.limits
+        if size > limits.max_field:
+            self._stop(431, "headers-too-large", f"header field {name[:64].decode('latin-1')} larger than "
+                       f"{limits.max_field} bytes (limits.max_field)")
+        if self.msg.fields > limits.max_headers:
+            self._stop(431, "headers-too-large", f"more than {limits.max_headers} header fields (limits.max_headers)")
+        self._stop(431, "headers-too-large", f"header fields larger than {limits.max_header_bytes} bytes "
+                   f"(limits.max_header_bytes)")
+
+    def on_headers_complete(self) -> None:
+        msg, parser, limits = self.msg, self.parser, self.limits
+        msg.in_body = True
+        msg.version = version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._stop(505, "http-version-not-supported", f"HTTP/{version} is not served over HTTP/1")
+        if parser.get_method() == b"CONNECT":
+            self._stop(400, "bad-request", "CONNECT: the edge is not a forward proxy")
+        length, chunked, expect, host = None, False, b"", False
+        for name, value in msg.raw:
+            low = name.lower()
+            if low == b"host":
+                host = True
+            elif low == b"content-length":
+                length = int(value)  # llhttp let through digits only, and one such field
+            elif low == b"transfer-encoding":
+                chunked = True  # llhttp let through one field, ending in "chunked"; nginx wants it alone
+                if value.strip().lower() != b"chunked":
+                    self._stop(501, "transfer-encoding-not-implemented",
+                               f"Transfer-Encoding {value[:64].decode('latin-1')!r}: only chunked is served")
+                if version == "1.0":  # RFC 9112 6.1: the framing of such a message is faulty
+                    self._stop(400, "bad-request", "Transfer-Encoding in an HTTP/1.0 request")
+            elif low == b"expect":
+                expect = value.strip().lower()
+        if version == "1.1" and not host:
+            self._stop(400, "bad-request", "Missing 'Host' header in request.")  # mitm.py words it alike
+        if length is not None and length > limits.max_body:
+            self._stop(413, "body-too-large", f"declared body of {length} bytes is larger than {limits.max_body} "
+                       f"(limits.max_body)")
+        has_body = chunked or bool(length)
+        if parser.should_upgrade():
+            if has_body:  # llhttp would skip the body and call the rest upgraded protocol
+                self._stop(400, "bad-request", "Upgrade with a request body is not served")
+            msg.keep_alive = False  # the lab upgrades nothing: answer, then close
+        else:
+            msg.keep_alive = parser.should_keep_alive()
+        msg.remaining = length or 0
+        msg.expect = version == "1.1" and expect == b"100-continue" and has_body
+
+    def on_body(self, chunk: bytes) -> None:
+        msg = self.msg
+        if msg.remaining:
+            msg.remaining -= len(chunk)
+        if len(msg.body) + len(chunk) > self.limits.max_body:
+            self._stop(413, "body-too-large", f"request body larger than {self.limits.max_body} bytes "
+                       f"(limits.max_body)")
+        msg.body += chunk
+
+    def on_message_complete(self) -> None:
+        msg, self.msg = self.msg, None
         conn = self.conn
-        # Two Host headers stop the parser; what that means is the policy's call.
-        decision = (decide(conn.listener, conn.sni, Target(hosts=("?", "?")), self.core.world)
-                    if "Duplicate 'Host'" in text else None)
-        self._respond(self.core.refuse_malformed(conn.listener, trace=conn.next_trace(), conn=conn.conn_id, sni=conn.sni,
-                                                 problem=text, decision=decision), close=True)
+        raw = msg.url.decode("latin-1")
+        absolute = absolute_authority(raw)
+        path_qs = raw
+        if absolute is not None:
+            rest = raw.split("://", 1)[1]
+            path_qs = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in msg.raw]
+        req = Request(method=self.parser.get_method().decode("latin-1"),
+                      target=Target(hosts=tuple(v for k, v in headers if k.lower() == "host"), absolute=absolute,
+                                    path=path_qs.split("?", 1)[0]),
+                      path_qs=path_qs, headers=headers, body=bytes(msg.body), client=conn.peer[0], sni=conn.sni,
+                      conn=conn.conn_id, trace="")
+        req.trace = self.core.trace_of(headers, conn.next_trace())
+        self.queue.append((req, not msg.keep_alive, msg.version))
+        if not msg.keep_alive:
+            self.stopped = True
+            raise _Stop
 
-    def pause_reading(self) -> None:
-        self._reading_paused = True
-        self.conn.pause_reading()
+    # ---- refusals -------------------------------------------------------------
+    def _refuse(self, status: int, code: str, problem: str, *, linger: bool = True) -> None:
+        """Queue the lab's own answer to what cannot be served, in order; parse nothing more."""
+        self.stopped = True
+        self.msg = None
+        self.queue.append((None, (status, code, problem), linger))
 
-    def resume_reading(self) -> None:
-        self._reading_paused = False
-        self.conn.resume_reading()
+    def _stop(self, status: int, code: str, problem: str) -> None:
+        self._refuse(status, code, problem)
+        raise _Stop
 
-    def eof_received(self) -> None:
-        try:
-            self.parser.feed_eof()
-        except HttpProcessingError:
-            pass
+    def _refusal(self, status: int, code: str, problem: str) -> Response:
+        conn = self.conn
+        decision = None
+        if status != 400:  # 400 is refuse_malformed's own; the others say which limit
+            model = self.core.world.model
+            decision = Decision(model=model, rule=code, status=status, code=code, reason=f"{model}: {problem}")
+        return self.core.refuse_malformed(conn.listener, trace=conn.next_trace(), conn=conn.conn_id, sni=conn.sni,
+                                          problem=problem, decision=decision)
 
-    def connection_lost(self, exc) -> None:
-        self.closed = True
+    # ---- closing and timers -----------------------------------------------------
+    def _finish(self, linger: bool) -> None:
+        """The last answer is written: close, or first drop what the client still sends."""
+        if not (linger or self._dropped):
+            self._close()
+            return
+        self.lingering = True
+        self.msg = None
         self.queue.clear()
+        self.pending = _EMPTY
+        self._linger_since = self._last_read = self.loop.time()
+        self._flow()  # resumes reading, if it was paused
+        self._arm()
 
-    def pause_writing(self) -> None:
-        pass
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._cancel_timer()
+            self.conn.close()
 
-    def resume_writing(self) -> None:
-        pass
+    def _deadline(self) -> tuple[str, float] | None:
+        limits = self.limits
+        if self.closed:
+            return None
+        if self.lingering:
+            return "linger", min(self._last_read + limits.lingering_timeout, self._linger_since + limits.lingering_time)
+        if not self.writable:
+            return "send", self._send_since + limits.send_timeout
+        if self.pending:
+            return None  # held back by us, not slow: no read timeout
+        if self.msg is not None and not self.stopped:
+            if self.msg.in_body:
+                return "body", self._last_read + limits.body_timeout
+            return "head", self.msg.started + limits.header_timeout
+        if not self.queue and not self.busy:
+            return "idle", self._idle_since + (limits.header_timeout if self._first else limits.idle_timeout)
+        return None  # waiting on the origin: its own timeout applies
+
+    def _arm(self) -> None:
+        due = self._deadline()
+        if due is None:
+            self._cancel_timer()
+            return
+        # A later deadline keeps the timer: it re-checks when it fires (no re-arm per read).
+        if self._timer is None or due[1] < self._timer_at:
+            self._cancel_timer()
+            self._timer_at = due[1]
+            self._timer = self.loop.call_at(due[1], self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        due = self._deadline()
+        if due is None:
+            return
+        kind, when = due
+        if when > self.loop.time():
+            self._arm()
+            return
+        if kind in ("idle", "linger"):
+            self._close()
+        elif kind == "send":
+            self.closed = True
+            self.conn.abort()  # the peer reads nothing: no close_notify would reach it either
+        else:
+            limit = "header_timeout" if kind == "head" else "body_timeout"
+            self._refuse(408, "request-timeout", f"request {kind} not received within "
+                         f"{getattr(self.limits, limit):g} s (limits.{limit})", linger=False)
+            self._pump()
+
+
+def _head_cap(limits) -> int:
+    # The request line, the fields, ": " and CRLF around each, plus one feed of the previous request.
+    return limits.max_request_line + limits.max_header_bytes + 4 * (limits.max_headers + 1) \
+        + limits.max_pipelined * _MIN_REQUEST

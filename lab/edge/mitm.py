@@ -79,7 +79,6 @@ log = logging.getLogger("lab.edge.mitm")
 # Where a reverse-mode listener "points": nowhere. Requests are carried by EdgeCore, and the
 # `server_connect` hook refuses any connection mitmproxy would open itself.
 UNROUTED = "reverse:http://unrouted.invalid:9"
-MAX_BODY = "1m"  # as the native engine (lab.edge.http1.MAX_BODY, http2.MAX_REQUEST_BODY)
 STOP_TIMEOUT = 2.0
 _ALPN = tuple(p.encode() for p in ALPN)  # server preference, as the native engine: h2, then http/1.1
 _UNRECOGNIZED_NAME = 112
@@ -543,6 +542,9 @@ class MitmEdge:
         self.certs.load(world)
         self._tls.keep(self.certs.names())
         self.core.world = world
+        limit = str(world.limits.max_body)
+        if self.master is not None and self.master.options.body_size_limit != limit:
+            self.master.options.update(body_size_limit=limit)
 
     # ---- lifecycle ----
     async def start(self) -> dict[str, tuple[str, int]]:
@@ -582,7 +584,8 @@ class MitmEdge:
             # keep_host_header: in reverse mode mitmproxy rewrites Host to the target before any
             # hook, and the policy must see the client's. validate_inbound_headers: see _malformed.
             master.options.update(mode=list(specs), connection_strategy="lazy", keep_host_header=True,
-                                  body_size_limit=MAX_BODY, http2=True, validate_inbound_headers=False)
+                                  body_size_limit=str(self.world.limits.max_body), http2=True,
+                                  validate_inbound_headers=False)
         except OptionsError as e:
             raise ValueError(f"mitmproxy engine: {e}") from None
         await ps.setup_servers()
