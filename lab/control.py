@@ -332,6 +332,10 @@ class Control:
             return (trace is None or e.get("trace") == trace) and (kind is None or e["kind"].startswith(kind))
 
         if "text/event-stream" not in request.headers.get("Accept", ""):
+            if trace is not None:  # a trace has few events: find them all before the limit cuts
+                mine = [e for e in self.lab.events.trace(trace) if e["id"] > since and wanted(e)]
+                if mine:
+                    return _json(mine[:limit])
             return _json([e for e in self._history(since, limit) if wanted(e)])
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)

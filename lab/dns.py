@@ -1,19 +1,18 @@
-"""The lab resolver: an asyncio DNS server, authoritative for the world's lab zones.
+"""The lab resolver's server: UDP and TCP sockets around `lab.resolver.Zones.answer`.
 
-It answers A, AAAA, CNAME (chains followed inside the lab zones), TXT and synthesised
-NS/SOA; NXDOMAIN inside a lab zone, REFUSED outside (it is not an open resolver).
-Overrides force an answer for a name+type, optionally for one client address and
-until some time: that is how the lab poisons DNS.
+`Resolver` holds what the admin changed (records over the world's, overrides), builds
+an immutable `Zones` snapshot on every change, and serves it: each packet goes to the
+one answer function, its `info` becomes the `dns.answer` (or rate-limited `dns.error`)
+event, and the bytes go back. Also here: a small client (`query`) and `sni-lab dig`.
 
-Speed: a query is answered from a dict keyed by its bytes after the 2-byte ID and the
-client address (targeted overrides make answers differ per client, and the event
-names the client), holding the answer in wire form and the event fields; only a miss
-is parsed with dnslib. Any change of records, overrides or world clears that cache,
-so a cached answer is never stale.
+Speed: an answer is remembered in wire form, keyed by the query's bytes after the 2-byte
+ID and the client address (targeted overrides make answers differ per client, and the
+event names the client), with its event fields; only a miss is parsed. The cache holds
+for one snapshot and until its earliest override expiry, so a cached answer is never
+stale.
 
-Hostile input gets FORMERR when a full header could be read, is dropped otherwise,
-and is reported as a rate-limited `dns.error`; no input costs more than one bounded
-parse, and TCP clients are bounded in number, size and idle time.
+TCP clients are bounded in number, per client address (below the total, so one client
+cannot take every slot), in size and in idle time: `world.limits.dns_tcp_*`.
 """
 from __future__ import annotations
 
@@ -24,62 +23,37 @@ import ipaddress
 import itertools
 import json
 import logging
-import math
 import socket
-import struct
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from dnslib import AAAA, CNAME, NS, QTYPE, RCODE, RR, SOA, TXT, A, DNSHeader, DNSLabel, DNSRecord, EDNS0
+from dnslib import QTYPE, RCODE, RR, DNSLabel, DNSRecord, EDNS0, EDNSOption
 
 from lab.binding import bind_error
 from lab.events import Events
 from lab.hostnorm import HostError, is_ip, normalize
+from lab.resolver import (EDNS_SIZE, MAX_QUERY, TRACE_CHARS, TRACE_OPTION, Override, Zones, check_ttl,
+                          check_type, check_values, world_records)
 from lab.topology import RECORD_TYPES, World
 
 log = logging.getLogger("lab.dns")
 
-EDNS_SIZE = 1232        # our UDP payload limit (DNS flag day 2020): no IP fragmentation
-MAX_QUERY = 4096        # no honest query is bigger; bounds the work a hostile one can cause
-MAX_CHAIN = 8           # CNAME hops before we call it a loop
 CACHE_MAX = 4096        # answers per transport; the cache is cleared when full
 CACHEABLE = 512         # longer queries are answered but not remembered
-
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
-BADVERS = 16
-_ANY_TYPES = ("SOA", "NS", "A", "AAAA", "CNAME", "TXT")
-_RDATA = {"A": A, "AAAA": AAAA, "CNAME": CNAME, "NS": NS}
-
-
-@dataclass(frozen=True)
-class Override:
-    id: str
-    name: str
-    type: str
-    values: tuple[str, ...]          # empty: the name has no record of this type (NODATA)
-    client: str | None = None        # only this source address sees it
-    expires: float | None = None     # wall-clock time.time()
-    ttl: int = 5
-    created: float = 0.0
-
-    def as_dict(self) -> dict:
-        value = self.values[0] if len(self.values) == 1 else list(self.values) or None  # as given
-        return {"id": self.id, "name": self.name, "type": self.type, "value": value, "values": list(self.values),
-                "client": self.client, "expires": self.expires, "ttl": self.ttl, "created": self.created}
 
 
 class _Limiter:
     """Token bucket: lets `burst` through at once, then `rate` per second; counts the rest."""
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.stamp, self.suppressed = float(burst), time.monotonic(), 0
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens, self.stamp, self.suppressed = float(burst), clock(), 0
 
     def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
             self.tokens -= 1
@@ -90,31 +64,42 @@ class _Limiter:
 
 class Resolver:
     """The lab resolver: `await start()`, then change what it says with set_record,
-    delete_record, set_override, remove_override and update_world at any time."""
+    delete_record, set_override, remove_override and update_world at any time.
 
-    # Tunables, per instance (tests shorten the timeout).
-    tcp_idle_timeout = 10.0
-    max_tcp_clients = 128
+    `clock` is the wall clock (override expiry, error rate limit); tests pass their own."""
 
-    def __init__(self, world: World, events: Events | None = None) -> None:
+    def __init__(self, world: World, events: Events | None = None, clock: Callable[[], float] = time.time) -> None:
         self.events = events if events is not None else Events()
         self.world = world
+        self.clock = clock
         self._edits: dict[tuple[str, str], tuple[tuple[str, int], ...]] = {}  # admin layer over the world; () = deleted
         self._overrides: dict[str, Override] = {}
         self._ids = itertools.count(1)
-        self._serial = int(time.time()) & 0xFFFFFFFF
+        self._serial = int(clock()) & 0xFFFFFFFF
         self._udp_cache: dict = {}
         self._tcp_cache: dict = {}
-        self._event_limit = _Limiter(rate=50, burst=200)
-        self._log_limit = _Limiter(rate=2, burst=10)
+        self._event_limit = _Limiter(rate=50, burst=200, clock=clock)
+        self._log_limit = _Limiter(rate=2, burst=10, clock=clock)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._tcp_tasks: set[asyncio.Task] = set()
+        self._tcp_by_client: dict[str, int] = {}
         self.address: tuple[str, int] | None = None
         self._rebuild()
-        self._reindex()
 
-    # ---- zone data ----------------------------------------------------------------
+    # ---- what is served ---------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        """A new snapshot after any change; the caches belong to the old one."""
+        data = world_records(self.world)
+        data.update(self._edits)
+        self._merged = {k: v for k, v in data.items() if v}
+        self.zones = Zones.build(self.world, self._merged, tuple(self._overrides.values()), self._serial)
+        for warning in self.zones.warnings:
+            self._log(warning)
+        self._expiring = self.zones.valid_until != float("inf")  # spares the hot path a clock read
+        self._udp_cache.clear()
+        self._tcp_cache.clear()
 
     def update_world(self, world: World) -> None:
         """Serve a new world snapshot; admin edits and overrides stay. Does not rebind."""
@@ -126,13 +111,13 @@ class Resolver:
 
         A name holds a CNAME or other data, never both (RFC 1034 3.6.2): setting one
         removes the other. `listener:NAME`/`origin:NAME` follow the world."""
-        name, rtype = self._check_name(name), self._check_type(rtype)
-        values = self._check_values(rtype, value)
+        name, rtype = self.zones.check_name(name), check_type(rtype)
+        values = check_values(self.world, rtype, value)
         if not values:
             raise ValueError(f"{rtype} record for {name}: no value (use delete_record)")
-        ttl = self._check_ttl(self.world.ttl if ttl is None else ttl)
+        ttl = check_ttl(self.world.ttl if ttl is None else ttl)
         for other in RECORD_TYPES:
-            if (other == "CNAME") != (rtype == "CNAME") and self._effective(name, other):
+            if (other == "CNAME") != (rtype == "CNAME") and self._merged.get((name, other)):
                 self._edits[(name, other)] = ()
         self._edits[(name, rtype)] = tuple((v, ttl) for v in values)
         self._serial = (self._serial + 1) & 0xFFFFFFFF
@@ -140,11 +125,11 @@ class Resolver:
 
     def delete_record(self, name: str, rtype: str | None = None) -> int:
         """Delete the records of name (of one type, or all); returns how many went."""
-        name = self._check_name(name)
-        types = (self._check_type(rtype),) if rtype else RECORD_TYPES
+        name = self.zones.check_name(name)
+        types = (check_type(rtype),) if rtype else RECORD_TYPES
         count = 0
         for t in types:
-            count += len(self._effective(name, t))
+            count += len(self._merged.get((name, t), ()))
             self._edits[(name, t)] = ()
         if count:
             self._serial = (self._serial + 1) & 0xFFFFFFFF
@@ -154,51 +139,7 @@ class Resolver:
     def records(self) -> list[dict]:
         """The zone data as served (world records with admin edits), before overrides."""
         return [{"name": n, "type": t, "value": v, "ttl": ttl}
-                for (n, t), rrs in sorted(self._merged().items()) for v, ttl in rrs]
-
-    def _effective(self, name: str, rtype: str) -> tuple:
-        return self._merged().get((name, rtype), ())
-
-    def _merged(self) -> dict[tuple[str, str], tuple[tuple[str, int], ...]]:
-        data: dict[tuple[str, str], tuple] = {}
-        for r in self.world.records:
-            data[(r.name, r.type)] = data.get((r.name, r.type), ()) + ((r.value, r.ttl),)
-        data.update(self._edits)
-        return {k: v for k, v in data.items() if v}
-
-    def _rebuild(self) -> None:
-        """Recompute what is served: resolved addresses, synthesised NS/SOA, existing names."""
-        w = self.world
-        self._zones = frozenset(w.dns_zones)
-        data: dict[tuple[str, str], tuple] = {}
-        for (name, rtype), rrs in self._merged().items():
-            resolved = []
-            for value, ttl in rrs:
-                if rtype in ("A", "AAAA"):
-                    value = w.address_of(value)
-                    if not _is_address(value, rtype):
-                        self._log(f"skipping {rtype} {name}: {value!r} is not an address in this world")
-                        continue
-                resolved.append((value, ttl))
-            if resolved:
-                data[(name, rtype)] = tuple(resolved)
-        ns_type = "AAAA" if ":" in w.resolver.host else "A"
-        for zone in w.dns_zones:
-            ns = f"ns.{zone}"
-            data.setdefault((zone, "NS"), ((ns, w.ttl),))
-            data.setdefault((zone, "SOA"), (((ns, f"hostmaster.{zone}", self._serial, 3600, 600, 86400, w.ttl), w.ttl),))
-            if not any((ns, t) in data for t in ("A", "AAAA", "CNAME")):
-                data[(ns, ns_type)] = ((w.resolver.host, w.ttl),)
-        names = set(w.dns_zones)
-        for name, _ in data:
-            zone = self._zone_of(name)
-            while zone and name != zone and name not in names:  # empty non-terminals exist too
-                names.add(name)
-                name = name.partition(".")[2]
-        self._data, self._names = data, names
-        self._clear_cache()
-
-    # ---- overrides ----------------------------------------------------------------
+                for (n, t), rrs in sorted(self._merged.items()) for v, ttl in rrs]
 
     def set_override(self, name: str, rtype: str, value: str | list[str] | None, client: str | None = None,
                      expires: float | None = None, ttl: int = 5) -> str:
@@ -206,23 +147,23 @@ class Resolver:
 
         `value` may be a list (an RRset) or None/[] (the type has no data). `client`
         limits it to one source address. `expires` is seconds from now (> 0), or an
-        absolute time.time() when larger than 1e9; an absolute time already past makes
+        absolute wall-clock time when larger than 1e9; an absolute time already past makes
         an override that never applies (so restoring saved state cannot race its expiry)."""
-        name, rtype = self._check_name(name), self._check_type(rtype)
-        values = self._check_values(rtype, value)
+        name, rtype = self.zones.check_name(name), check_type(rtype)
+        values = check_values(self.world, rtype, value)
         if client is not None:
             try:
                 client = str(ipaddress.ip_address(client))
             except ValueError:
                 raise ValueError(f"override client: not an IP address: {client!r}") from None
-        now = time.time()
+        now = self.clock()
         if expires is not None:
             if not expires > 0:  # also refuses NaN
                 raise ValueError(f"override expiry: expected seconds from now (> 0) or a time.time(), got {expires!r}")
             expires = float(expires) if expires > 1e9 else now + float(expires)
-        ov = Override(f"ovr-{next(self._ids)}", name, rtype, values, client, expires, self._check_ttl(ttl), now)
+        ov = Override(f"ovr-{next(self._ids)}", name, rtype, values, client, expires, check_ttl(ttl), now)
         self._overrides[ov.id] = ov
-        self._reindex()
+        self._rebuild()
         return ov.id
 
     def remove_override(self, override_id_or_name: str) -> int:
@@ -239,264 +180,49 @@ class Resolver:
         for oid in gone:
             del self._overrides[oid]
         if gone:
-            self._reindex()
+            self._rebuild()
         return len(gone)
 
     def overrides(self) -> list[dict]:
-        self._expire(time.time())
+        self._expire(self.clock())
         return [o.as_dict() for o in self._overrides.values()]
 
-    def _reindex(self) -> None:
-        by_key: dict[tuple[str, str], list[Override]] = {}
-        for o in self._overrides.values():  # creation order: the newest wins
-            by_key.setdefault((o.name, o.type), []).append(o)
-        self._ov = by_key
-        self._ov_names = {name for name, _ in by_key}
-        self._valid_until = min((o.expires for o in self._overrides.values() if o.expires), default=math.inf)
-        self._expiring = self._valid_until != math.inf  # spares the hot path a clock read
-        self._clear_cache()
-
     def _expire(self, now: float) -> None:
-        gone = [oid for oid, o in self._overrides.items() if o.expires is not None and o.expires <= now]
+        gone = [oid for oid, o in self._overrides.items() if not o.live(now)]
         for oid in gone:
             del self._overrides[oid]
-        if gone:
-            self._reindex()
+        if gone or self.zones.valid_until <= now:
+            self._rebuild()
 
-    def _override_for(self, name: str, rtype: str, client: str) -> Override | None:
-        found = None
-        for o in self._ov.get((name, rtype), ()):
-            if o.client == client:
-                found = o
-            elif o.client is None and (found is None or found.client is None):
-                found = o
-        return found
+    # ---- answering --------------------------------------------------------------------
 
-    # ---- answering ----------------------------------------------------------------
-
-    def _clear_cache(self) -> None:
-        self._udp_cache.clear()
-        self._tcp_cache.clear()
-
-    def answer(self, data: bytes, client: str, transport: str = "udp") -> bytes | None:
-        """The response to one query packet (None: drop it). Never raises."""
-        if self._valid_until <= time.time():
-            self._expire(time.time())
+    def respond(self, data: bytes, client: str, transport: str = "udp") -> bytes | None:
+        """The response to one packet from `client` (None: send nothing), told as an event."""
+        if self._expiring and self.zones.valid_until <= self.clock():
+            self._expire(self.clock())
         cache = self._udp_cache if transport == "udp" else self._tcp_cache
         hit = cache.get((data[2:], client))
         if hit is not None:
-            self.events.emit("dns.answer", None, **hit[1])
-            return data[:2] + hit[0]
-        return self._miss(data, client, transport, cache)
-
-    def _miss(self, data: bytes, client: str, transport: str, cache: dict) -> bytes | None:
-        if len(data) < 12:
-            self._error("truncated header", data, client, transport)
-            return None
-        _, flags, qd, an, ns, ar = struct.unpack_from("!6H", data)
-        if flags & 0x8000:  # a response: answering it could start a loop between two servers
-            self._error("not a query (QR set)", data, client, transport)
-            return None
-        opcode = (flags >> 11) & 0xF
-        if opcode != 0:
-            self._error(f"opcode {opcode} not implemented", data, client, transport)
-            return _bare(data, NOTIMP)
-        # Checked before parsing, so a thousand questions cost nothing.
-        if len(data) > MAX_QUERY or qd != 1 or an or ns or ar > 1:
-            self._error(f"malformed query ({len(data)} bytes, counts {qd}/{an}/{ns}/{ar})", data, client, transport)
-            return _bare(data, FORMERR)
-        try:
-            req = DNSRecord.parse(data)
-            qname = str(req.q.qname)
-            labels = req.q.qname.label
-            if sum(len(l) + 1 for l in labels) + 1 > 255 or any(len(l) > 63 for l in labels):
-                raise ValueError("name longer than RFC 1035 allows")
-        except Exception as e:  # noqa: BLE001 - any parse failure of hostile bytes is a FORMERR
-            self._error(f"unparsable query: {type(e).__name__}: {str(e)[:100]}", data, client, transport)
-            return _bare(data, FORMERR)
-        try:
-            wire, fields = self._respond(req, qname, client, transport)
-        except Exception as e:  # noqa: BLE001 - a bug of ours must not stop the server
-            log.exception("internal error answering %s", qname)
-            self._error(f"internal error: {type(e).__name__}: {e}", data, client, transport)
-            return _bare(data, SERVFAIL)
+            self.events.emit("dns.answer", hit[0], **hit[1])
+            return data[:2] + hit[2]
+        wire, info = self.zones.answer(data, client, self.clock(), transport == "tcp")
+        if "error" in info:
+            if "exception" in info:
+                log.error("internal error answering %s", client, exc_info=info["exception"])
+            self._error(info["error"], data, client, transport)
+            return wire
+        trace = info.pop("trace")
+        if "reason" in info:
+            self._log(info["reason"])
+        fields = {**info, "client": client, "transport": transport}
         if len(data) <= CACHEABLE:
             if len(cache) >= CACHE_MAX:
                 cache.clear()
-            cache[(data[2:], client)] = (wire[2:], fields)
-        self.events.emit("dns.answer", None, **fields)
+            cache[(data[2:], client)] = (trace, fields, wire[2:])
+        self.events.emit("dns.answer", trace, **fields)
         return wire
 
-    def _respond(self, req: DNSRecord, qname: str, client: str, transport: str) -> tuple[bytes, dict]:
-        q = req.q
-        name = qname.lower().rstrip(".")
-        qtype = QTYPE.get(q.qtype, str(q.qtype))
-        opt = next((r for r in req.ar if r.rtype == QTYPE.OPT), None)
-        if transport == "tcp":
-            limit = 65535
-        else:  # UDP: 512 unless EDNS0 says more (RFC 6891), never more than ours
-            limit = min(max(opt.rclass, 512), EDNS_SIZE) if opt else 512
-        used: list[Override] = []
-        answer, auth, extra, aa = [], [], [], True
-        if opt is not None and (opt.ttl >> 16) & 0xFF:
-            rcode, aa = BADVERS, False
-        elif q.qclass != 1 or self._zone_of(name) is None:
-            rcode, aa = REFUSED, False
-        else:
-            rcode = self._resolve(name, qtype, client, used, answer, auth, extra)
-
-        header = DNSHeader(id=req.header.id, qr=1, aa=int(aa), rd=req.header.rd, cd=req.header.cd,
-                           opcode=req.header.opcode, rcode=rcode & 0xF)
-        reply = DNSRecord(header, questions=[q], rr=[_rr(*r) for r in answer],
-                          auth=[_rr(*r) for r in auth], ar=[_rr(*r) for r in extra])
-        if opt is not None:
-            reply.add_ar(EDNS0(udp_len=EDNS_SIZE, ext_rcode=rcode >> 4))
-        wire = reply.pack()
-        truncated = len(wire) > limit
-        if truncated:  # RFC 2181 9: no partial RRsets; the client retries over TCP
-            reply.rr, reply.auth, reply.ar = [], [], reply.ar[-1:] if opt is not None else []
-            reply.header.tc = 1
-            reply.set_header_qa()
-            wire = reply.pack()
-            answer = []
-        # The whole event but its id and time, built once per cache entry: the client
-        # is part of the cache key so that a hit costs a single emit. Few keys on purpose.
-        fields = {"name": name, "type": qtype, "rcode": "BADVERS" if rcode == BADVERS else RCODE.get(rcode, str(rcode)),
-                  "answers": [_text(r[3]) for r in answer], "client": client, "transport": transport,
-                  "poisoned": bool(used), "override": used[0].id if used else None}
-        if truncated:
-            fields["truncated"] = True
-        return wire, fields
-
-    def _resolve(self, name: str, qtype: str, client: str, used: list, answer: list, auth: list, extra: list) -> int:
-        """Fill the sections for name/qtype (inside a lab zone); returns the rcode."""
-        seen = {name}
-        while True:
-            owner = self._find(name, client)
-            if owner is None:
-                auth.extend(self._soa(name))
-                return NXDOMAIN
-            if qtype == "ANY":  # RFC 8482 allows less; the lab has little data, so show it all
-                for t in _ANY_TYPES:
-                    rrs, ov = self._rrset(owner, t, client)
-                    used.extend([ov] if ov else [])
-                    answer.extend((name, t, ttl, v) for v, ttl in rrs or ())
-                if not answer:
-                    auth.extend(self._soa(name))
-                return NOERROR
-            rrs, ov = self._rrset(owner, qtype, client)
-            if ov is None and qtype != "CNAME":
-                crrs, cov = self._rrset(owner, "CNAME", client)
-                # A CNAME override beats real data of any type; a real CNAME only
-                # applies where the name has no data of the asked type.
-                if crrs and (cov is not None or not rrs):
-                    used.extend([cov] if cov else [])
-                    target, ttl = crrs[0]
-                    answer.append((name, "CNAME", ttl, target))
-                    if target in seen or len(seen) > MAX_CHAIN:
-                        self._log(f"CNAME loop or chain longer than {MAX_CHAIN} at {name}")
-                        return SERVFAIL
-                    if self._zone_of(target) is None:
-                        return NOERROR  # leaves the lab: the client's resolver takes it from here
-                    seen.add(target)
-                    name = target
-                    continue
-            if ov is not None:
-                used.append(ov)
-            if not rrs:
-                auth.extend(self._soa(name))
-                return NOERROR
-            answer.extend((name, qtype, ttl, v) for v, ttl in rrs)
-            if qtype == "NS":  # glue: where the name servers are
-                for target, _ in rrs:
-                    for t in ("A", "AAAA"):
-                        extra.extend((target, t, ttl, v) for v, ttl in self._data.get((target, t), ()))
-            return NOERROR
-
-    def _rrset(self, owner: str, rtype: str, client: str) -> tuple[tuple | None, Override | None]:
-        ov = self._override_for(owner, rtype, client) if (owner, rtype) in self._ov else None
-        if ov is not None:
-            w = self.world
-            return tuple((w.address_of(v), ov.ttl) for v in ov.values), ov
-        return self._data.get((owner, rtype)), None
-
-    def _exists(self, name: str, client: str) -> bool:
-        if name in self._names:
-            return True
-        return name in self._ov_names and any(
-            self._override_for(name, t, client) for t in RECORD_TYPES)
-
-    def _find(self, name: str, client: str) -> str | None:
-        """The owner whose data answers `name`: itself, a covering wildcard (RFC 4592), or None."""
-        if self._exists(name, client):
-            return name
-        parent = name
-        while "." in parent:
-            parent = parent.partition(".")[2]
-            if self._exists("*." + parent, client):
-                return "*." + parent
-            if parent in self._names:
-                return None
-        return None
-
-    def _soa(self, name: str) -> list[tuple]:
-        zone = self._zone_of(name)
-        return [(zone, "SOA", ttl, v) for v, ttl in self._data.get((zone, "SOA"), ())]
-
-    def _zone_of(self, name: str) -> str | None:
-        while True:
-            if name in self._zones:
-                return name
-            if "." not in name:
-                return None
-            name = name.partition(".")[2]
-
-    def _check_name(self, name: str) -> str:
-        try:
-            name = normalize(name, allow_wildcard=True)
-        except HostError as e:
-            raise ValueError(str(e)) from None
-        if is_ip(name):
-            raise ValueError(f"{name} is an address, not a name")
-        if self._zone_of(name) is None:
-            raise ValueError(f"{name} is outside the lab zones ({', '.join(self.world.dns_zones)})")
-        return name
-
-    @staticmethod
-    def _check_type(rtype: str) -> str:
-        t = str(rtype).upper()
-        if t not in RECORD_TYPES:
-            raise ValueError(f"unsupported record type {rtype!r} (choose from {', '.join(RECORD_TYPES)})")
-        return t
-
-    @staticmethod
-    def _check_ttl(ttl: int) -> int:
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= 2**31 - 1:
-            raise ValueError(f"bad TTL {ttl!r}")
-        return ttl
-
-    def _check_values(self, rtype: str, value) -> tuple[str, ...]:
-        values = () if value is None else (value,) if isinstance(value, str) else tuple(value)
-        out = []
-        for v in values:
-            if not isinstance(v, str):
-                raise ValueError(f"{rtype} value must be a string, got {v!r}")
-            if rtype in ("A", "AAAA"):
-                if not _is_address(self.world.address_of(v), rtype):
-                    raise ValueError(f"not an {rtype} address or known listener:/origin: name: {v!r}")
-            elif rtype == "CNAME":
-                try:
-                    v = normalize(v)
-                except HostError as e:
-                    raise ValueError(f"CNAME target: {e}") from None
-            elif len(v.encode()) > 4000:
-                raise ValueError("TXT value longer than 4000 bytes")
-            out.append(v)
-        if rtype == "CNAME" and len(out) > 1:
-            raise ValueError("a name has at most one CNAME")
-        return tuple(out)
-
-    # ---- errors -------------------------------------------------------------------
+    # ---- errors -----------------------------------------------------------------------
 
     def _error(self, reason: str, data: bytes, client: str, transport: str) -> None:
         """One `dns.error` per bad packet, rate-limited so a flood cannot drown the events."""
@@ -513,7 +239,7 @@ class Resolver:
             log.warning("%s%s", msg, f" ({lim.suppressed} similar messages suppressed)" if lim.suppressed else "")
             lim.suppressed = 0
 
-    # ---- sockets ------------------------------------------------------------------
+    # ---- sockets ----------------------------------------------------------------------
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         """Listen on UDP and TCP; port 0 picks a port free for both. Returns (host, port)."""
@@ -530,7 +256,7 @@ class Resolver:
 
     @property
     def tcp_clients(self) -> int:
-        """TCP connections being served now (at most max_tcp_clients)."""
+        """TCP connections being served now (at most world.limits.dns_tcp_max_connections)."""
         return len(self._tcp_tasks)
 
     async def stop(self) -> None:
@@ -548,16 +274,29 @@ class Resolver:
             await self._tcp.wait_closed()
             self._tcp = None
 
+    def _admit(self, client: str) -> str | None:
+        """Why a new TCP connection from client is refused, or None to serve it."""
+        lim = self.world.limits
+        total = lim.dns_tcp_max_connections
+        per_client = max(1, min(lim.dns_tcp_per_client, total - 1))  # below the total: room for others
+        if len(self._tcp_tasks) >= total:
+            return f"{total} TCP connections open, the limit"
+        if self._tcp_by_client.get(client, 0) >= per_client:
+            return f"more than {per_client} TCP connections from one client"
+        return None
+
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         client = peer[0] if peer else "?"
-        if len(self._tcp_tasks) >= self.max_tcp_clients:
-            self._error(f"more than {self.max_tcp_clients} TCP clients", b"", client, "tcp")
+        refused = self._admit(client)
+        if refused:
+            self._error(refused, b"", client, "tcp")
             writer.transport.abort()
             return
         task = asyncio.current_task()
         self._tcp_tasks.add(task)
-        timeout, served = self.tcp_idle_timeout, 0
+        self._tcp_by_client[client] = self._tcp_by_client.get(client, 0) + 1
+        timeout, served = self.world.limits.dns_tcp_idle_timeout, 0
         try:
             while True:
                 try:
@@ -582,7 +321,7 @@ class Resolver:
                 except TimeoutError:
                     self._error(f"TCP message incomplete after {timeout:g}s", b"", client, "tcp")
                     return
-                wire = self.answer(data, client, "tcp")
+                wire = self.respond(data, client, "tcp")
                 if wire is None:
                     return
                 writer.write(len(wire).to_bytes(2, "big") + wire)
@@ -592,14 +331,15 @@ class Resolver:
             pass
         finally:
             self._tcp_tasks.discard(task)
+            left = self._tcp_by_client.pop(client) - 1
+            if left:
+                self._tcp_by_client[client] = left
             writer.transport.abort()
 
 
 class _UDP(asyncio.DatagramProtocol):
     def __init__(self, resolver: Resolver, sock: socket.socket) -> None:
-        self.resolver = resolver
-        self.cache = resolver._udp_cache  # cleared in place, never replaced
-        self.emit = resolver.events.emit
+        self.respond = resolver.respond
         # Answers go straight on the socket: cheaper than the transport, and when the
         # send buffer is full the answer is dropped, never queued (UDP clients retry),
         # so memory stays bounded under a flood.
@@ -607,22 +347,12 @@ class _UDP(asyncio.DatagramProtocol):
         self.closed = asyncio.get_running_loop().create_future()
 
     def datagram_received(self, data: bytes, addr) -> None:
-        # Resolver.answer, inlined: this is the path every query takes.
-        r = self.resolver
-        if r._expiring and r._valid_until <= time.time():
-            r._expire(time.time())
-        hit = self.cache.get((data[2:], addr[0]))
-        if hit is not None:
-            self.emit("dns.answer", None, **hit[1])
-            wire = data[:2] + hit[0]
-        else:
-            wire = r._miss(data, addr[0], "udp", self.cache)
-            if wire is None:
-                return
-        try:
-            self.sendto(wire, addr)
-        except OSError:
-            pass
+        wire = self.respond(data, addr[0])
+        if wire is not None:
+            try:
+                self.sendto(wire, addr)
+            except OSError:
+                pass
 
     def error_received(self, exc) -> None:
         pass  # ICMP errors from clients that went away
@@ -654,34 +384,6 @@ def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     raise OSError(errno.EADDRINUSE, f"no port free for both UDP and TCP on {host}")
 
 
-def _bare(data: bytes, rcode: int) -> bytes:
-    """A header-only response carrying the query's ID, opcode and RD."""
-    flags = struct.unpack_from("!H", data, 2)[0]
-    return data[:2] + struct.pack("!5H", 0x8000 | (flags & 0x7900) | rcode, 0, 0, 0, 0)
-
-
-def _is_address(value: str, rtype: str) -> bool:
-    try:
-        return ipaddress.ip_address(value).version == (4 if rtype == "A" else 6)
-    except ValueError:
-        return False
-
-
-def _rr(owner: str, rtype: str, ttl: int, value) -> RR:
-    if rtype == "TXT":
-        raw = value.encode()
-        rdata = TXT([raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""])
-    elif rtype == "SOA":
-        rdata = SOA(value[0], value[1], value[2:])
-    else:
-        rdata = _RDATA[rtype](value)
-    return RR(owner, getattr(QTYPE, rtype), ttl=ttl, rdata=rdata)
-
-
-def _text(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, tuple) else value
-
-
 # ---- a tiny client ------------------------------------------------------------------
 
 class _UDPClient(asyncio.DatagramProtocol):
@@ -698,21 +400,25 @@ class _UDPClient(asyncio.DatagramProtocol):
 
 
 async def query(name: str, rtype: str = "A", host: str = "127.0.0.2", port: int = 5353, tcp: bool = False,
-                timeout: float = 2.0, source: str | None = None) -> DNSRecord:
+                timeout: float = 2.0, source: str | None = None, trace: str | None = None) -> DNSRecord:
     """Ask the lab resolver; a truncated UDP answer is asked again over TCP, like dig.
-    `source` picks the client address (a targeted poisoning answers one address only).
+    `source` picks the client address (a targeted poisoning answers one address only);
+    `trace` names the request this lookup serves: the resolver's `dns.answer` event
+    carries it (EDNS0 option TRACE_OPTION), so the answer joins that request exactly.
 
-    Raises ValueError (bad name or type), TimeoutError, OSError (refused, unreachable)."""
-    return (await _query(name, rtype, host, port, tcp, timeout, source))[0]
+    Raises ValueError (bad name, type or trace), TimeoutError, OSError (refused, unreachable)."""
+    return (await _query(name, rtype, host, port, tcp, timeout, source, trace))[0]
 
 
 async def _query(name: str, rtype: str, host: str, port: int, tcp: bool, timeout: float,
-                 source: str | None = None) -> tuple[DNSRecord, str]:
+                 source: str | None = None, trace: str | None = None) -> tuple[DNSRecord, str]:
     t = str(rtype).upper()
     if _qtype_code(t) is None:
         raise ValueError(f"unknown record type {rtype!r}")
+    if trace is not None and not TRACE_CHARS.fullmatch(str(trace).encode()):
+        raise ValueError(f"trace: expected 1-64 of [0-9a-zA-Z_-], got {trace!r}")
     q = DNSRecord.question(DNSLabel("."), t)
-    q.add_ar(EDNS0(udp_len=EDNS_SIZE))
+    q.add_ar(EDNS0(udp_len=EDNS_SIZE, opts=[EDNSOption(TRACE_OPTION, trace.encode())] if trace else []))
     try:
         q.q.qname = DNSLabel(name)
         data = q.pack()

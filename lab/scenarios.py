@@ -188,7 +188,7 @@ class Runner:
         self.engine = engine or endpoints.get("engine", "native")
         self.edge_by_addr = {l["host"]: l for l in endpoints["edge"]}
         self.edge_by_name = {l["name"]: l for l in endpoints["edge"]}
-        self.poisoned: list[dict] = []  # the running scenario's overrides, to tell a poisoned answer in its story
+        self.api: LabApi | None = None  # the running scenario's: reads the resolver's event of each lookup
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[LabApi]:
@@ -213,7 +213,7 @@ class Runner:
 
     async def run_scenario(self, api: LabApi, sc: Scenario, models: tuple[str, ...]) -> list[CaseResult]:
         undo: list[tuple[str, str]] = []
-        self.poisoned = []
+        self.api = api
         try:
             await self._setup(api, sc, undo)
             hostnames = await api.call("GET", "/hostnames")
@@ -243,7 +243,6 @@ class Runner:
                 body["client"] = o["client"]
             made = await api.call("POST", "/dns/overrides", body)
             undo.append(("DELETE", f"/dns/overrides/{made['id']}"))
-            self.poisoned.append(made)
 
     async def _hostname(self, api: LabApi, h: dict, undo: list) -> None:
         """Bring a custom hostname to a status the real way: register, prove, point, verify."""
@@ -290,7 +289,7 @@ class Runner:
     async def _request(self, req: Request, world: World, trace: str, expectations) -> list[RequestResult]:
         dns_text = None
         if req.resolve:
-            address, dns_text = await self._resolve(req.resolve, req.client)
+            address, dns_text = await self._resolve(req.resolve, req.client, trace)
         elif req.listener:
             address = self.edge_by_name[req.listener]["host"]
         else:
@@ -319,18 +318,19 @@ class Runner:
                                    next(expectations, "?"), trace if j == 0 else f"{trace}-{j}"))
         return out
 
-    async def _resolve(self, name: str, client: str | None) -> tuple[str | None, str]:
+    async def _resolve(self, name: str, client: str | None, trace: str) -> tuple[str | None, str]:
         dns = self.ep["dns"]
         try:
-            reply = await query(name, "A", dns["host"], dns["port"], source=client)
+            reply = await query(name, "A", dns["host"], dns["port"], source=client, trace=trace)
         except (OSError, TimeoutError, ValueError) as e:
             return None, f"{name}: no answer ({e})"
         addrs = [str(rr.rdata) for rr in reply.rr if rr.rtype == 1]
         chain = [str(rr.rdata).rstrip(".") for rr in reply.rr if rr.rtype == 5]
         text = f"{name} " + " ".join([f"CNAME {c}" for c in chain] + [f"A {a}" for a in addrs] or ["no address"])
-        asked = [name.lower().rstrip("."), *chain]
-        hit = next((o["id"] for o in self.poisoned if o["name"] in asked
-                    and o["client"] in (None, client or "127.0.0.1")), None)
+        # Poisoned, and by which override: the resolver's event of this very lookup says (a
+        # truncated UDP answer asked again over TCP makes two; the last is the one used).
+        told = await self.api.call("GET", f"/events?kind=dns.answer&trace={trace}") if self.api else []
+        hit = told[-1].get("override") if told and told[-1].get("poisoned") else None
         text += f" (poisoned by override {hit})" if hit else ""
         return (addrs[0] if addrs else None), text + (f" (asked from {client})" if client else "")
 

@@ -17,9 +17,11 @@ import time
 from types import SimpleNamespace
 
 import dns.asyncquery
+import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rdatatype
 import pytest
@@ -28,11 +30,22 @@ from hypothesis import strategies as st
 
 from lab.dns import CACHE_MAX, Resolver, dig_command, query
 from lab.events import Events
+from lab.resolver import TRACE_OPTION, Override, Zones, wire_name, world_records
 from lab.topology import load
 
 HOST = "127.0.0.1"
 OTHER_CLIENT = "127.0.0.5"  # a second source address on loopback (Linux routes all of 127/8)
 ANYCAST, SAAS_V1 = "127.0.0.10", "127.0.0.11"
+
+
+class Clock:
+    """A wall clock the test moves by hand: expiry without sleeping."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -41,11 +54,27 @@ def events() -> Events:
 
 
 @pytest.fixture
-async def lab(events):
-    resolver = Resolver(load(), events)
+def clock() -> Clock:
+    return Clock()
+
+
+def limited(**limits):
+    """The default world with some `[limits]` changed, as a world file would."""
+    world = load()
+    return dataclasses.replace(world, limits=dataclasses.replace(world.limits, **limits))
+
+
+async def serve(world, events, clock=time.time) -> SimpleNamespace:
+    resolver = Resolver(world, events, clock=clock)
     host, port = await resolver.start(HOST, 0)
-    yield SimpleNamespace(resolver=resolver, events=events, host=host, port=port)
-    await resolver.stop()
+    return SimpleNamespace(resolver=resolver, events=events, host=host, port=port, clock=clock)
+
+
+@pytest.fixture
+async def lab(events, clock):
+    running = await serve(load(), events, clock)
+    yield running
+    await running.resolver.stop()
 
 
 def _need(tool: str):
@@ -274,22 +303,24 @@ async def test_targeted_poisoning_seen_from_dig(lab):
 
 
 async def test_poisoning_expires(lab):
-    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=0.5)
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=30)
     assert addresses(await ask(lab, "www.victim.example")) == [SAAS_V1]
-    await asyncio.sleep(0.7)
+    lab.clock.now += 29.9
+    assert addresses(await ask(lab, "www.victim.example")) == [SAAS_V1]  # from the cache, still valid
+    lab.clock.now += 0.1
     assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
     assert lab.resolver.overrides() == []
 
 
 async def test_poisoning_with_absolute_expiry(lab):
-    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=time.time() + 0.5)
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=lab.clock.now + 30)
     assert addresses(await ask(lab, "www.victim.example")) == [SAAS_V1]
-    await asyncio.sleep(0.7)
+    lab.clock.now += 31
     assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
 
 
 async def test_override_with_an_absolute_expiry_already_past_never_applies(lab):
-    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=time.time() - 5)
+    lab.resolver.set_override("www.victim.example", "A", SAAS_V1, expires=lab.clock.now - 5)
     assert addresses(await ask(lab, "www.victim.example")) == [ANYCAST]
     assert lab.resolver.overrides() == []
 
@@ -392,17 +423,16 @@ def test_record_arguments_are_checked():
 def test_answer_cache_stays_bounded():
     r = Resolver(load(), Events(maxlen=10))
     for i in range(CACHE_MAX * 2):
-        wire = r.answer(bytes(dns.message.make_query(f"n{i}.victim.example", "A").to_wire()), HOST)
+        wire = r.respond(bytes(dns.message.make_query(f"n{i}.victim.example", "A").to_wire()), HOST)
         assert wire is not None
     assert len(r._udp_cache) <= CACHE_MAX
 
 
 async def test_stop_frees_both_udp_and_tcp_and_hangs_up_on_clients(events):
-    resolver = Resolver(load(), events)
-    resolver.tcp_idle_timeout = 60  # so only stop() can be what hangs up
-    host, port = await resolver.start(HOST, 0)
+    running = await serve(limited(dns_tcp_idle_timeout=60), events)  # so only stop() can be what hangs up
+    resolver, host, port = running.resolver, running.host, running.port
     reader, writer = await asyncio.open_connection(host, port)
-    await asyncio.sleep(0.05)  # let the server take the connection in
+    await until(lambda: resolver.tcp_clients == 1)  # the server has taken the connection in
     await resolver.stop()
     assert await _closed_by_server(reader)
     writer.close()
@@ -503,7 +533,7 @@ async def test_random_bytes_never_stop_it(lab):
 @given(st.binary(max_size=700))
 def test_any_bytes_get_a_formerr_or_nothing_never_an_exception(data):
     r = Resolver(load(), Events(maxlen=50))
-    wire = r.answer(data, HOST)
+    wire = r.respond(data, HOST)
     assert wire is None or wire[:2] == data[:2]
 
 
@@ -512,7 +542,7 @@ async def test_error_events_are_rate_limited_under_a_flood(lab):
     assert addresses(await ask_like_a_stub(lab)) == [ANYCAST]
     errors = _errors(lab)
     assert 0 < len(errors) < 2000
-    await asyncio.sleep(0.2)  # let the bucket refill a little
+    lab.clock.now += 0.2  # the bucket refills a little
     await udp_exchange(lab, b"\x00")
     assert _errors(lab)[-1]["suppressed"] > 0
 
@@ -521,11 +551,20 @@ async def tcp_good_query(lab) -> dns.message.Message:
     return await ask(lab, "www.victim.example", tcp=True)
 
 
-async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+async def _closed_by_server(reader: asyncio.StreamReader, within: float = 10) -> bool:
     try:
-        return await asyncio.wait_for(reader.read(), 10) == b""
+        return await asyncio.wait_for(reader.read(), within) == b""
     except ConnectionResetError:
         return True
+
+
+async def until(condition, seconds: float = 5.0) -> None:
+    """Wait, bounded, for something the server does on its own schedule."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        assert loop.time() < deadline, f"not within {seconds}s"
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("payload", [
@@ -544,15 +583,29 @@ async def test_tcp_bad_length_prefix_is_dropped(lab, payload):
 
 @pytest.mark.parametrize("payload", [b"", b"\x00", b"\x00\x28" + b"\0" * 10],
                          ids=["silent", "half-prefix", "half-message"])
-async def test_tcp_idle_or_half_message_times_out(lab, payload):
-    lab.resolver.tcp_idle_timeout = 0.3
-    before = len(_errors(lab))
-    reader, writer = await asyncio.open_connection(lab.host, lab.port)
-    writer.write(payload)
-    assert await _closed_by_server(reader)
-    writer.close()
-    assert len(_errors(lab)) == before + 1
-    assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+async def test_tcp_idle_or_half_message_times_out(events, payload):
+    lab = await serve(limited(dns_tcp_idle_timeout=0.3), events)  # set where a user sets it: the world
+    try:
+        reader, writer = await asyncio.open_connection(lab.host, lab.port)
+        writer.write(payload)
+        assert await _closed_by_server(reader, within=5)
+        writer.close()
+        assert len(_errors(lab)) == 1
+        assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+    finally:
+        await lab.resolver.stop()
+
+
+async def test_tcp_idle_timeout_after_answers_frees_the_slot(events):
+    lab = await serve(limited(dns_tcp_idle_timeout=0.3), events)
+    try:
+        reader, writer = await asyncio.open_connection(lab.host, lab.port)
+        assert await tcp_exchange(reader, writer)
+        assert await _closed_by_server(reader, within=5)
+        writer.close()
+        await until(lambda: lab.resolver.tcp_clients == 0)
+    finally:
+        await lab.resolver.stop()
 
 
 async def test_tcp_half_message_then_hang_up(lab):
@@ -583,28 +636,182 @@ async def test_tcp_pipelined_queries_on_one_connection(lab):
     assert got == [1, 2, 3]
 
 
-async def test_tcp_connections_are_bounded(lab):
-    lab.resolver.max_tcp_clients = 4
-    conns = [await asyncio.open_connection(lab.host, lab.port) for _ in range(10)]
-    served = 0
-    for reader, writer in conns:
-        wire = _good_query()
-        try:
-            writer.write(len(wire).to_bytes(2, "big") + wire)
-            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 5), "big")
-            await reader.readexactly(size)
-            served += 1
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-    assert served == 4
-    assert any("TCP clients" in e["reason"] for e in _errors(lab))
-    for _, writer in conns:
-        writer.close()
-    for _ in range(250):  # the server sees the hang-ups, then has room again
-        if lab.resolver.tcp_clients == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+async def tcp_exchange(reader, writer) -> bool:
+    """One query on an open connection: True when answered, False when the server hung up."""
+    wire = _good_query()
+    try:
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 5), "big")
+        return dns.message.from_wire(await reader.readexactly(size)).id == 0x4242
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return False
+
+
+async def held_connections(lab, source: str, n: int) -> list[tuple]:
+    """n connections from `source`, each asked once: (reader, writer, answered)."""
+    out = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection(lab.host, lab.port, local_addr=(source, 0))
+        out.append((reader, writer, await tcp_exchange(reader, writer)))
+    return out
+
+
+async def test_tcp_connections_are_bounded_per_client_and_in_all(events):
+    lab = await serve(limited(dns_tcp_max_connections=4, dns_tcp_per_client=3), events)
+    conns = []
+    try:
+        conns += await held_connections(lab, "127.0.0.5", 4)
+        assert [ok for *_, ok in conns] == [True, True, True, False]  # the fourth from one client is refused
+        conns += await held_connections(lab, "127.0.0.6", 2)
+        assert [ok for *_, ok in conns[4:]] == [True, False]  # the one slot left, then the total is reached
+        reasons = [e["reason"] for e in _errors(lab)]
+        assert reasons == ["more than 3 TCP connections from one client", "4 TCP connections open, the limit"]
+        for _, writer, _ in conns:
+            writer.close()
+        await until(lambda: lab.resolver.tcp_clients == 0)  # the server sees the hang-ups, then has room again
+        assert addresses(await tcp_good_query(lab)) == [ANYCAST]
+    finally:
+        for _, writer, _ in conns:
+            writer.close()
+        await lab.resolver.stop()
+
+
+@_need("dig")
+async def test_one_client_holding_every_connection_cannot_starve_others(lab):
+    """The probe's finding: 128 connections from one address made every `dig +tcp` fail."""
+    hog = await held_connections(lab, "127.0.0.5", 128)
+    try:
+        assert sum(ok for *_, ok in hog) == load().limits.dns_tcp_per_client
+        got = await cli("dig", lab.port, "+tcp", "-b", "127.0.0.6", "www.victim.example")
+        assert got.status == "NOERROR" and got.answer == [("www.victim.example", "A", ANYCAST)]
+    finally:
+        for _, writer, _ in hog:
+            writer.close()
+
+
+# ---- the answer, without sockets or clocks -------------------------------------------------
+
+def _addresses_in(wire: bytes) -> list[str]:
+    return addresses(dns.message.from_wire(wire))
+
+
+def test_the_answer_is_a_function_of_query_client_and_time():
+    world = load()
+    poison = Override("ovr-7", "www.victim.example", "A", ("listener:saas-v1",), expires_at=1000.0)
+    targeted = Override("ovr-8", "www.victim.example", "A", ("127.0.0.12",), client=OTHER_CLIENT)
+    zones = Zones.build(world, world_records(world), (poison, targeted))
+    q = _good_query()
+    wire, info = zones.answer(q, HOST, now=999.0)
+    assert _addresses_in(wire) == [SAAS_V1]
+    assert (info["name"], info["rcode"], info["poisoned"], info["override"]) == ("www.victim.example", "NOERROR", True, "ovr-7")
+    assert zones.answer(q, HOST, now=999.0) == (wire, info)  # same inputs, same answer
+    wire, info = zones.answer(q, HOST, now=1000.0)  # expired at exactly expires_at
+    assert _addresses_in(wire) == [ANYCAST] and (info["poisoned"], info["override"]) == (False, None)
+    wire, info = zones.answer(q, OTHER_CLIENT, now=5000.0)
+    assert _addresses_in(wire) == ["127.0.0.12"] and info["override"] == "ovr-8"
+    assert zones.valid_until == 1000.0
+
+
+def test_the_answer_tells_errors_apart_from_answers():
+    zones = Zones.build(load(), world_records(load()))
+    assert zones.answer(b"\x12\x34\x01", HOST, 0.0) == (None, {"error": "truncated header"})
+    wire, info = zones.answer(_header(0x1111, 2) + _question("www.victim.example") * 2, HOST, 0.0)
+    assert dns.message.from_wire(wire, question_only=True).rcode() == dns.rcode.FORMERR and "malformed" in info["error"]
+
+
+def test_the_answer_module_is_pure():
+    import ast
+    import inspect
+
+    import lab.resolver
+
+    tree = ast.parse(inspect.getsource(lab.resolver))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"asyncio", "socket", "time", "selectors", "threading", "aiohttp", "sqlite3", "logging",
+                           "lab.dns", "lab.events", "lab.state", "lab.control", "lab.run"}, imported
+
+
+# ---- joins: the trace a query carries (EDNS0 option) --------------------------------------
+
+async def test_trace_option_puts_the_requests_trace_on_its_answer(lab):
+    lab.resolver.set_record("huge.victim.example", "A", _many_addresses(120))  # truncated over UDP: asked again on TCP
+    for name, trace in (("www.victim.example", "req-1_A"), ("huge.victim.example", "x" * 64)):
+        await query(name, "A", lab.host, lab.port, trace=trace)
+        await query(name, "A", lab.host, lab.port)  # the same question with no trace, from the cache
+        mine = lab.events.trace(trace)
+        assert {e["name"] for e in mine} == {name} and all(e["kind"] == "dns.answer" for e in mine)
+        assert [e["transport"] for e in mine] == (["udp"] if name.startswith("www") else ["udp", "tcp"])
+        assert answers(lab.events)[-1]["trace"] is None
+    with pytest.raises(ValueError, match="trace"):
+        await query("www.victim.example", "A", lab.host, lab.port, trace="bad trace")
+
+
+BAD_TRACE_OPTIONS = {
+    "space": [dns.edns.GenericOption(TRACE_OPTION, b"has space")],
+    "65-chars": [dns.edns.GenericOption(TRACE_OPTION, b"x" * 65)],
+    "empty": [dns.edns.GenericOption(TRACE_OPTION, b"")],
+    "non-ascii": [dns.edns.GenericOption(TRACE_OPTION, "caf\u00e9".encode())],
+    "twice": [dns.edns.GenericOption(TRACE_OPTION, b"one"), dns.edns.GenericOption(TRACE_OPTION, b"two")],
+    "other-option": [dns.edns.GenericOption(TRACE_OPTION + 1, b"not-ours")],
+}
+
+
+async def test_a_bad_trace_option_is_ignored_and_the_query_answered(lab):
+    async def trace_of(options) -> str | None:
+        q = dns.message.make_query("www.victim.example", "A", use_edns=0, options=options)
+        reply = await dns.asyncquery.udp(q, lab.host, timeout=2, port=lab.port)
+        assert addresses(reply) == [ANYCAST]
+        event = answers(lab.events)[-1]
+        assert event["rcode"] == "NOERROR"
+        return event["trace"]
+
+    assert await trace_of([dns.edns.GenericOption(TRACE_OPTION, b"good-1")]) == "good-1"  # dnspython's, not ours
+    assert {kind: await trace_of(options) for kind, options in BAD_TRACE_OPTIONS.items()} == \
+           dict.fromkeys(BAD_TRACE_OPTIONS)
+
+
+# ---- names and types the lab does not serve ------------------------------------------------
+
+def test_wire_name_is_the_one_conversion():
+    assert wire_name((b"WWW", b"Victim", b"example")) == "www.victim.example"
+    assert wire_name(()) == ""
+    assert wire_name((b"a.b", b"victim", b"example")) is None
+    assert wire_name((b"a\x00b", b"example")) is None
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+@pytest.mark.parametrize("labels, rcode, shown", [
+    ((b"a.b", b"victim", b"example"), dns.rcode.NXDOMAIN, "a\\.b.victim.example"),
+    ((b"www.victim", b"example"), dns.rcode.REFUSED, "www\\.victim.example"),
+    ((b"www", b"victim.example"), dns.rcode.REFUSED, "www.victim\\.example"),
+], ids=["below-the-zone", "zone-split", "zone-as-one-label"])
+async def test_a_label_holding_a_dot_is_not_two_labels(lab, tcp, labels, rcode, shown):
+    lab.resolver.set_record("a.b.victim.example", "A", "127.0.0.50")  # the two-label reading exists
+    q = dns.message.make_query(dns.name.Name(labels + (b"",)), "A")
+    reply = await (dns.asyncquery.tcp if tcp else dns.asyncquery.udp)(q, lab.host, timeout=2, port=lab.port)
+    assert reply.rcode() == rcode and reply.answer == []
+    if rcode == dns.rcode.NXDOMAIN:
+        assert str(reply.authority[0].name) == "victim.example." and reply.flags & dns.flags.AA
+    assert answers(lab.events)[-1]["name"] == shown
+    assert addresses(await ask(lab, "a.b.victim.example", tcp=tcp)) == ["127.0.0.50"]
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+@pytest.mark.parametrize("qtype, rcode", [("AXFR", dns.rcode.REFUSED), ("IXFR", dns.rcode.REFUSED),
+                                          ("MAILB", dns.rcode.NOTIMP)])
+async def test_zone_transfers_are_refused(lab, tcp, qtype, rcode):
+    reply = await ask(lab, "victim.example", qtype, tcp=tcp)
+    assert reply.rcode() == rcode and reply.answer == [] and not reply.flags & dns.flags.AA
+    assert answers(lab.events)[-1]["rcode"] == dns.rcode.to_text(rcode)
+
+
+@_need("dig")
+async def test_dig_axfr_is_refused(lab):
+    proc = await asyncio.create_subprocess_exec("dig", f"@{HOST}", "-p", str(lab.port), "+time=2", "+tries=1",
+                                                "victim.example", "AXFR", stdout=asyncio.subprocess.PIPE)
+    out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
+    assert "Transfer failed" in out and "SOA" not in out
 
 
 # ---- the client and `sni-lab dig` ----------------------------------------------------------
