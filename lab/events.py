@@ -13,7 +13,8 @@ from collections import deque
 from typing import Any, Callable
 
 KINDS = ("dns.answer", "dns.error", "tls.clienthello", "tls.cert", "tls.error", "route.decision",
-         "origin.hit", "origin.error", "hostname.status", "lab.model")
+         "origin.hit", "origin.error", "hostname.status", "lab.model",
+         "proxy.tunnel", "proxy.closed", "proxy.refused")
 
 Event = dict[str, Any]
 Subscriber = Callable[[Event], None]
