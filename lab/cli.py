@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     dig.add_argument("--server", metavar="HOST:PORT", help="resolver address (default: the running lab's)")
     dig.add_argument("--state", metavar="DIR", default=".lab")
     _add_common(dig)
+    browser = sub.add_parser("browser", help="open Chromium on the lab's network: its proxy, trusting the lab CA",
+                             description="Launch Chromium with a throwaway profile that trusts the lab CA (NSS) and "
+                                         "uses the running lab's proxy; print the settings for other browsers.")
+    browser.add_argument("--profile", metavar="DIR", help="keep the profile in DIR (default: a throwaway one)")
+    browser.add_argument("--chromium", metavar="PATH", help="the browser to run (default: /usr/bin/chromium)")
+    browser.add_argument("--url", help="the page to open (default: the victim's site on the edge)")
+    browser.add_argument("--state", metavar="DIR", default=".lab", help="the running lab's state directory")
     _control_parsers(sub)
     _scenario_parsers(sub)
     return parser
@@ -365,8 +372,14 @@ def cmd_scenarios(args) -> int:
         raise UserError(str(e)) from None
 
 
+def cmd_browser(args) -> int:
+    from lab.browser import browser_command
+
+    return browser_command(args)
+
+
 COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up, "origins": cmd_origins, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
-            "model": cmd_model, "events": cmd_events, "reset": cmd_reset}
+            "model": cmd_model, "events": cmd_events, "reset": cmd_reset, "browser": cmd_browser}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,8 @@ from collections import deque
 from typing import Any, Callable
 
 KINDS = ("dns.answer", "dns.error", "tls.clienthello", "tls.cert", "tls.error", "route.decision",
-         "origin.hit", "origin.error", "hostname.status", "hostname.error", "lab.model")
+         "origin.hit", "origin.error", "hostname.status", "hostname.error", "lab.model",
+         "proxy.tunnel", "proxy.closed", "proxy.refused")
 FIELD_LIMIT = 512  # topology.Limits.event_field
 
 Event = dict[str, Any]
