@@ -235,5 +235,26 @@ def odd() -> list[Case]:
     ]
 
 
+def attack() -> list[Case]:
+    """The write-up's request and its neighbours on the SaaS zone's v1 address, in every protected model."""
+    table = {
+        # (sni, host): expected per model
+        ("www.victim.example", "www.victim.example"): {"v1-waf": ({403}, EDGE), "v2": ({200}, "victim"),
+                                                       "v2-strict": ({200}, "victim")},
+        ("app.saas.example", "www.victim.example"): {"v1-waf": ({403}, EDGE), "v2": ({200}, "victim"),
+                                                     "v2-strict": ({421}, EDGE)},
+        ("shop.customer.example", "shop.customer.example"): {m: ({200}, "saas") for m in ("v1-waf", "v2", "v2-strict")},
+        ("app.saas.example", "evil.test"): {"v1-waf": ({403}, EDGE), "v2": ({421}, EDGE), "v2-strict": ({421}, EDGE)},
+        ("app.saas.example", "127.0.0.11"): {"v1-waf": ({403}, EDGE), "v2": ({421}, EDGE), "v2-strict": ({421}, EDGE)},
+    }
+    out = []
+    for (sni, host), per_model in table.items():
+        for model, (codes, origin) in per_model.items():
+            out.append(Case(f"attack-{model}-{sni}-{host}", [req(headers=(("Host", host),))], ("status", codes, origin),
+                            "DESIGN.md models: the protected models never hand a name to an origin not its owner's",
+                            opts={"listener": "saas-v1", "sni": sni, "model": model}))
+    return out
+
+
 def cases() -> list[Case]:
-    return unique(smuggling() + ladders() + bodies() + pipelining() + hosts() + odd())
+    return unique(smuggling() + ladders() + bodies() + pipelining() + hosts() + odd() + attack())

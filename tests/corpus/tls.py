@@ -10,6 +10,7 @@ import asyncio
 import random
 import socket
 import ssl
+import struct
 
 from tests.corpus import Case, unique
 
@@ -36,8 +37,11 @@ def client_hello(sni: bytes, alpn: tuple[str, ...] = ("http/1.1",)) -> bytes:
     except ssl.SSLWantReadError:
         pass
     hello = outgoing.read()
-    assert hello.count(stand_in.encode()) == 1, "placeholder not found exactly once in the ClientHello"
-    return hello.replace(stand_in.encode(), sni)
+    # server_name_list length, host_name type 0, name length, name: unique even for a one-letter name.
+    n = len(sni)
+    head = struct.pack("!HBH", n + 3, 0, n)
+    assert hello.count(head + stand_in.encode()) == 1, "server_name extension not found in the ClientHello"
+    return hello.replace(head + stand_in.encode(), head + sni)
 
 
 def first_alert(data: bytes) -> int | None:
