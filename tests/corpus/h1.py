@@ -21,10 +21,6 @@ def req(method="GET", path="/", headers=(("Host", HOST),), body=b"", version="HT
     return head.encode("latin-1") + body
 
 
-def raw(*lines: bytes | str, body: bytes = b"") -> bytes:
-    return b"".join(l if isinstance(l, bytes) else l.encode("latin-1") for l in lines) + body
-
-
 LOGIN = b"user=a&password=b"
 
 
