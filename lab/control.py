@@ -33,6 +33,7 @@ from lab.dns import query
 from lab.events import Events
 from lab.hostnorm import HostError, normalize
 from lab.openapi import spec
+from lab.serverlog import server_logger
 from lab.state import State, StateError
 from lab.topology import MODELS, World
 
@@ -294,7 +295,8 @@ class Control:
 
     async def start(self, host: str, port: int, background: bool = True) -> tuple[str, int]:
         """Serve the API; `background`: also re-verify every hostname every `interval` seconds."""
-        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                    logger=server_logger("lab.control"))
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
         try:
@@ -327,7 +329,7 @@ class Control:
         try:
             # parse_constant: NaN and Infinity are not JSON, whatever Python's parser accepts.
             body = json.loads(await request.text(), parse_constant=_no_constant)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting too deep
             raise ApiError(400, "body is not valid JSON") from None
         return schema.validate(fields, body)
 

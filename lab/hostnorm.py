@@ -81,6 +81,19 @@ def wildcard_of(host: str) -> str | None:
     return f"*.{parent}" if dot and "." in parent else None
 
 
+def wire_host(value: str) -> str:
+    """A host as a request carries it (Host, :authority, an absolute-form target), normalised.
+
+    On the wire a host is ASCII (RFC 9112 §3.2: uri-host; clients send IDNs as A-labels).
+    A byte outside ASCII is refused, never IDNA-mapped: UTS 46 maps a soft hyphen or an
+    ordinal indicator onto a protected name, and the origin would see the raw bytes.
+    """
+    if not value.isascii():
+        raise HostError(f"host {value.encode('latin-1', 'backslashreplace').decode('ascii', 'backslashreplace')!r} "
+                        "is not ASCII")
+    return normalize(value)
+
+
 def sni_name(sni: bytes | str) -> str:
     """The host an SNI asks for, as `normalize` names it; HostError if the SNI is no host name.
 

@@ -14,16 +14,15 @@ from __future__ import annotations
 import html
 import ipaddress
 import json
-import logging
 import secrets
 import time
 from collections import deque
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from lab.binding import bind_error
+from lab.serverlog import server_logger
 from lab.events import Events
 from lab.hostnorm import HostError, normalize
 from lab.topology import Origin, World
@@ -244,23 +243,7 @@ def build_app(origin: Origin, world: World, events: Events | None = None) -> web
     return app
 
 
-class _OneLine(logging.Filter):
-    """A request the origin's parser refused is the client's mistake: one line, not a traceback.
-
-    aiohttp logs it with the exception attached; a crash in a handler keeps its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.msg = f"{record.getMessage()}: {exc.code} {' '.join(str(exc.message).split())[:200]}"
-            record.args = ()
-            record.exc_info = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
-
-
-log = logging.getLogger("lab.origins")
-log.addFilter(_OneLine())
+log = server_logger("lab.origins")
 
 
 class Origins:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lab import models, waf
-from lab.hostnorm import HostError, normalize, wildcard_of
+from lab.hostnorm import HostError, normalize, wildcard_of, wire_host
 from lab.models import Model
 from lab.topology import Listener, World, WorldError, Zone
 
@@ -61,7 +61,7 @@ def request_host(target: Target) -> str | None:
         if value is None:
             continue
         try:
-            named.append((label, normalize(value)))
+            named.append((label, wire_host(value)))
         except HostError as e:
             raise _BadTarget("bad-host", f"{label}: {e}") from None
     if not named:
@@ -122,7 +122,7 @@ def decide(listener: Listener, sni: str | None, target: Target, world: World, mo
         return _refuse(model, 400, e.code, f"{model}: {e.reason}; refused, never guessed", None)
     if sni is not None:
         try:
-            sni = normalize(sni)
+            sni = normalize(sni)  # the edge only lets through an SNI hostnorm.sni_name accepts
         except HostError:
             sni = sni.lower()
 

@@ -80,7 +80,7 @@ def check_field(f: Field, v: Any) -> Any:
         ok = (int,) if f.type == "integer" else (int, float)
         if isinstance(v, bool) or not isinstance(v, ok):
             raise SchemaError(f"{what}: expected {'an integer' if f.type == 'integer' else 'a number'}, got {_kind(v)}")
-        if not math.isfinite(v):
+        if isinstance(v, float) and not math.isfinite(v):
             raise SchemaError(f"{what}: must be a finite number, got {v!r}")
         low = f.minimum
         if low is not None and (v <= low if f.exclusive_minimum else v < low):

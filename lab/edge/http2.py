@@ -145,6 +145,7 @@ class H2Protocol(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.loop = asyncio.get_running_loop()
+        self.settings_seen = False  # RFC 9113 3.4: the client's preface ends in a SETTINGS frame
         self.control_count = 0
         self.control_since = self.loop.time()
         self.idle_since: float | None = self.loop.time()
@@ -182,6 +183,11 @@ class H2Protocol(asyncio.Protocol):
                 self._close()
                 return
             for event in events:
+                if not self.settings_seen:
+                    if not isinstance(event, h2.events.RemoteSettingsChanged):
+                        self._goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                        return
+                    self.settings_seen = True
                 self._event(event)
                 if self.closed:
                     return

@@ -86,8 +86,12 @@ def smuggling() -> list[Case]:
     why = {"no-host-http11": "RFC 9112 3.2: a 1.1 request without Host MUST get 400",
            **{k: "RFC 9112 3.2: a Host that is not a uri-host (ASCII) MUST get 400, never an IDNA-mapped guess"
               for k in ("host-0xff", "host-soft-hyphen", "host-ordinal-a")}}
+    # RFC 9112 6.1: a transfer coding the server does not understand gets 501 (nginx too).
+    unknown_coding = ("te-xchunked", "te-identity", "te-gzip-only")
+    why.update({k: "RFC 9112 6.1: an unknown transfer coding: the edge's own 501, never forwarded"
+                for k in unknown_coding})
     return [Case(f"smuggle-{k}" if not k.startswith(("host", "two-hosts", "absolute", "no-host")) else f"bad-{k}",
-                 [v.encode("latin-1")], ("status", {400}, EDGE),
+                 [v.encode("latin-1")], ("status", {501 if k in unknown_coding else 400}, EDGE),
                  why.get(k, "request smuggling / malformed head: the edge's own 400, never forwarded"))
             for k, v in shapes.items()]
 

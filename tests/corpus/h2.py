@@ -235,7 +235,6 @@ def malformed() -> list[Case]:
         "response-pseudo": _pseudo() + [(":status", "200")],
         "authority-userinfo": _pseudo(authority=f"user@{HOST}"),
         "authority-host-differ": _pseudo(extra=[("host", "app.saas.example")]),
-        "headers-300": _pseudo(extra=[(f"x-h{i}", "v") for i in range(300)]),
     }
     return [Case(f"malformed-{k}", _one(hs), ("status", {400}, EDGE), why) for k, hs in bad.items()]
 
