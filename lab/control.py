@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from lab import hostnames as hn
+from lab import live
 from lab.binding import bind_error
 from lab.dns import query
 from lab.openapi import spec
@@ -187,6 +188,7 @@ class Control:
         r.add_get("/model", self.get_model)
         r.add_put("/model", self.set_model)
         r.add_get("/events", self.events)
+        live.setup(app, self)  # the live page at /, and its cookie auth for the page's mutations
         return app
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
