@@ -58,7 +58,6 @@ def setup(app: web.Application, control) -> "Live":
     r.add_get("/live/scenarios", live.scenarios)
     r.add_post("/live/scenarios/{name}/run", live.run)
     r.add_get("/live/loot", live.loot)
-    app.on_startup.append(live.on_startup)
     app.on_shutdown.append(live.on_shutdown)  # runs before aiohttp waits for handlers: streams end first
     return live
 
@@ -73,12 +72,12 @@ class Live:
         self._gone: set[str] = set()
         self._notes: dict[str, dict] = {}  # model / hostnames / loot: the newest of each
         self._flush: asyncio.TimerHandle | None = None
-        self._unsubscribe = None
         self._running = asyncio.Lock()  # one scenario at a time: two would fight over the model
         self._runs: set[asyncio.Task] = set()
         self._http: aiohttp.ClientSession | None = None
         for e in self.lab.events.since(0):  # what happened before the page was mounted
             self.fold.add(e, self.lab.world)
+        self._unsubscribe = self.lab.events.subscribe(self._on_event)  # no await in between: no event missed
 
     # ---- auth ---------------------------------------------------------------------
     @property
@@ -143,9 +142,6 @@ class Live:
         return web.json_response(self.fold.strips(limit, internal=internal))
 
     # ---- the stream ---------------------------------------------------------------
-    async def on_startup(self, app: web.Application) -> None:
-        self._unsubscribe = self.lab.events.subscribe(self._on_event)
-
     def _on_event(self, e: dict) -> None:
         # On the hot path of every request: fold, note, and leave the sending to one timer.
         changed, gone = self.fold.add(e, self.lab.world)

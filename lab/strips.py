@@ -14,14 +14,15 @@ decision, origin reached, verdict. Events are joined by ids, never by order:
   upstream "ip:port"; a `tls.clienthello` whose `peer` is that "ip:port" names the edge
   connection the tunnel carried, so the DNS answer joins every request on it.
 - A DNS answer or tunnel that joins nothing (yet) is a strip of its own; so is an
-  `origin.hit` that no decision announced: it went to the origin directly, not through the edge.
+  `origin.hit` that no decision announced: it went to the origin directly, not through the
+  edge, so it has no verdict (the oracle judges what the edge did).
   A later event that joins them takes them into the request's strip, so the strips do not
   depend on the order the events come in.
 
 The lab's own traffic is `internal`, hidden unless asked for: a trace that starts with
 `INTERNAL`, and a DNS answer with no trace asked from one of the lab's own addresses (the
-hostname verifier). The verdict is the oracle's, judged once, with the world at the moment
-the strip's request completed: a setup undone later must not change what happened.
+hostname verifier). The verdict is the oracle's, judged with the world as it was when the
+request completed (kept with the strip): a setup undone later must not change what happened.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class Fold:
             if not trace:  # straight to an origin, naming no request: a strip of its own
                 key = f"e:{e['id']}"
                 self._alone[key] = e
-                self._show(key, e["id"], world)
+                self._show(key, e["id"])
                 return {key}, set()
             self._origin[trace] = e
             if trace in self._requests:
@@ -94,7 +95,7 @@ class Fold:
                 self._complete(key, world)
                 return {key}, set()
             key = "o:" + trace  # until a decision with this trace shows it went through the edge
-            self._show(key, e["id"], world)
+            self._show(key, e["id"])
             return {key}, set()
         if kind in ("tls.clienthello", "tls.cert", "tls.error") and e.get("conn"):
             return self._tls(e, e["conn"], world)
@@ -207,7 +208,6 @@ class Fold:
             return None, None, name, valid if conn else None
         reached = origin.get("origin") if origin and origin["kind"] == "origin.hit" else None
         failed = key.startswith("c:") and bool((conn or {}).get("error"))
-        # Straight to an origin over plain HTTP there is no certificate: nothing is shown in a verified name.
         verdict, why = oracle.judge(world, name, reached_origin=reached, cert_valid=valid, tls_failed=failed)
         return verdict, why, name, valid
 

@@ -108,7 +108,7 @@ function verdictBadge(strip) {
     const sign = { MISROUTED: "✗", SAFE: "✓", REFUSED: "⊘" }[strip.verdict] || "";
     return el("span", "badge " + strip.verdict.toLowerCase(), `${sign} ${strip.verdict}`);
   }
-  const label = { dns: "DNS ONLY", connection: "NO REQUEST" }[strip.kind] || "…";
+  const label = { dns: "DNS ONLY", connection: "NO REQUEST", direct: "DIRECT" }[strip.kind] || "…";
   return el("span", "badge", label);
 }
 
@@ -156,7 +156,7 @@ function renderScenarios() {
     const b = el("button", "", t);
     b.type = "button";
     b.setAttribute("aria-pressed", String(t === state.tag));
-    b.addEventListener("click", () => { state.tag = t; renderScenarios(); });
+    b.addEventListener("click", () => { state.tag = t; renderScenarios(); $("scenarios").scrollTop = 0; });
     return b;
   }));
   const shown = state.scenarios.filter((s) => state.tag === "all" || s.tags.includes(state.tag));
