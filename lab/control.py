@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from lab import hostnames as hn
-from lab import schema
+from lab import live, schema
 from lab.binding import bind_error
 from lab.dns import query
 from lab.events import Events
@@ -291,6 +291,7 @@ class Control:
         r.add_get("/model", self.get_model)
         r.add_put("/model", self.set_model)
         r.add_get("/events", self.events)
+        live.setup(app, self)  # the live page at /, and its cookie auth for the page's mutations
         return app
 
     async def start(self, host: str, port: int, background: bool = True) -> tuple[str, int]:

@@ -247,6 +247,7 @@ async def _serve(world: World, args) -> int:
             print(f"  origin   {name:<10} {url}")
         print(f"  dns      {endpoints['dns']['host']}:{endpoints['dns']['port']} (udp+tcp)")
         print(f"  control  {endpoints['control']['url']}  token {endpoints['control']['token']}")
+        print(f"  page     {endpoints['control']['url']}/?token={endpoints['control']['token']}  (open it in a browser)")
         print(f"  ca       {endpoints['ca']}")
         v1 = next((l for l in endpoints["edge"] if l["zone"]), endpoints["edge"][0])
         print(f"  try: curl -i --cacert {endpoints['ca']} --resolve www.victim.example:{v1['port']}:{v1['host']} "
