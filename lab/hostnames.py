@@ -1,4 +1,4 @@
-"""The life of a custom hostname of a SaaS zone (DESIGN.md glossary; issue [4]).
+"""The life of a custom hostname of a SaaS zone (docs/design.md, "Glossary").
 
     pending --(ownership proven + DNS points at the zone's target)--> active
     active  --(DNS no longer points at the target, N answers in a row)--> moved

@@ -1,4 +1,4 @@
-"""PURE: the verdict on what one client saw (DESIGN.md, "Oracle").
+"""PURE: the verdict on what one client saw (docs/design.md, "Oracle").
 
 Computed from the outcome and the world only, never from a scenario's expectation:
 MISROUTED when the certificate verified as valid for the name N the client asked for and

@@ -1,4 +1,4 @@
-"""Per-zone WAF custom rules, as a CDN runs them (DESIGN.md, model `v1-waf`).
+"""Per-zone WAF custom rules, as a CDN runs them (docs/design.md, model `v1-waf`).
 
 A rule is a CEL expression over the request, with field names like a CDN's:
 `http.host` (normalised, "" when absent), `http.path`, `ssl.sni` ("" when absent),
