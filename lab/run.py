@@ -88,7 +88,7 @@ class Lab:
 
         try:
             if self.run_origins:  # else they run in another process (`sni-lab origins`), at the world's addresses
-                self.origins = Origins(self.world, self.events)
+                self.origins = Origins(self.world, self.events, ca=self.ca)
                 bound = await self.origins.start()
                 self.world = self.world.with_ports({name: port for name, (_, port) in bound.items()})
             self.resolver = Resolver(self.world, self.events)
@@ -106,6 +106,8 @@ class Lab:
             self.world = self.world.with_ports({name: port for name, (_, port) in edge_bound.items()})
             self.edge.set_world(self.world)
             self.resolver.update_world(self.world)
+            if self.origins is not None:  # the collector's replay goes through the edge's bound port
+                self.origins.set_world(self.world)
             if self.control is not None:
                 await self._start_control()
         except BaseException:
@@ -266,19 +268,24 @@ async def _serve(world: World, args) -> int:
 def origins(args) -> int:
     """`sni-lab origins`: only the origins of the world, for a lab spread over processes or containers."""
     from lab.origins import Origins
+    from lab.pki import PKIError
 
     world = load(args.config)
 
     async def serve() -> int:
         stop = _stop_on_signals()
         events = Events()
-        running = Origins(world, events)
         try:
-            bound = await running.start()
+            ca = LabCA.open(args.certs, tuple(world.tlds), log=lambda m: print(m, file=sys.stderr))
+            running = Origins(world, events, ca=ca)
+            await running.start()
         except OSError as e:
             print(f"sni-lab: error: {bind_hint(e)}", file=sys.stderr)
             return 1
-        urls = {name: f"http://{host}:{port}" for name, (host, port) in bound.items()}
+        except PKIError as e:
+            print(f"sni-lab: error: {e}", file=sys.stderr)
+            return 1
+        urls = {o.name: o.url for o in running.world.origins}
         if args.json:
             print(json.dumps({"origins": urls}, allow_nan=False), flush=True)
         else:

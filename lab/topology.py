@@ -53,8 +53,13 @@ class Origin:
     tenants: tuple[Tenant, ...] = ()
 
     @property
+    def scheme(self) -> str:
+        # The collector is reached from https pages: over http a browser blocks it (mixed content).
+        return "https" if self.kind == "collector" else "http"
+
+    @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
