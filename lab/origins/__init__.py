@@ -1,4 +1,4 @@
-"""The origins of the world (DESIGN.md, "The world"): one aiohttp app per origin, by kind.
+"""The origins of the world (docs/design.md, "The world"): one aiohttp app per origin, by kind.
 
 - victim (`victim.py`): www.victim.example's site, Victim Bank, with a login that sets a
   session cookie;
@@ -13,13 +13,12 @@ origins are benchmarked behind the edge.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from lab.binding import bind_error
+from lab.serverlog import server_logger
 from lab.events import Events
 from lab.origins import collector, saas, victim
 from lab.origins.collector import COLLECT_MAX_BYTES, COLLECT_MAX_ENTRIES, COLLECTED_KEY
@@ -75,23 +74,7 @@ def build_app(origin: Origin, world: World, events: Events | None = None, ca: La
     return app
 
 
-class _OneLine(logging.Filter):
-    """A request the origin's parser refused is the client's mistake: one line, not a traceback.
-
-    aiohttp logs it with the exception attached; a crash in a handler keeps its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.msg = f"{record.getMessage()}: {exc.code} {' '.join(str(exc.message).split())[:200]}"
-            record.args = ()
-            record.exc_info = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
-
-
-log = logging.getLogger("lab.origins")
-log.addFilter(_OneLine())
+log = server_logger("lab.origins")
 
 
 class Origins:
