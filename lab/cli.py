@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from lab import __version__
 from lab.remote import RemoteError
+from lab.schema import EVENTS_MAX
 from lab.topology import MODELS, WorldError
 from lab.world import load
 
@@ -147,14 +149,32 @@ def _control_parsers(sub) -> None:
     model = _state_opts(sub.add_parser("model", help="show or switch the running edge's model"))
     model.add_argument("name", nargs="?", choices=MODELS)
 
-    events = _state_opts(sub.add_parser("events", help="the lab's events (DNS, TLS, decisions, origins, hostnames)"))
-    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    events.add_argument("--since", type=int, default=0, metavar="ID")
+    events = _state_opts(sub.add_parser("events", help="the lab's events (DNS, TLS, decisions, origins, hostnames)",
+                                        description="The newest events, oldest first (the last line is the latest)."))
+    events.add_argument("--follow", "-f", action="store_true", help="then keep printing new events")
+    events.add_argument("--limit", "-n", type=_whole(1, EVENTS_MAX), metavar="N",
+                        help=f"the N newest (default {EVENTS_SHOWN}; with --since: every one after ID)")
+    events.add_argument("--since", type=_whole(0, 2 ** 63 - 1), metavar="ID", help="only events after ID")
     events.add_argument("--trace", help="only one client request's story")
     events.add_argument("--kind", help="only events whose kind starts with this, e.g. route or dns")
+    events.add_argument("--all", action="store_true",
+                        help="also the lab's own traffic (the hostname verifier's DNS lookups)")
 
     reset = _state_opts(sub.add_parser("reset", help="forget hostnames, DNS changes, model and events (lab stopped)"))
     reset.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+
+def _whole(low: int, high: int):
+    """An argparse type: a whole number from low to high (else a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low} to {high}, got {text!r}")
+        return value
+    return parse
 
 
 def _seconds(text: str) -> float:
@@ -318,6 +338,9 @@ def cmd_model(args) -> int:
     return _print(args, data, lambda d: print(d["model"]))
 
 
+EVENTS_SHOWN = 50  # `sni-lab events` without --limit: a screenful or two
+
+
 def _event_line(e: dict) -> str:
     skip = {"id", "ts", "kind", "trace"}
     fields = " ".join(f"{k}={v}" for k, v in e.items() if k not in skip and v not in (None, "", []))
@@ -330,11 +353,18 @@ def cmd_events(args) -> int:
     from lab.remote import Api
 
     api = Api(args.state)
-    query = urlencode({k: v for k, v in (("since", args.since), ("trace", args.trace), ("kind", args.kind)) if v})
+    # The newest, so what the user just did is on screen; --since alone: all after ID (to the bound).
+    newest = args.limit or (EVENTS_MAX if args.since is not None else EVENTS_SHOWN)
+    params = {"newest": newest, "since": args.since, "trace": args.trace, "kind": args.kind, "internal": int(args.all)}
+    query = urlencode({k: v for k, v in params.items() if v})
     if not args.follow:
-        return _print(args, api.call("GET", f"/events?{query}"), lambda es: [print(_event_line(e)) for e in es])
+        events = api.call("GET", f"/events?{query}")
+        if len(events) == EVENTS_MAX and not args.limit:
+            print(f"sni-lab: showing the newest {EVENTS_MAX} after #{args.since}; pass a later --since or "
+                  f"--kind/--trace for the rest", file=sys.stderr)
+        return _print(args, events, lambda es: [print(_event_line(e)) for e in es])
     try:
-        for e in api.stream(f"/events?{query}"):
+        for e in api.stream(f"/events?{query}"):  # the same newest first, then every new one as it comes
             print(json.dumps(e, allow_nan=False) if args.json else _event_line(e), flush=True)
     except KeyboardInterrupt:
         pass
@@ -383,6 +413,20 @@ COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenar
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader gone shows here, not as a traceback at exit
+    except BrokenPipeError:
+        # The reader stopped early (`sni-lab events | head -1`): it had what it wanted, so this is
+        # not a failure, and a 141 would fail `set -o pipefail` scripts for nothing. As the Python
+        # docs advise (signal, "Note on SIGPIPE"), stdout goes to devnull so exit's flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 VERIFY_INTERVAL = 10.0
 SSE_QUEUE = 1000
+SHUTDOWN_TIMEOUT = 0.5
 RCODES = {1: "FORMERR", 2: "SERVFAIL", 4: "NOTIMP", 5: "REFUSED"}
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
@@ -65,6 +66,7 @@ class ApiError(Exception):
 
 class DnsAdmin(Protocol):
     """What the control plane changes in the resolver."""
+    internal_mark: bytes  # the verifier's queries carry it: their events are marked internal
     def set_record(self, name: str, rtype: str, value: list[str], ttl: int | None = None) -> None: ...
     def delete_record(self, name: str, rtype: str | None = None) -> int: ...
     def records(self) -> list[dict]: ...
@@ -100,6 +102,7 @@ class Control:
         self._verify_lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
         self._override_ids: dict[str, Any] = {}  # resolver id -> saved id (resolver ids restart with the process)
+        self._streams: set[asyncio.Queue] = set()  # one per SSE client: stop() wakes each to end it
 
     # ---- state <-> running lab -------------------------------------------------
     def restore(self) -> None:
@@ -124,13 +127,18 @@ class Control:
         live = tuple(h.as_custom_hostname() for h in self.state.hostnames(include_deleted=False))
         self.lab.set_world(self.lab.world.with_hostnames(live))
 
-    def _transition(self, h: hn.Hostname, t: hn.Transition | None) -> None:
-        """Save `h` (with its event, if its status changed), then apply, then tell."""
+    def _transition(self, h: hn.Hostname, t: hn.Transition | None, purge: bool = False) -> None:
+        """Save `h` (with its event, if its status changed), then apply, then tell.
+        `purge`: remove its row instead (a scenario's setup undone), with that event."""
         event = None
         if t is not None:
             event = self.lab.events.prepare("hostname.status", hostname=t.hostname, zone=t.zone, old=t.old,
-                                            new=t.new, reason=t.reason, hostname_id=h.id)
-        self.state.save_hostname(h, event)
+                                            new=t.new, reason=t.reason, hostname_id=h.id,
+                                            **({"purged": True} if purge else {}))
+        if purge:
+            self.state.purge_hostname(h.id, event)
+        else:
+            self.state.save_hostname(h, event)
         if event is not None:
             self._apply_hostnames()
             self.lab.events.publish(event)
@@ -159,7 +167,9 @@ class Control:
         """(reply, None) for a real answer (NOERROR or NXDOMAIN), else (None, why not)."""
         dns = self.lab.world.resolver
         try:
-            reply = await query(name, rtype, dns.host, dns.port)
+            # Over real DNS, as any client (a poisoned resolver misleads the verifier too), marked as
+            # the lab's own so its lookups do not flood what the user watches.
+            reply = await query(name, rtype, dns.host, dns.port, mark=self.lab.resolver.internal_mark)
         except Exception as e:  # noqa: BLE001 - no answer is no answer, whatever the client library raised
             return None, f"{rtype} {name}: no answer from the lab resolver at {dns.host}:{dns.port} ({type(e).__name__})"
         rcode = reply.header.rcode
@@ -196,12 +206,15 @@ class Control:
         """One round for `h`. `conclusive` (the operator's "verify now"): one real answer decides;
         otherwise the world's limits say how many negative answers, over how long, move it."""
         async with self._verify_lock:
-            current = self.state.hostname(h.id) or h
-            if current.status == "deleted":
-                return current
+            current = self.state.hostname(h.id)
+            if current is None or current.status == "deleted":
+                return current or h
             world = self.lab.world
             target = world.zone_by_name[current.zone].cname_target or ""
             ev = await self.evidence(current)
+            latest = self.state.hostname(h.id)
+            if latest != current:  # deleted or purged while we asked: saving this round would undo that
+                return latest or current
             recheck = hn.CONCLUSIVE if conclusive else hn.Recheck.of(world.limits, self.interval)
             new, transition = hn.verify(current, ev, target=target, now=self.clock(), recheck=recheck)
             if new is not current:
@@ -274,6 +287,7 @@ class Control:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
+        app.on_shutdown.append(self._end_streams)
         r = app.router
         r.add_get("/health", self.health)
         r.add_get("/openapi.json", self.openapi)
@@ -296,8 +310,10 @@ class Control:
 
     async def start(self, host: str, port: int, background: bool = True) -> tuple[str, int]:
         """Serve the API; `background`: also re-verify every hostname every `interval` seconds."""
+        # shutdown_timeout bounds the wait for requests still running when the lab stops (a
+        # "verify now" waiting on DNS); SSE streams end at once (_end_streams).
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
-                                    logger=server_logger("lab.control"))
+                                    shutdown_timeout=SHUTDOWN_TIMEOUT, logger=server_logger("lab.control"))
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
         try:
@@ -365,8 +381,11 @@ class Control:
         return _json((await self.verify(self._hostname(request), conclusive=True)).to_dict())
 
     async def delete_hostname(self, request: web.Request) -> web.Response:
-        h, t = hn.delete(self._hostname(request), now=self.clock())
-        self._transition(h, t)
+        purge = schema.validate_query(schema.DELETE_HOSTNAME, request.query)["purge"]
+        h, t = self._hostname(request), None
+        if not (purge and h.status == "deleted"):  # purging a deleted row changes no status
+            h, t = hn.delete(h, now=self.clock())
+        self._transition(h, t, purge=bool(purge))
         return _json(h.to_dict())
 
     async def list_records(self, request: web.Request) -> web.Response:
@@ -443,48 +462,81 @@ class Control:
     async def events(self, request: web.Request) -> web.StreamResponse:
         params = dict(request.query)
         if "since" not in params and "Last-Event-ID" in request.headers:
+            # An EventSource reconnecting: everything after what it saw, not the newest again.
             params["since"] = request.headers["Last-Event-ID"]
+            params.pop("newest", None)
         q = schema.validate_query(schema.EVENTS, params)
-        since, limit, trace, kind = q["since"], q["limit"], q["trace"], q["kind"]
+        since, limit, newest, trace, kind, internal = (q[k] for k in ("since", "limit", "newest", "trace", "kind",
+                                                                        "internal"))
+        if newest is not None and "limit" in params:
+            raise ApiError(400, "give limit (the oldest after since) or newest, not both")
 
         def wanted(e: dict) -> bool:
-            return (trace is None or e.get("trace") == trace) and (kind is None or e["kind"].startswith(kind))
+            return ((trace is None or e.get("trace") == trace) and (kind is None or e["kind"].startswith(kind))
+                    and (internal or not e.get("internal")))
 
-        if "text/event-stream" not in request.headers.get("Accept", ""):
+        async def told() -> list[dict]:
+            if newest is not None:
+                return await self._newest(newest, since, wanted, kind=kind, trace=trace, internal=bool(internal))
             if trace is not None:  # a trace has few events: find them all before the limit cuts
                 mine = [e for e in self.lab.events.trace(trace) if e["id"] > since and wanted(e)]
                 if mine:
-                    return _json(mine[:limit])
-            return _json([e for e in self._history(since, limit) if wanted(e)])
+                    return mine[:limit]
+            return [e for e in self._history(since, limit) if wanted(e)]
+
+        if "text/event-stream" not in request.headers.get("Accept", ""):
+            return _json(await told())
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        queue: asyncio.Queue = asyncio.Queue(SSE_QUEUE)
-        overflow = asyncio.Event()
+        # Bounded by push(), not by the queue: there is always room for the None that ends it.
+        queue: asyncio.Queue = asyncio.Queue()
+        overflow = False
 
         def push(e: dict) -> None:
-            if wanted(e):
-                try:
-                    queue.put_nowait(e)
-                except asyncio.QueueFull:
-                    overflow.set()  # a reader this slow loses the stream, not the lab its memory
+            nonlocal overflow
+            if wanted(e) and not overflow:
+                # A reader this slow loses the stream, not the lab its memory.
+                overflow = queue.qsize() >= SSE_QUEUE
+                queue.put_nowait(None if overflow else e)
 
-        unsubscribe = self.lab.events.subscribe(push)
+        unsubscribe = self.lab.events.subscribe(push)  # before reading the past: nothing falls in between
+        self._streams.add(queue)
         try:
-            for e in self._history(since, limit):
-                if wanted(e):
-                    await resp.write(_sse(e))
-            while not overflow.is_set():
+            last = since
+            for e in await told():
+                await resp.write(_sse(e))
+                last = e["id"]
+            while True:
                 try:
                     e = await asyncio.wait_for(queue.get(), 15)
                 except TimeoutError:
                     await resp.write(b": keep-alive\n\n")
                     continue
-                await resp.write(_sse(e))
-        except (ConnectionResetError, asyncio.CancelledError):
+                if e is None:  # overflowed, or the lab is stopping
+                    break
+                if e["id"] > last:  # else already sent with the past
+                    await resp.write(_sse(e))
+        except ConnectionResetError:
             pass
         finally:
+            self._streams.discard(queue)
             unsubscribe()
         return resp
+
+    async def _end_streams(self, app: web.Application) -> None:
+        """aiohttp's on_shutdown: every SSE handler returns, so its response ends cleanly."""
+        for queue in self._streams:
+            queue.put_nowait(None)
+
+    async def _newest(self, n: int, since: int, wanted: Callable[[dict], bool], **filters: Any) -> list[dict]:
+        """The newest `n` wanted events after `since`: the ring buffer, then the stored log if it
+        does not reach back that far (`filters` say in SQL what `wanted` says in Python)."""
+        found = self.lab.events.newest(n, since, wanted)
+        oldest = self.lab.events.oldest_id()
+        if len(found) < n and (oldest is None or oldest > since + 1):
+            found = await asyncio.to_thread(self.state.newest_events, n - len(found), since, oldest,
+                                            **filters) + found
+        return found
 
     def _history(self, since: int, limit: int) -> list[dict]:
         oldest = self.lab.events.oldest_id()

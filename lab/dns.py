@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hmac
 import ipaddress
 import itertools
 import json
 import logging
+import secrets
 import socket
 import sys
 import time
@@ -34,8 +36,8 @@ from dnslib import QTYPE, RCODE, RR, DNSLabel, DNSRecord, EDNS0, EDNSOption
 from lab.binding import bind_error
 from lab.events import Events
 from lab.hostnorm import HostError, is_ip, normalize
-from lab.resolver import (EDNS_SIZE, MAX_QUERY, TRACE_CHARS, TRACE_OPTION, Override, Zones, check_ttl,
-                          check_type, check_values, world_records)
+from lab.resolver import (EDNS_SIZE, MARK_OPTION, MAX_QUERY, TRACE_CHARS, TRACE_OPTION, Override, Zones,
+                          check_ttl, check_type, check_values, world_records)
 from lab.topology import RECORD_TYPES, World
 
 log = logging.getLogger("lab.dns")
@@ -85,6 +87,9 @@ class Resolver:
         self._tcp_tasks: set[asyncio.Task] = set()
         self._tcp_by_client: dict[str, int] = {}
         self.address: tuple[str, int] | None = None
+        # Queries carrying this (MARK_OPTION) are the lab's own: their events say internal. It is
+        # never in an event, so a client cannot learn it to hide its lookups from the page.
+        self.internal_mark = secrets.token_bytes(16)
         self._rebuild()
 
     # ---- what is served ---------------------------------------------------------------
@@ -212,9 +217,12 @@ class Resolver:
             self._error(info["error"], data, client, transport)
             return wire
         trace = info.pop("trace")
+        mark = info.pop("mark", None)
         if "reason" in info:
             self._log(info["reason"])
         fields = {**info, "client": client, "transport": transport}
+        if mark is not None and hmac.compare_digest(mark, self.internal_mark):
+            fields["internal"] = True
         if len(data) <= CACHEABLE:
             if len(cache) >= CACHE_MAX:
                 cache.clear()
@@ -260,13 +268,14 @@ class Resolver:
         return len(self._tcp_tasks)
 
     async def stop(self) -> None:
+        for listening in (self._udp, self._tcp):  # both first: a stop cut short still frees the port
+            if listening is not None:
+                listening.close()
         if self._udp is not None:
-            self._udp.close()
             with contextlib.suppress(TimeoutError):  # the port is free when stop() returns
                 await asyncio.wait_for(asyncio.shield(self._udp_proto.closed), 1)
             self._udp = None
         if self._tcp is not None:
-            self._tcp.close()
             tasks = list(self._tcp_tasks)
             for t in tasks:
                 t.cancel()
@@ -400,25 +409,30 @@ class _UDPClient(asyncio.DatagramProtocol):
 
 
 async def query(name: str, rtype: str = "A", host: str = "127.0.0.2", port: int = 5353, tcp: bool = False,
-                timeout: float = 2.0, source: str | None = None, trace: str | None = None) -> DNSRecord:
+                timeout: float = 2.0, source: str | None = None, trace: str | None = None,
+                mark: bytes | None = None) -> DNSRecord:
     """Ask the lab resolver; a truncated UDP answer is asked again over TCP, like dig.
     `source` picks the client address (a targeted poisoning answers one address only);
     `trace` names the request this lookup serves: the resolver's `dns.answer` event
     carries it (EDNS0 option TRACE_OPTION), so the answer joins that request exactly.
+    `mark` (the resolver's `internal_mark`, MARK_OPTION) says the lab itself is asking.
 
     Raises ValueError (bad name, type or trace), TimeoutError, OSError (refused, unreachable)."""
-    return (await _query(name, rtype, host, port, tcp, timeout, source, trace))[0]
+    return (await _query(name, rtype, host, port, tcp, timeout, source, trace, mark))[0]
 
 
 async def _query(name: str, rtype: str, host: str, port: int, tcp: bool, timeout: float,
-                 source: str | None = None, trace: str | None = None) -> tuple[DNSRecord, str]:
+                 source: str | None = None, trace: str | None = None,
+                 mark: bytes | None = None) -> tuple[DNSRecord, str]:
     t = str(rtype).upper()
     if _qtype_code(t) is None:
         raise ValueError(f"unknown record type {rtype!r}")
     if trace is not None and not TRACE_CHARS.fullmatch(str(trace).encode()):
         raise ValueError(f"trace: expected 1-64 of [0-9a-zA-Z_-], got {trace!r}")
     q = DNSRecord.question(DNSLabel("."), t)
-    q.add_ar(EDNS0(udp_len=EDNS_SIZE, opts=[EDNSOption(TRACE_OPTION, trace.encode())] if trace else []))
+    opts = [EDNSOption(TRACE_OPTION, trace.encode())] if trace else []
+    opts += [EDNSOption(MARK_OPTION, mark)] if mark else []
+    q.add_ar(EDNS0(udp_len=EDNS_SIZE, opts=opts))
     try:
         q.q.qname = DNSLabel(name)
         data = q.pack()

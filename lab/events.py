@@ -76,6 +76,17 @@ class Events:
         out = [e for e in self._buf if e["id"] > last_id]
         return out[:limit] if limit else out
 
+    def newest(self, n: int, since: int = 0, wanted: Callable[[Event], bool] = lambda e: True) -> list[Event]:
+        """The newest `n` wanted events after `since`, oldest first: read from the newest end."""
+        out = []
+        for e in reversed(self._buf):
+            if len(out) >= n or e["id"] <= since:
+                break
+            if wanted(e):
+                out.append(e)
+        out.reverse()
+        return out
+
     def oldest_id(self) -> int | None:
         return self._buf[0]["id"] if self._buf else None
 

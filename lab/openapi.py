@@ -51,7 +51,9 @@ def spec() -> dict:
                            "post": _op("register a custom hostname (always starts pending)", "201", ref("Hostname"),
                                        "NewHostname", True)},
             "/hostnames/{ref}": {"get": _op("one custom hostname, by id or name", schema=ref("Hostname"), params=hostname_ref),
-                                 "delete": _op("delete it (terminal)", schema=ref("Hostname"), auth=True, params=hostname_ref)},
+                                 "delete": _op("delete it (terminal; listed as deleted unless purge=1)",
+                                               schema=ref("Hostname"), auth=True,
+                                               params=hostname_ref + _params(schema.DELETE_HOSTNAME))},
             "/hostnames/{ref}/verify": {"post": _op("verify now: TXT and HTTP ownership, DNS target",
                                                     schema=ref("Hostname"), auth=True, params=hostname_ref)},
             "/dns/records": {"get": _op("records the resolver serves", schema=listof("Record")),
@@ -68,7 +70,9 @@ def spec() -> dict:
             "/events": {"get": {**_op("events as JSON, or as Server-Sent Events with Accept: text/event-stream",
                                       schema=listof("Event"),
                                       params=_params(schema.EVENTS)),
-                                "description": "SSE resumes from Last-Event-ID."}},
+                                "description": "SSE resumes from Last-Event-ID (everything after it: newest "
+                                               "is then ignored). The lab's own traffic (internal: true) is "
+                                               "left out unless internal=1."}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

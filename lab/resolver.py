@@ -15,6 +15,8 @@ poisons DNS.
 Hostile input gets FORMERR when a full header could be read, nothing otherwise; no
 input costs more than one bounded parse. A query names the request it serves with the
 EDNS0 option TRACE_OPTION (local use, RFC 6891); a value outside TRACE_CHARS is ignored.
+The lab's own queries (the hostname verifier's) carry MARK_OPTION too: `answer` hands its
+value to the caller as `info["mark"]`, and the caller, which holds the secret, judges it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ EDNS_SIZE = 1232        # our UDP payload limit (DNS flag day 2020): no IP fragm
 MAX_QUERY = 4096        # no honest query is bigger; bounds the work a hostile one can cause
 MAX_CHAIN = 8           # CNAME hops before we call it a loop
 TRACE_OPTION = 65001    # EDNS0 option code (65001-65534: local use) carrying the lab's trace id
+MARK_OPTION = 65002     # EDNS0 option carrying the lab's own mark: its value goes to the caller, never an event
 TRACE_CHARS = re.compile(rb"[0-9a-zA-Z_-]{1,64}")
 
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
@@ -126,8 +129,8 @@ class Zones:
 
         info is either {"error": reason} (a `dns.error`; the response, if any, is a bare
         FORMERR/NOTIMP/SERVFAIL) or the `dns.answer` fields: name, type, rcode, answers,
-        poisoned, override (the id of the first override used), trace, and truncated when
-        set. Never raises."""
+        poisoned, override (the id of the first override used), trace, truncated when set,
+        and mark (MARK_OPTION's bytes, not an event field) when sent. Never raises."""
         if len(query) < 12:
             return None, {"error": "truncated header"}
         _, flags, qd, an, ns, ar = struct.unpack_from("!6H", query)
@@ -196,6 +199,9 @@ class Zones:
                 "override": used[0].id if used else None, "trace": _trace(opt)}
         if truncated:
             info["truncated"] = True
+        mark = _option(opt, MARK_OPTION)
+        if mark is not None:
+            info["mark"] = mark
         if reason:
             info["reason"] = reason
         return wire, info
@@ -389,12 +395,18 @@ def _zone_in(zones: frozenset[str], name: str) -> str | None:
 
 def _trace(opt: RR | None) -> str | None:
     """The trace id of the query's TRACE_OPTION; None when absent, repeated or not TRACE_CHARS."""
+    found = _option(opt, TRACE_OPTION)
+    if found is None or not TRACE_CHARS.fullmatch(found):
+        return None
+    return found.decode("ascii")
+
+
+def _option(opt: RR | None, code: int) -> bytes | None:
+    """The value of the query's EDNS0 option `code`; None when absent or repeated."""
     if opt is None:
         return None
-    found = [o.data for o in opt.rdata if o.code == TRACE_OPTION]
-    if len(found) != 1 or not TRACE_CHARS.fullmatch(found[0]):
-        return None
-    return found[0].decode("ascii")
+    found = [o.data for o in opt.rdata if o.code == code]
+    return bytes(found[0]) if len(found) == 1 else None
 
 
 def _bare(query: bytes, rcode: int) -> bytes:

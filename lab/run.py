@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,7 +19,14 @@ from lab.pki import LabCA
 from lab.topology import World
 from lab.world import load
 
+log = logging.getLogger(__name__)
+
 ENGINES = ("native", "mitmproxy")
+# `up` stops within 2 s, whatever hangs: the parts share STOP_TIMEOUT, each gets at least
+# PART_MIN even when an earlier one used it up, and the event log has SINK_RESERVE of its own.
+STOP_TIMEOUT = 1.2
+PART_MIN = 0.1
+SINK_RESERVE = 0.3
 
 
 class Lab:
@@ -158,14 +166,20 @@ class Lab:
         self.endpoints["model"] = model
         self.events.emit("lab.model", model=model)
 
-    async def stop(self) -> None:
-        for part in (self.control, self.edge, self.resolver, self.origins):
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop every part in turn within `timeout` seconds: one that fails or hangs is logged
+        and left behind, never a reason to leave the others running. The event log is
+        written last (the parts' last events included), with time of its own, then closed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for name in ("control", "edge", "resolver", "origins"):
+            part = getattr(self, name)
+            setattr(self, name, None)
             if part is not None:
-                await part.stop()
-        self.control = self.edge = self.resolver = self.origins = None
+                await _stop_part(name, part.stop(), max(deadline - loop.time(), PART_MIN))
         if self.sink is not None:
-            await self.sink.close()
-            self.sink = None
+            sink, self.sink = self.sink, None
+            await _stop_part("event log", sink.close(), max(deadline - loop.time(), SINK_RESERVE))
         if self.state is not None:
             self.state.close()
             self.state = None
@@ -179,6 +193,15 @@ class Lab:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+async def _stop_part(name: str, stopping, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(stopping, timeout)
+    except TimeoutError:
+        log.warning("%s did not stop in time; stopping the rest", name)
+    except Exception:  # noqa: BLE001 - a part that fails to stop must not keep the others running
+        log.exception("%s failed to stop; stopping the rest", name)
 
 
 class RemoteNotAllowed(ValueError):
@@ -256,10 +279,7 @@ async def _serve(world: World, args) -> int:
               f"https://www.victim.example:{v1['port']}/")
         print(f"  endpoints written to {state / 'endpoints.json'}; Ctrl-C to stop", flush=True)
     await stop.wait()
-    try:
-        await asyncio.wait_for(lab.stop(), 2)
-    except TimeoutError:
-        pass
+    await lab.stop()
     (state / "endpoints.json").unlink(missing_ok=True)
     print("sni-lab stopped", file=sys.stderr)
     return 0

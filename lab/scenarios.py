@@ -249,10 +249,10 @@ class Runner:
         zone = h.get("zone", next(z.name for z in self.world.zones if z.saas))
         status = h.get("status", "active")
         made = await api.call("POST", "/hostnames", {"hostname": h["name"], "zone": zone})
-        undo.append(("DELETE", f"/hostnames/{made['id']}"))
+        # Undo means gone: purged, not left behind in `hostnames list` as a deleted row.
+        undo.append(("DELETE", f"/hostnames/{made['id']}?purge=1"))
         if status == "deleted":
             await api.call("DELETE", f"/hostnames/{made['id']}")
-            undo.pop()
             return
         if status == "pending":
             return

@@ -190,9 +190,19 @@ NEW_OVERRIDE = (
 )
 MODEL = (Field("model", "string", required=True, enum=MODELS),)
 DELETE_RECORD = (Field("name", **_NAME), Field("type", "string", enum=RECORD_TYPES))
+EVENTS_MAX = 10000
 EVENTS = (
     Field("since", "integer", minimum=0, maximum=2 ** 63 - 1, default=0, doc="events after this id"),
-    Field("limit", "integer", minimum=1, maximum=10000, default=1000),
+    Field("limit", "integer", minimum=1, maximum=EVENTS_MAX, default=1000, doc="at most this many, the oldest first"),
+    Field("newest", "integer", minimum=1, maximum=EVENTS_MAX,
+          doc="instead of limit: the newest N (after since) that match, oldest first"),
     Field("trace", "string", maximum=128, doc="one client request's story"),
     Field("kind", "string", maximum=64, doc="kinds starting with this, e.g. dns or route"),
+    Field("internal", "integer", minimum=0, maximum=1, default=0,
+          doc="1: also the lab's own traffic (the hostname verifier's DNS lookups), hidden by default"),
+)
+DELETE_HOSTNAME = (
+    Field("purge", "integer", minimum=0, maximum=1, default=0,
+          doc="1: remove it entirely (undoing a scenario's setup); "
+              "by default a deleted hostname stays listed as deleted"),
 )

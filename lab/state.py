@@ -236,9 +236,7 @@ class State:
         cols = ", ".join(HOSTNAME_FIELDS)
         updates = ", ".join(f"{f} = excluded.{f}" for f in HOSTNAME_FIELDS[1:])
         with self._tx() as db:
-            if event is not None:
-                db.executemany(INSERT_EVENT, event_rows([event]))
-                self._written_with_hostname.add(event["id"])
+            self._hostname_event(db, event)
             try:
                 db.execute(f"INSERT INTO hostnames ({cols}) VALUES ({', '.join('?' * len(HOSTNAME_FIELDS))}) "
                            f"ON CONFLICT (id) DO UPDATE SET {updates}",
@@ -248,6 +246,18 @@ class State:
                     raise
                 # The unique index caught a race that create()'s duplicate check could not see.
                 raise HostnameError(f"{h.name} is already registered as a custom hostname") from None
+
+    def purge_hostname(self, id: str, event: Event | None = None) -> int:
+        """Remove the row entirely: a scenario's setup undone is gone, not listed as deleted (a
+        user's delete keeps the row: save_hostname). `event` is stored in the same transaction."""
+        with self._tx() as db:
+            self._hostname_event(db, event)
+            return db.execute("DELETE FROM hostnames WHERE id = ?", (id,)).rowcount
+
+    def _hostname_event(self, db: sqlite3.Connection, event: Event | None) -> None:
+        if event is not None:
+            db.executemany(INSERT_EVENT, event_rows([event]))
+            self._written_with_hostname.add(event["id"])
 
     # -- DNS admin -----------------------------------------------------------------
 
@@ -337,8 +347,27 @@ class State:
     def events(self, since: int = 0, limit: int = 1000) -> list[Event]:
         rows = self._read("SELECT id, ts, kind, trace, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
                           (since, limit))
-        return [{"id": r["id"], "ts": r["ts"], "kind": r["kind"], "trace": r["trace"], **json.loads(r["data"])}
-                for r in rows]
+        return [_event(r) for r in rows]
+
+    def newest_events(self, n: int, since: int = 0, before: int | None = None, kind: str | None = None,
+                      trace: str | None = None, internal: bool = False) -> list[Event]:
+        """The newest `n` events with since < id < before, oldest first; `kind`: a prefix;
+        `internal`: also the lab's own traffic. Filtered here, so a rare kind costs one query."""
+        where, args = ["id > ?"], [since]
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        if kind is not None:
+            where.append("substr(kind, 1, ?) = ?")
+            args += [len(kind), kind]
+        if trace is not None:
+            where.append("trace = ?")
+            args.append(trace)
+        if not internal:
+            where.append("json_extract(data, '$.internal') IS NOT 1")
+        rows = self._read(f"SELECT id, ts, kind, trace, data FROM events WHERE {' AND '.join(where)} "
+                          f"ORDER BY id DESC LIMIT ?", (*args, n))
+        return [_event(r) for r in reversed(rows)]
 
     def prune_events(self, keep: int, keep_bytes: int | None = None) -> int:
         """Forget all but the newest `keep` events, and the oldest beyond `keep_bytes` of
@@ -367,6 +396,10 @@ class State:
         with self._tx() as db:
             for table in TABLES:
                 db.execute(f"DELETE FROM {table}")
+
+
+def _event(row: sqlite3.Row) -> Event:
+    return {"id": row["id"], "ts": row["ts"], "kind": row["kind"], "trace": row["trace"], **json.loads(row["data"])}
 
 
 def _hostname(row: sqlite3.Row) -> Hostname:

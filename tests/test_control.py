@@ -314,3 +314,35 @@ def test_cli_refuses_an_expiry_that_is_not_a_number_of_seconds(tmp_path):
                               "--expires", bad, "--state", str(tmp_path)], capture_output=True, text=True, timeout=30)
         assert res.returncode == 2 and "Traceback" not in res.stderr, bad
         assert "argument --expires: expected seconds" in res.stderr.splitlines()[-1], res.stderr
+
+
+def test_run_against_a_running_lab_leaves_no_hostname_behind(tmp_path):
+    """Undo means gone: a scenario's hostnames are purged, while a user's own `rm` keeps history."""
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lab", *a, "--state", str(tmp_path / "state")],
+                                    capture_output=True, text=True, timeout=120)
+    listed = lambda: json.loads(run("hostnames", "list", "--json").stdout)
+
+    async def scenario():
+        lab = UpProcess(tmp_path)
+        await lab.start()
+        try:
+            before = await asyncio.to_thread(listed)
+            res = await asyncio.to_thread(run, "run", "custom-hostname-active", "custom-hostname-deleted",
+                                          "--model", "v1,v2")
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert [(h["id"], h["name"], h["status"]) for h in await asyncio.to_thread(listed)] == \
+                   [(h["id"], h["name"], h["status"]) for h in before]
+            added = json.loads((await asyncio.to_thread(run, "hostnames", "add", "www.newshop.test", "--json")).stdout)
+            assert (await asyncio.to_thread(run, "hostnames", "rm", "www.newshop.test")).returncode == 0
+            mine = [h for h in await asyncio.to_thread(listed) if h["id"] == added["id"]]
+            assert [h["status"] for h in mine] == ["deleted"]
+            # purging is a change like any other: the token, and a valid flag
+            assert (await lab.api("DELETE", f"/hostnames/{added['id']}?purge=1", token=False))[0] == 401
+            status, answer = await lab.api("DELETE", f"/hostnames/{added['id']}?purge=2")
+            assert status == 400 and "field 'purge': must be at most 1" in answer["error"]
+            assert [h["id"] for h in await asyncio.to_thread(listed)].count(added["id"]) == 1
+        finally:
+            lab.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(lab.proc.wait(), 5)
+
+    asyncio.run(scenario())

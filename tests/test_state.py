@@ -412,3 +412,30 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_hostnames(tmp_path):
         assert st.hostname("h2").to_dict() == hostname("h2", failures=2, last_error="no answer", next_check=9.0,
                                                        negatives=1, negative_since=3.0).to_dict()
     assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_newest_events_filtered_in_the_database(tmp_path):
+    with State(tmp_path) as st:
+        st.add_events([{"id": i, "ts": float(i), "kind": kind, "trace": f"t{i % 3}", **extra}
+                       for i, (kind, extra) in enumerate([("dns.answer", {"internal": True}), ("dns.answer", {}),
+                                                          ("route.decision", {}), ("dns.error", {})] * 5, start=1)])
+        # ids 1, 5, 9...: internal dns.answer; 2, 6...: dns.answer; 3, 7...: route.decision; 4, 8...: dns.error
+        ids = lambda es: [e["id"] for e in es]
+        assert ids(st.newest_events(3)) == [18, 19, 20]
+        assert ids(st.newest_events(3, kind="dns")) == [16, 18, 20]  # internal ones left out
+        assert ids(st.newest_events(3, kind="dns", internal=True)) == [17, 18, 20]
+        assert ids(st.newest_events(2, kind="dns.answer", before=14)) == [6, 10]
+        assert ids(st.newest_events(9, since=15)) == [16, 18, 19, 20]
+        assert ids(st.newest_events(9, trace="t1", since=10)) == [16, 19]
+        assert ids(st.newest_events(5, kind="nope")) == []
+
+
+def test_purge_removes_the_row_and_stores_its_event(tmp_path):
+    with State(tmp_path) as st:
+        fill(st)
+        event = {"id": 3, "ts": 12.0, "kind": "hostname.status", "trace": None, "hostname": "www.newshop.test",
+                 "old": "pending", "new": "deleted", "purged": True}
+        assert st.purge_hostname("h1", event) == 1 and st.purge_hostname("h3") == 1
+        assert [h.id for h in st.hostnames()] == ["h2"] and st.hostname("www.newshop.test") is None
+        assert st.events()[-1] == event
+        assert st.purge_hostname("h1") == 0

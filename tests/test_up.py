@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from lab.topology import default_path
 from tests.conftest import need
 
@@ -134,3 +136,106 @@ def test_free_ports_runs_the_packaged_world_beside_another(tmp_path):
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
     assert first.returncode == second.returncode == 0
+
+
+def _bound(ep):
+    """Every (host, port) a running `up` listens on, from its endpoints."""
+    bound = [(l["host"], l["port"]) for l in ep["edge"]] + [(ep["dns"]["host"], ep["dns"]["port"])]
+    bound += [tuple(url.removeprefix("http://").rsplit(":", 1)) for url in ep["origins"].values()]
+    bound.append(tuple(ep["control"]["url"].removeprefix("http://").rsplit(":", 1)))
+    return [(h, int(p)) for h, p in bound]
+
+
+def _udp_free(host, port):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+async def test_sigterm_with_two_sse_clients_ends_their_streams_and_loses_no_event(tmp_path):
+    """The live page holds an SSE stream open: SIGTERM still stops everything, promptly, and the
+    event log keeps every event told before the signal."""
+    import asyncio
+
+    import aiohttp
+
+    from lab.client import probe
+    from lab.state import State
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lab", "up", "--config", str(_config(tmp_path)), "--certs", str(tmp_path / "certs"),
+        "--state", str(tmp_path / "state"), "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ep = json.loads(await asyncio.wait_for(proc.stdout.readline(), 20))
+        bound = _bound(ep)
+        seen: list[list[int]] = [[], []]
+        async with aiohttp.ClientSession() as s:
+            streams = [await s.get(ep["control"]["url"] + "/events", headers={"Accept": "text/event-stream"})
+                       for _ in seen]
+
+            async def read(ids, stream):  # to the end of the stream
+                async for line in stream.content:
+                    if line.startswith(b"data: "):
+                        ids.append(json.loads(line[6:]))
+            readers = [asyncio.create_task(read(ids, st)) for ids, st in zip(seen, streams)]
+            v1 = next(l for l in ep["edge"] if l["name"] == "saas-v1")
+            traces = []
+            for i in range(5):
+                traces.append(f"stop-{i}")
+                out = await probe(v1["host"], v1["port"], "www.victim.example",
+                                  [{"host": "www.victim.example", "headers": [("X-Lab-Trace", traces[-1])]}], ep["ca"])
+                assert out.response is not None and out.response.status == 200, out
+            told = lambda ids: {e["trace"] for e in ids if e["kind"] == "origin.hit"} >= set(traces)
+            while not all(told(ids) for ids in seen):
+                await asyncio.wait([*readers], timeout=0.05)
+                assert not any(r.done() for r in readers), "a stream ended before the signal"
+            started = asyncio.get_running_loop().time()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 10)
+            stopped = asyncio.get_running_loop().time() - started
+            await asyncio.wait_for(asyncio.gather(*readers), 5)  # both streams ended
+        print(f"stopped {stopped * 1000:.0f} ms after SIGTERM with two SSE clients")
+        assert proc.returncode == 0, (await proc.stderr.read()).decode()
+        assert stopped < 2.0, f"took {stopped:.2f} s to stop"
+        assert all(_free(h, p) for h, p in bound) and _udp_free(ep["dns"]["host"], ep["dns"]["port"])
+        with State(tmp_path / "state") as st:
+            stored = {e["id"] for e in st.events(0, 100000)}
+        last = max(e["id"] for ids in seen for e in ids)
+        assert set(range(1, last + 1)) <= stored, sorted(set(range(1, last + 1)) - stored)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.parametrize("fault", ["raises", "hangs"])
+async def test_a_part_that_fails_to_stop_does_not_keep_the_others_running(tmp_path, world, fault, caplog):
+    import asyncio
+
+    from lab.run import Lab
+    from lab.state import State
+
+    lab = Lab(world.with_free_ports(), tmp_path / "certs", state_dir=tmp_path / "state", verify_interval=3600)
+    await lab.start()
+    edge, stop_edge = lab.edge, lab.edge.stop
+
+    async def broken():  # the fault, injected into one real part
+        if fault == "raises":
+            raise RuntimeError("injected")
+        await asyncio.Event().wait()
+    edge.stop = broken
+    dns = lab.world.resolver
+    control = lab.control.url.removeprefix("http://").rsplit(":", 1)
+    lab.set_model("v1")  # told just before the stop
+    last = lab.events.since(0)[-1]["id"]
+    try:
+        await asyncio.wait_for(lab.stop(), 5)
+        assert ("edge failed to stop" if fault == "raises" else "edge did not stop in time") in caplog.text
+        assert _free(dns.host, dns.port) and _udp_free(dns.host, dns.port) and _free(control[0], int(control[1]))
+        with State(tmp_path / "state", exclusive=True) as st:  # the lab let go of it
+            assert st.last_event_id() == last and st.events(last - 1)[0]["kind"] == "lab.model"
+    finally:
+        await stop_edge()
