@@ -1,4 +1,4 @@
-"""One small interface for every event of the lab (DESIGN.md, "Rules of the house").
+"""One small interface for every event of the lab (docs/design.md, "Architecture").
 
 Adapters call `events.emit("route.decision", trace=..., **fields)`; the control plane,
 `explain` and the live page read the same ring buffer or subscribe to it. Emitting is on

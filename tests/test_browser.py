@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from cryptography.x509.oid import NameOID
 
-from lab.origins.bank import read_account
 from lab.browser import CHROMIUM, prepare
 from lab.hostnorm import wildcard_of
+from lab.origins.bank import read_account
 from lab.proxy import Proxy
 from tests.conftest import need
 from tests.test_proxy import VICTIM, https_get, lookup_of, start_lab, tunnel

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_sigterm_stops_and_frees_every_port(tmp_path):
     assert stat.S_IMODE(os.stat(endpoints_file).st_mode) == 0o600
     assert {"model", "engine", "ca", "edge", "origins", "dns", "control"} <= set(ep)
     bound = [(l["host"], l["port"]) for l in ep["edge"]] + [(ep["dns"]["host"], ep["dns"]["port"])]
-    bound += [tuple(url.removeprefix("http://").rsplit(":", 1)) for url in ep["origins"].values()]
+    bound += [(u.hostname, u.port) for u in map(urlsplit, ep["origins"].values())]
     bound = [(h, int(p)) for h, p in bound]
     assert not any(_free(h, p) for h, p in bound)
     started = time.monotonic()
@@ -141,7 +142,7 @@ def test_free_ports_runs_the_packaged_world_beside_another(tmp_path):
 def _bound(ep):
     """Every (host, port) a running `up` listens on, from its endpoints."""
     bound = [(l["host"], l["port"]) for l in ep["edge"]] + [(ep["dns"]["host"], ep["dns"]["port"])]
-    bound += [tuple(url.removeprefix("http://").rsplit(":", 1)) for url in ep["origins"].values()]
+    bound += [(u.hostname, u.port) for u in map(urlsplit, ep["origins"].values())]
     bound.append(tuple(ep["control"]["url"].removeprefix("http://").rsplit(":", 1)))
     return [(h, int(p)) for h, p in bound]
 
