@@ -21,7 +21,7 @@ page from inside its HTTP layer, and no hook can replace it; the lab must answer
 flows, hooks) and the request hook hands each request to the very code the native engine
 uses. mitmproxy itself never opens an upstream connection (`server_connect` refuses).
 
-Embedding, against mitmproxy's habits (DESIGN.md, feasibility notes):
+Embedding, against mitmproxy's habits (docs/design.md, "Architecture"):
 - no `Master.run()`: its error check calls `sys.exit`; `start()` brings the servers up
   itself and turns a bind failure into one OSError naming the listener and address;
 - only the addons needed are loaded: no TlsConfig (it would mint certificates and create a
