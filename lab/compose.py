@@ -74,8 +74,7 @@ def bridge_world(world: World) -> World:
 
 def _service(command: list[str], address: str | None, volumes: list[str], health: list[str], depends: dict[str, str],
              **extra) -> dict:
-    svc = {"image": IMAGE, "build": {"context": ".", "args": {"BASE": "${SNI_LAB_BASE:-python:3.12-slim}"}},
-           "command": command}
+    svc = {"image": IMAGE, "command": command}
     if address is None:
         svc["network_mode"] = "none"
     else:
@@ -102,7 +101,7 @@ def services(world: World, config: str | None = None) -> dict:
     after_control = {"control": "service_healthy"}
     svcs = {
         "init": _service(role("init"), None, [f"certs:{CERTS}", f"secret:{SECRET}", f"trust:{TRUST}", *world_mount],
-                         [], {}),
+                         [], {}, build={"context": ".", "args": {"BASE": "${SNI_LAB_BASE:-python:3.12-slim}"}}),
         "control": _service(role("control"), bw.control.host,
                             [f"secret:{SECRET}:ro", f"trust:{TRUST}:ro", f"state:{STATE}", *world_mount],
                             ["CMD", "curl", "-sf", "-o", "/dev/null", f"http://{bw.control.host}:{bw.control.port}/health"],
@@ -154,7 +153,10 @@ def header(world: World) -> str:
                ("control", f"{bw.control.host}:{bw.control.port}, published on 127.0.0.1:{world.control.port} only")]
     width = max(len(a) for a, _ in actors)
     lines += [f"  {a:<{width}}  {where}" for a, where in actors]
-    lines += [
+    lines += ["",
+              "The image is built once, by the init service: `docker compose build` (BASE: any",
+              "Debian-family image with Python >= 3.11; default python:3.12-slim, another with",
+              "SNI_LAB_BASE=image). Every other service runs that image; all start after init.",
               "",
               "The edge holds every listener address on this one network: its own address, and the",
               "others added in its network namespace (aux_addresses keep Docker from handing them",
@@ -163,7 +165,8 @@ def header(world: World) -> str:
               "bridges from each other. Adding them needs NET_ADMIN, which the entrypoint gives up",
               "(with root) before the lab runs.",
               "",
-              "  docker compose up                       # then open the control line's page URL",
+              "  docker compose build && docker compose up -d",
+              "  docker compose logs control             # the live page's URL, with its token",
               "  docker compose run --rm client curl -s https://www.victim.example/",
               "  docker compose run --rm client sni-lab matrix",
               "  docker compose down -v                  # also forgets the CA, the token and the state"]
