@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from lab import __version__
+from lab.compose import ROLES as COMPOSE_ROLES
 from lab.remote import RemoteError
 from lab.topology import MODELS, WorldError
 from lab.world import load
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     compose = sub.add_parser("compose", help="print docker-compose.yml for this world; --role: run one of its services",
                              description="Print the Compose file of the world (sni-lab compose > docker-compose.yml); "
                                          "inside the stack's containers, --role runs one service.")
-    compose.add_argument("--role", choices=("init", "control", "resolver", "edge", "origin"),
+    compose.add_argument("--role", choices=COMPOSE_ROLES,
                          help="run this service of the stack (inside its container)")
     compose.add_argument("name", nargs="?", metavar="ORIGIN", help="with --role origin: which origin")
     compose.add_argument("--config", metavar="PATH", help="world file (default: the packaged lab.toml)")

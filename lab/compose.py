@@ -22,6 +22,7 @@ BRIDGE = "sni-lab0"  # the host's interface for the stack: what `ip route get` m
 CERTS, SECRET, TRUST, STATE, WORLD = "/lab/certs", "/lab/secret", "/lab/trust", "/lab/state", "/lab/world.toml"
 TOKEN = f"{SECRET}/token"
 CA = f"{TRUST}/ca.pem"
+ROLES = ("init", "control", "resolver", "edge", "origin")  # `sni-lab compose --role`
 READY = "/tmp/sni-lab-ready"  # a follower writes it once it serves what the control plane says
 
 

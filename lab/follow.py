@@ -348,7 +348,10 @@ class Pusher:
                         try:
                             async with s.post(f"{self.url}/follow/events",
                                               json={"events": [self.transform(e) for e in batch]}) as resp:
-                                if resp.status != 200:
+                                if 400 <= resp.status < 500:  # will not heal by sending it again
+                                    log.error("events: the control plane refused %d: %s %s", len(batch), resp.status,
+                                              (await resp.text())[:200])
+                                elif resp.status != 200:
                                     raise RuntimeError(f"{resp.status} {(await resp.text())[:200]}")
                         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as e:
                             log.warning("events: the control plane at %s did not take them (%s); again in %.1f s",

@@ -30,13 +30,13 @@ from lab.run import _stop_on_signals, run_loop
 from lab.topology import World
 from lab.world import load
 
-ROLES = ("init", "control", "resolver", "edge", "origin")
-
-
 def serve(args) -> int:
     world = c.bridge_world(load(args.config))
     if args.role == "init":
         return init(world)
+    if args.name and args.role != "origin":
+        print(f"sni-lab: error: compose --role {args.role} takes no ORIGIN", file=sys.stderr)
+        return 2
     if args.role == "origin" and args.name not in world.origin_by_name:
         print(f"sni-lab: error: compose --role origin needs an origin of the world ({', '.join(world.origin_by_name)})",
               file=sys.stderr)

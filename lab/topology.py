@@ -367,9 +367,10 @@ class _Parser:
         return Limits(**values)
 
     def compose(self, t: dict) -> Compose:
-        unknown = set(t) - {f.name for f in dataclasses.fields(Compose)}
+        known = [f.name for f in dataclasses.fields(Compose)]
+        unknown = set(t) - set(known)
         if unknown:
-            raise self.fail(f"compose.{sorted(unknown)[0]}", "unknown key (known: subnet, edge_port, dns_port)")
+            raise self.fail(f"compose.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(known)})")
         subnet = self.get(t, "subnet", "compose", str, Compose.subnet)
         try:
             net = ipaddress.ip_network(subnet)
