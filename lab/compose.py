@@ -110,7 +110,8 @@ def services(world: World, config: str | None = None) -> dict:
                             ports=[f"127.0.0.1:{world.control.port}:{bw.control.port}"]),
         "resolver": _service(role("resolver"), bw.resolver.host, [f"secret:{SECRET}:ro", *world_mount], ready,
                              after_control, sysctls={"net.ipv4.ip_unprivileged_port_start": 0}),
-        **{name: _service(role("origin", o.name), o.host, [f"secret:{SECRET}:ro", *world_mount], ready, after_control)
+        **{name: _service(role("origin", o.name), o.host, [f"certs:{CERTS}:ro", f"secret:{SECRET}:ro", *world_mount],
+                          ready, after_control)
            for name, o in origins.items()},
         "edge": _service(role("edge"), edge_host, [f"certs:{CERTS}", f"secret:{SECRET}:ro", *world_mount], ready,
                          {**after_control, **{name: "service_healthy" for name in origins}},

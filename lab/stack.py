@@ -20,8 +20,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from aiohttp import web
-
 from lab import compose as c
 from lab.binding import bind_hint
 from lab.events import Events
@@ -29,6 +27,7 @@ from lab.follow import DnsFollower, Follower, Hub, HubControl, Pusher, world_of
 from lab.run import _stop_on_signals, run_loop
 from lab.topology import World
 from lab.world import load
+
 
 def serve(args) -> int:
     world = c.bridge_world(load(args.config))
@@ -52,10 +51,14 @@ def serve(args) -> int:
 
 def init(world: World) -> int:
     from lab.edge.certstore import CertStore
+    from lab.origins import collector
     from lab.pki import LabCA
 
     ca = LabCA.open(c.CERTS, tuple(world.tlds), log=lambda m: print(m, file=sys.stderr))
     CertStore(ca).load(world)  # the leaves of the world's zones and active custom hostnames
+    for o in world.origins:  # and the collectors' (https: a page cannot post to http from https)
+        if o.kind == "collector":
+            collector.tls_context(ca, o, world)
     trust = Path(c.CA)
     if not trust.exists() or trust.read_bytes() != ca.cert_path.read_bytes():
         shutil.copyfile(ca.cert_path, trust)
@@ -163,18 +166,15 @@ async def _edge(world: World, token: str, args):
 
 
 async def _origin(world: World, token: str, args):
-    from lab.origins import build_app, log
+    from lab.origins import Origins
+    from lab.pki import LabCA
 
     origin = world.origin_by_name[args.name]
     events = Events(field_limit=world.limits.event_field)
-    runner = web.AppRunner(build_app(origin, world, events), access_log=None, logger=log)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, origin.host, origin.port, reuse_address=True, backlog=1024).start()
-    except OSError:
-        await runner.cleanup()
-        raise
+    # The collector serves https with the leaf init issued; the CA verifies the victim's edge on replay.
+    running = Origins(world, events, ca=LabCA.open(c.CERTS, tuple(world.tlds)), only=(origin.name,))
+    await running.start()
     pusher = Pusher(events, _control_url(world), token)
     tasks = [asyncio.ensure_future(pusher.run()),
              asyncio.ensure_future(_ready_after(None, f"origin {origin.name} {origin.url}"))]
-    return tasks, runner.cleanup
+    return tasks, running.stop

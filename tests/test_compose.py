@@ -148,7 +148,7 @@ class Split:
         world = load().with_free_ports()
         ca = LabCA.open(self.tmp / "certs", tuple(world.tlds))
         self.resolver_events, self.edge_events, self.origin_events = Events(), Events(), Events()
-        self.origins = Origins(world, self.origin_events)
+        self.origins = Origins(world, self.origin_events, ca=ca)
         world = world.with_ports({n: p for n, (_, p) in (await self.origins.start()).items()})
         self.resolver = Resolver(world, self.resolver_events)
         world = world.with_ports({"resolver": (await self.resolver.start())[1]})
