@@ -110,7 +110,9 @@ def services(world: World, config: str | None = None) -> dict:
                             ports=[f"127.0.0.1:{world.control.port}:{bw.control.port}"]),
         "resolver": _service(role("resolver"), bw.resolver.host, [f"secret:{SECRET}:ro", *world_mount], ready,
                              after_control, sysctls={"net.ipv4.ip_unprivileged_port_start": 0}),
-        **{name: _service(role("origin", o.name), o.host, [f"certs:{CERTS}:ro", f"secret:{SECRET}:ro", *world_mount],
+        # The collector serves https (a lab leaf) and verifies the victim's edge on replay: it needs the certs.
+        **{name: _service(role("origin", o.name), o.host,
+                          [*([f"certs:{CERTS}"] if o.kind == "collector" else []), f"secret:{SECRET}:ro", *world_mount],
                           ready, after_control)
            for name, o in origins.items()},
         "edge": _service(role("edge"), edge_host, [f"certs:{CERTS}", f"secret:{SECRET}:ro", *world_mount], ready,

@@ -172,7 +172,8 @@ async def _origin(world: World, token: str, args):
     origin = world.origin_by_name[args.name]
     events = Events(field_limit=world.limits.event_field)
     # The collector serves https with the leaf init issued; the CA verifies the victim's edge on replay.
-    running = Origins(world, events, ca=LabCA.open(c.CERTS, tuple(world.tlds)), only=(origin.name,))
+    ca = LabCA.open(c.CERTS, tuple(world.tlds)) if origin.kind == "collector" else None
+    running = Origins(world, events, ca=ca, only=(origin.name,))
     await running.start()
     pusher = Pusher(events, _control_url(world), token)
     tasks = [asyncio.ensure_future(pusher.run()),

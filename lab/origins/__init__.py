@@ -81,7 +81,7 @@ class Origins:
     """Runs every origin of the world on its own address; the collector over https with a
     certificate from `ca` (issued into the lab's certs dir)."""
 
-    def __init__(self, world: World, events: Events | None = None, *, ca: LabCA,
+    def __init__(self, world: World, events: Events | None = None, *, ca: LabCA | None,
                  only: tuple[str, ...] | None = None) -> None:
         """`only`: serve just these origins of the world (one container each, in the compose stack)."""
         self.world = world
