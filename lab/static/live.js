@@ -224,6 +224,18 @@ async function refreshHostnames() {
   }));
 }
 
+// ---- workshop progress (lab.workshop.server) ---------------------------------------
+async function refreshWorkshop() {
+  let p;
+  try { p = await api("GET", "/workshop/progress"); } catch (e) { return; }
+  $("workshop").replaceChildren(...p.exercises.map((r) => {
+    const li = el("li", r.passed ? "passed" : (r.started ? "started" : ""));
+    li.append(el("span", "n", r.number), el("span", "t", r.title));
+    li.title = r.passed ? "done" : (r.started ? "started" : "not started");
+    return li;
+  }));
+}
+
 // ---- the stream -------------------------------------------------------------------
 function connect() {
   const source = new EventSource("/live/stream");
@@ -265,6 +277,8 @@ async function start() {
   try { state.scenarios = await api("GET", "/live/scenarios"); } catch (e) { showError(e.message); }
   renderScenarios();
   connect();
+  refreshWorkshop();
+  setInterval(refreshWorkshop, 3000);
 }
 
 start();
