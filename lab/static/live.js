@@ -228,12 +228,14 @@ async function refreshHostnames() {
 async function refreshWorkshop() {
   let p;
   try { p = await api("GET", "/workshop/progress"); } catch (e) { return; }
+  // One chip per exercise, so the panel stays a line or two; the names are on /workshop.
   $("workshop").replaceChildren(...p.exercises.map((r) => {
-    const li = el("li", r.passed ? "passed" : (r.started ? "started" : ""));
-    li.append(el("span", "n", r.number), el("span", "t", r.title));
-    li.title = r.passed ? "done" : (r.started ? "started" : "not started");
+    const li = el("li", r.passed ? "passed" : (r.started ? "started" : ""), r.number);
+    li.title = `${r.number}. ${r.title}: ${r.passed ? "done" : (r.started ? "started" : "not started")}`;
     return li;
   }));
+  const done = p.exercises.filter((r) => r.passed).length;
+  $("workshop-count").textContent = `${done} of ${p.exercises.length} done`;
 }
 
 // ---- the stream -------------------------------------------------------------------
