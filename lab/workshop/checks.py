@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+
+from lab.hostnorm import HostError, normalize
 
 SHOWN = 5  # failures named in a detail
 
@@ -118,13 +119,23 @@ def _collector(check: dict, facts: Facts) -> tuple[bool, str]:
         data = e.get("data") if isinstance(e.get("data"), dict) else {}
         cookie = data.get("cookie") if isinstance(data.get("cookie"), str) else ""
         page = data.get("origin") or e.get("origin") or ""
-        host = urlsplit(page).hostname if isinstance(page, str) and "://" in page else None
+        host = _host_of(page)
         if want_cookie in cookie and cookie and (want_page is None or host == want_page):
             return True, "found"
     if not new:
         return False, "the collector has received nothing since you started"
     return False, (f"the collector holds {len(new)} entr{'y' if len(new) == 1 else 'ies'} since you started, none "
                    f"with a cookie containing {want_cookie!r} sent from a page of {want_page}")
+
+
+def _host_of(origin) -> str | None:
+    """The host of a page's origin, `https://NAME:PORT`."""
+    if not isinstance(origin, str) or "://" not in origin:
+        return None
+    try:
+        return normalize(origin.split("://", 1)[1].split("/", 1)[0])
+    except HostError:
+        return None
 
 
 def _hostname(check: dict, facts: Facts) -> tuple[bool, str]:
