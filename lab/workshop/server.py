@@ -17,10 +17,8 @@ import asyncio
 import contextlib
 import hmac
 import json
-import os
 import secrets
 import ssl
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -30,9 +28,9 @@ from aiohttp import web
 
 from lab.control import ApiError
 from lab.live import LIVE_KEY
+from lab.results import matches
 from lab.scenarios import DEFAULT_DIR as CATALOG_DIR, LabApi, Runner, ScenarioError, discover, parse
 from lab.strips import INTERNAL
-from lab.topology import MODELS
 from lab.workshop import ExerciseError, fill, find, load_all
 from lab.workshop import checks, room
 
@@ -108,7 +106,9 @@ class Workshop:
         newest = self.lab.events.newest(1)
         return newest[0]["id"] if newest else 0
 
-    async def _api(self):
+    @staticmethod
+    def _own_api() -> aiohttp.ClientSession:
+        """A session for calls to this control plane's own API (LabApi adds the token)."""
         return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
 
     def _view(self, ex, p: dict | None) -> dict:
@@ -176,7 +176,7 @@ class Workshop:
             raise ApiError(409, f"exercise {ex.number} needs the control plane's {', '.join(missing)} API, which this "
                                 f"lab does not have yet")
         async with self._busy:
-            async with await self._api() as s:
+            async with self._own_api() as s:
                 await self._apply(LabApi(self.lab.endpoints, s), ex.start)
             file = self._file(ex)
             if ex.prediction and (reset or not file.exists()):
@@ -284,7 +284,7 @@ class Workshop:
             facts.collected = await self._collected()
         if "hostname" in kinds:
             facts.hostnames = [h.to_dict() for h in self.state.hostnames()]
-        async with await self._api() as s:
+        async with self._own_api() as s:
             api = LabApi(self.lab.endpoints, s)
             if "zone" in kinds:
                 with contextlib.suppress(ScenarioError, aiohttp.ContentTypeError):
@@ -344,8 +344,6 @@ class Workshop:
             results = await runner.run([scenario], models)
         except ScenarioError as e:
             return {"error": str(e).replace(str(file) + ": ", f"{file.name}: ")}
-        from lab.results import matches
-
         return {"models": {r.model: [(q.expected, matches(q.expected, q.outcome)) for q in r.requests]
                            for r in results}}
 
