@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     browser.add_argument("--state", metavar="DIR", default=".lab", help="the running lab's state directory")
     _control_parsers(sub)
     _scenario_parsers(sub)
+    from lab.workshop.cli import parsers as workshop_parsers
+
+    workshop_parsers(sub)  # workshop, waf
     return parser
 
 
@@ -105,7 +108,8 @@ def _scenario_parsers(sub) -> None:
         p.add_argument("--fresh", action="store_true", help="start a lab in-process even if one is running")
         _state_opts(p)
         p.add_argument("--config", metavar="PATH", help="world file (default: the packaged lab.toml)")
-        p.add_argument("--certs", metavar="DIR", default="certs")
+        # A lab started for this run gets a throwaway CA: nothing is written where the command runs.
+        p.add_argument("--certs", metavar="DIR", help="certificates of a lab started for this run (default: throwaway)")
 
     run = sub.add_parser("run", help="run scenarios under every model and judge them",
                          description="Run NAME... (files in scenarios/, paths, or directories).")
@@ -424,14 +428,22 @@ def cmd_scenarios(args) -> int:
         raise UserError(str(e)) from None
 
 
+def cmd_workshop(args) -> int:
+    from lab.workshop.cli import command, waf_command
+
+    return command(args) if args.command == "workshop" else waf_command(args)
+
+
 def cmd_browser(args) -> int:
     from lab.browser import browser_command
 
     return browser_command(args)
 
 
-COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up, "origins": cmd_origins, "compose": cmd_compose, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
-            "model": cmd_model, "events": cmd_events, "reset": cmd_reset, "browser": cmd_browser}
+COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up,
+            "origins": cmd_origins, "compose": cmd_compose, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
+            "model": cmd_model, "events": cmd_events, "reset": cmd_reset, "browser": cmd_browser,
+            "workshop": cmd_workshop, "waf": cmd_workshop}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -306,6 +306,11 @@ class Control:
         r.add_put("/model", self.set_model)
         r.add_get("/events", self.events)
         live.setup(app, self)  # the live page at /, and its cookie auth for the page's mutations
+        from lab import rules
+        from lab.workshop import server as workshop  # imports this module: not at the top
+
+        rules.setup(app, self)  # WAF rules at run time
+        workshop.setup(app, self)  # exercises, progress, room mode
         return app
 
     async def start(self, host: str, port: int, background: bool = True) -> tuple[str, int]:

@@ -72,6 +72,11 @@ def load(path: str | Path, world: World | None = None, root: Path | None = None)
         raise ScenarioError(f"{path}: no such scenario file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ScenarioError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, path, world, root)
+
+
+def parse(data: dict, path: Path, world: World | None = None, root: Path | None = None) -> Scenario:
+    """A scenario from its file's TOML data; `path` names it in errors."""
     fail = lambda key, msg: ScenarioError(f"{path}: {key}: {msg}")
     unknown = set(data) - _TOP_KEYS
     if unknown:
@@ -109,7 +114,11 @@ def load(path: str | Path, world: World | None = None, root: Path | None = None)
         if len(values) != total:
             raise fail(f"expect.{model}", f"{len(values)} expectation(s) for {total} request(s)")
         for v in values:
-            if not isinstance(v, str) or not re.fullmatch(r"[a-z0-9_-]+(:[a-z0-9_-]+){0,2}|\?", v):
+            if v == "?":
+                # A prediction still to make: running it would show the outcome before it is made.
+                raise fail(f"expect.{model}", "a prediction is still \"?\": replace each with what you expect, "
+                                              "then run it")
+            if not isinstance(v, str) or not re.fullmatch(r"[a-z0-9_-]+(:[a-z0-9_-]+){0,2}", v):
                 raise fail(f"expect.{model}", f"bad expectation {v!r} (an origin, refused[:STATUS[:CODE]], tls[:ALERT])")
         expect[model] = values
     for key in set(expect_raw) - set(MODELS) - {"*"}:
@@ -181,8 +190,10 @@ class LabApi:
 
 
 class Runner:
-    def __init__(self, endpoints: dict, world: World, engine: str | None = None) -> None:
-        """`world` is the running lab's (ports included); hostnames are read live from the API."""
+    def __init__(self, endpoints: dict, world: World, engine: str | None = None, trace_prefix: str = "") -> None:
+        """`world` is the running lab's (ports included); hostnames are read live from the API.
+        `trace_prefix` starts every trace (`strips.INTERNAL`: the lab's own run, kept off the live page)."""
+        self.trace_prefix = trace_prefix
         self.ep = endpoints
         self.world = world
         self.engine = engine or endpoints.get("engine", "native")
@@ -275,7 +286,7 @@ class Runner:
         results: list[RequestResult] = []
         expectations = iter(sc.expect[model])
         for i, req in enumerate(sc.requests):
-            trace = f"{re.sub(r'[^0-9a-zA-Z_-]', '-', sc.name)[:40]}-{model}-{i}-{os.urandom(3).hex()}"
+            trace = f"{self.trace_prefix}{re.sub(r'[^0-9a-zA-Z_-]', '-', sc.name)[:40]}-{model}-{i}-{os.urandom(3).hex()}"
             results += await self._request(req, world, trace, expectations)
         verdict = oracle.worst(r.verdict for r in results)
         failures = [f"request {i + 1}: expected {r.expected}, got {r.outcome}" for i, r in enumerate(results)

@@ -224,6 +224,20 @@ async function refreshHostnames() {
   }));
 }
 
+// ---- workshop progress (lab.workshop.server) ---------------------------------------
+async function refreshWorkshop() {
+  let p;
+  try { p = await api("GET", "/workshop/progress"); } catch (e) { return; }
+  // One chip per exercise, so the panel stays a line or two; the names are on /workshop.
+  $("workshop").replaceChildren(...p.exercises.map((r) => {
+    const li = el("li", r.passed ? "passed" : (r.started ? "started" : ""), r.number);
+    li.title = `${r.number}. ${r.title}: ${r.passed ? "done" : (r.started ? "started" : "not started")}`;
+    return li;
+  }));
+  const done = p.exercises.filter((r) => r.passed).length;
+  $("workshop-count").textContent = `${done} of ${p.exercises.length} done`;
+}
+
 // ---- the stream -------------------------------------------------------------------
 function connect() {
   const source = new EventSource("/live/stream");
@@ -265,6 +279,8 @@ async function start() {
   try { state.scenarios = await api("GET", "/live/scenarios"); } catch (e) { showError(e.message); }
   renderScenarios();
   connect();
+  refreshWorkshop();
+  setInterval(refreshWorkshop, 3000);
 }
 
 start();
