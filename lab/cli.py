@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     browser.add_argument("--profile", metavar="DIR", help="keep the profile in DIR (default: a throwaway one)")
     browser.add_argument("--chromium", metavar="PATH", help="the browser to run (default: /usr/bin/chromium)")
     browser.add_argument("--url", help="the page to open (default: the victim's site on the edge)")
+    browser.add_argument("--headless", action="store_true", help="no window (CI, or a demo driven unseen)")
     browser.add_argument("--state", metavar="DIR", default=".lab", help="the running lab's state directory")
     _control_parsers(sub)
     _scenario_parsers(sub)
