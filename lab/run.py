@@ -225,6 +225,15 @@ class RemoteNotAllowed(ValueError):
     """The control plane would be reachable from other machines and nobody said so."""
 
 
+def write_endpoints(state: str | Path, endpoints: dict) -> Path:
+    """state/endpoints.json, where every other command finds the running lab; 0600: it carries the token."""
+    path = Path(state) / "endpoints.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(endpoints, indent=2, allow_nan=False) + "\n")
+    return path
+
+
 def up(args) -> int:
     world = load(args.config)
     if args.free_ports:
@@ -274,10 +283,7 @@ async def _serve(world: World, args) -> int:
         print(f"sni-lab: warning: the control plane listens on {endpoints['control']['url']}, reachable from other "
               f"machines: anyone who learns its token can change this lab", file=sys.stderr, flush=True)
     state = Path(args.state)
-    # 0600: it carries the control plane's token.
-    fd = os.open(state / "endpoints.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(endpoints, indent=2, allow_nan=False) + "\n")
+    write_endpoints(state, endpoints)
     ready_ms = (time.perf_counter() - started) * 1000
     if args.json:
         print(json.dumps({"ready_ms": round(ready_ms, 1), **endpoints}, allow_nan=False), flush=True)
