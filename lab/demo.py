@@ -17,7 +17,7 @@ the page's payload. Each act then checks what happened for real, in the lab's ow
 (the live page's strips, the proxy's events, the collector, the hostnames), and says so
 plainly when something did not go as the story says.
 
-Pure: `find_strip`, `strip_problems`, `payload_urls`, `cookie_header`, `loot_with`.
+Pure: `find_strip`, `dns_problems`, `strip_problems`, `payload_urls`, `cookie_header`, `loot_with`.
 I/O: `Scripted`, `Driven`, `Remote`, `play`, `demo_command`.
 """
 from __future__ import annotations
@@ -101,24 +101,18 @@ def strip_problems(s: dict, *, verdict: str, listener: str, origin: str | None) 
     return out
 
 
-def open_tunnels(events: list[dict], client: str | None, since: int) -> list[dict]:
-    """The proxy's tunnels to www.victim.example from `client` still open at event `since`,
-    or opened after it: those that can carry a visit made then (a browser reuses its pooled
-    connections, so a visit opens no new tunnel for every page)."""
-    closed = {e["trace"]: e["id"] for e in events if e.get("kind") == "proxy.closed"}
-    return [e for e in events if e.get("kind") == "proxy.tunnel" and e.get("name") == VICTIM
-            and e.get("client") == client and closed.get(e.get("trace"), float("inf")) > since]
-
-
-def tunnel_problems(tunnels: list[dict], *, address: str, override: str | None) -> list[str]:
-    """What in the tunnels a visit could take differs from the story: where DNS sent them
-    (`address`) and by which override (None: not poisoned)."""
-    if not tunnels:
-        return [f"no tunnel to {VICTIM} through the lab proxy"]
-    return [f"DNS sent a tunnel to {t.get('address')}, "
-            + (f"poisoned by {t.get('override')}" if t.get("poisoned") else "not poisoned")
-            for t in tunnels if t.get("address") != address or t.get("override") != override
-            or bool(t.get("poisoned")) != (override is not None)]
+def dns_problems(s: dict, *, address: str, override: str | None) -> list[str]:
+    """What in the strip's DNS differs from the story: the lab proxy's question, asked as the
+    client, must have sent the visit to `address`, by `override` (None: not poisoned)."""
+    tunnel, dns = s.get("tunnel"), s.get("dns")
+    if tunnel is None or dns is None:
+        return ["it did not come through the lab proxy (no tunnel or DNS answer joins it)"]
+    out = []
+    if tunnel.get("address") != address:
+        out.append(f"DNS sent it to {tunnel.get('address')}, not {address}")
+    if bool(dns.get("poisoned")) != (override is not None) or dns.get("override") != override:
+        out.append(f"the answer was poisoned by {dns.get('override')}" if dns.get("poisoned") else "the answer was not poisoned")
+    return out
 
 
 _PAYLOAD_URLS = re.compile(r"const urls = (\[[^\]]*\]);")
@@ -321,9 +315,6 @@ class Remote:
         newest = await self.call("GET", "/events?newest=1&internal=1")
         return newest[-1]["id"] if newest else 0
 
-    async def tunnels(self, client: str | None, since: int) -> list[dict]:
-        return open_tunnels(await self.call("GET", "/events?kind=proxy.&newest=1000"), client, since)
-
     async def strip(self, client: str | None, after: int, path: str = "/", within: float = WAIT) -> dict | None:
         """The request's strip once the lab has judged it (its verdict set)."""
         deadline = time.monotonic() + within
@@ -400,21 +391,18 @@ class Story:
             self.say(f"   ✗ NOT AS THE STORY SAYS: {said}" + (f" — {why}" if why else ""))
         return good
 
-    def check_strip(self, act: Act, s: dict | None, **want) -> None:
+    def check_strip(self, act: Act, s: dict | None, *, listener: str, **want) -> None:
+        """The request as the live page shows it: where DNS sent it, then the verdict."""
         if s is None:
             self.check(act, False, "the live page shows the request", "no strip for it")
             return
         act.facts["strip"] = s
-        wrong = strip_problems(s, **want)
-        self.check(act, not wrong, f"live page: {s.get('verdict')} — {s.get('why')}", "; ".join(wrong))
-
-    async def check_dns(self, act: Act, since: int, listener: str) -> None:
-        """Where the lab proxy's DNS question, asked as the client, sent the visit made after `since`."""
         l = next(x for x in self.ep["edge"] if x["name"] == listener)
-        tunnels = act.facts["tunnels"] = await self.remote.tunnels(self.address, since)
-        wrong = tunnel_problems(tunnels, address=l["host"], override=self.override)
+        wrong = dns_problems(s, address=l["host"], override=self.override)
         how = f"poisoned by {self.override}" if self.override else "not poisoned"
         self.check(act, not wrong, f"DNS ({how}) sent {USER} to {l['host']}, the {listener} listener", "; ".join(wrong))
+        wrong = strip_problems(s, listener=listener, **want)
+        self.check(act, not wrong, f"live page: {s.get('verdict')} — {s.get('why')}", "; ".join(wrong))
 
 
 def seen_problem(seen: Seen) -> str:
@@ -434,7 +422,6 @@ async def _visit(story: Story, act: Act) -> None:
                        "no strip for it"):
         return
     story.address = act.facts["address"] = strip["client"]  # as the edge saw it: the client's own address
-    await story.check_dns(act, after, "anycast")
     logged = await story.client.login(USER, PASSWORD)
     account = logged.account
     story.session = await story.client.session()
@@ -486,7 +473,6 @@ async def _attack(story: Story, act: Act) -> None:
     after = await remote.last_event()
     seen = await story.client.visit("/")
     act.facts["seen"] = {"status": seen.status, "origin": seen.origin}
-    await story.check_dns(act, after, "saas-v1")
     story.check(act, seen.status == 200 and seen.origin == "saas",
                 f"the padlock holds, a valid certificate for {VICTIM}, yet the SaaS app answered: "
                 "the attacker's copy of the bank", seen_problem(seen))
@@ -513,7 +499,6 @@ async def _blocked(story: Story, act: Act, model: str, expect: Callable[[Seen], 
     after = await remote.last_event()
     seen = await story.client.visit("/")
     act.facts["seen"] = {"status": seen.status, "origin": seen.origin}
-    await story.check_dns(act, after, "saas-v1")
     story.check(act, expect(seen), said, seen_problem(seen))
     story.check_strip(act, await remote.strip(story.address, after), verdict=verdict, listener="saas-v1",
                       origin=origin)

@@ -191,17 +191,6 @@ def test_the_scripted_payload_posts_where_the_attackers_page_says(world):
     assert demo.payload_urls("<p>Victim Bank</p>") == []
 
 
-def test_open_tunnels_are_those_a_visit_can_take():
-    events = [{"id": 1, "kind": "proxy.tunnel", "trace": "a", "name": VICTIM, "client": "127.0.0.1"},
-              {"id": 2, "kind": "proxy.tunnel", "trace": "b", "name": VICTIM, "client": "127.0.0.1"},
-              {"id": 3, "kind": "proxy.closed", "trace": "a"},
-              {"id": 4, "kind": "proxy.tunnel", "trace": "c", "name": VICTIM, "client": "127.0.0.9"},
-              {"id": 5, "kind": "proxy.tunnel", "trace": "d", "name": "app.saas.example", "client": "127.0.0.1"}]
-    # a pooled tunnel opened before the visit still carries it; one closed before does not
-    assert [t["trace"] for t in demo.open_tunnels(events, "127.0.0.1", since=3)] == ["b"]
-    assert [t["trace"] for t in demo.open_tunnels(events, "127.0.0.1", since=2)] == ["a", "b"]
-
-
 # ---- the play, in a real Chromium ------------------------------------------------------------
 
 @pytest.fixture
