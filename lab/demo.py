@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import ipaddress
 import json
+import os
 import re
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -168,9 +172,9 @@ class Scripted:
 
     def __init__(self, ep: dict) -> None:
         self.ep, self.proxy, self.base = ep, proxy_url(ep), victim_url(ep).rstrip("/")
-        host = ep["proxy"]["host"]
         # Alice's own address, when the proxy is local: a targeted poisoning then reaches her alone.
-        self.source = SCRIPTED_ADDRESS if host.startswith("127.") else None
+        local = ipaddress.ip_address(ep["proxy"]["host"]).is_loopback and _can_bind(SCRIPTED_ADDRESS)
+        self.source = SCRIPTED_ADDRESS if local else None
         self.jar = aiohttp.CookieJar()
         trust = ssl.create_default_context(cafile=ep["ca"])  # hostname checked: the padlock
         # A connection per request: each asks the proxy, so each follows DNS as it is now.
@@ -440,7 +444,7 @@ async def _poison(story: Story, act: Act) -> None:
     saas_v1, anycast = (next(l["host"] for l in story.ep["edge"] if l["name"] == n) for n in ("saas-v1", "anycast"))
     asked = {story.address: await _ask(story, story.address)}
     bystander = BYSTANDER
-    if bystander != story.address and _bindable(bystander, story.ep["dns"]["host"]):
+    if bystander != story.address and _can_bind(bystander):  # else nobody else to ask as
         asked[bystander] = await _ask(story, bystander)
     act.facts["answers"] = asked
     story.check(act, asked[story.address] == [saas_v1],
@@ -463,8 +467,14 @@ async def _ask(story: Story, client: str) -> list[str]:
     return [str(rr.rdata) for rr in reply.rr]
 
 
-def _bindable(client: str, toward: str) -> bool:
-    return client.startswith("127.") and toward.startswith("127.")
+def _can_bind(address: str) -> bool:
+    """Whether this machine has `address` (Linux has all of 127.0.0.0/8; macOS only its aliases)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((address, 0))
+    except OSError:
+        return False
+    return True
 
 
 async def _attack(story: Story, act: Act) -> None:
@@ -523,8 +533,8 @@ async def _claim(story: Story, act: Act) -> None:
     checked = await remote.call("POST", f"/hostnames/{quote(made['id'], safe='')}/verify")
     act.facts["hostname"] = checked
     story.check(act, made["status"] == "pending" and checked["status"] == "pending",
-                f"registered and verified: still pending — the attacker cannot put the TXT record into "
-                f"victim.example's DNS", f"status {checked['status']}: {checked['reason']}")
+                "registered and verified: still pending — the attacker cannot put the TXT record into "
+                "victim.example's DNS", f"status {checked['status']}: {checked['reason']}")
 
 
 PLAYS = {"visit": _visit, "poison": _poison, "attack": _attack, "waf": _waf, "v2": _v2, "claim": _claim}
@@ -623,9 +633,7 @@ async def _client(ep: dict, state: str | Path, say):
     if found is None:
         say("No browser opened with `sni-lab browser`: the scripted client plays Alice, through the same proxy.")
         return Scripted(ep)
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         say(f"A browser is open ({found['cdp']}), but driving it needs Playwright: "
             f"pip install 'sni-lab[browser]'. The scripted client plays Alice instead.")
         return Scripted(ep)
@@ -639,26 +647,48 @@ async def _client(ep: dict, state: str | Path, say):
     return driven
 
 
-async def _enter(prompt: str) -> None:
-    """Wait for Enter without blocking the loop (the lab may run in it); end of input goes on."""
-    print(f"   [{prompt}]", flush=True)
-    if not sys.stdin or sys.stdin.closed:
-        return
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
+class _Enter:
+    """Waits for Enter without blocking the loop (the lab may run in it). Reads the descriptor
+    itself: a buffered readline would take several lines at once, where the loop sees one
+    wake-up. End of input goes on without waiting."""
 
-    def readable() -> None:
-        line = sys.stdin.readline()
-        if not done.done():
-            done.set_result(line)
-    try:
-        loop.add_reader(sys.stdin.fileno(), readable)
-    except (OSError, ValueError, NotImplementedError):
-        return
-    try:
-        await done
-    finally:
-        loop.remove_reader(sys.stdin.fileno())
+    def __init__(self) -> None:
+        self.pending = 0  # Enters typed ahead
+        self.eof = False
+
+    async def __call__(self, prompt: str) -> None:
+        print(f"   [{prompt}]", flush=True)
+        if self.eof:
+            return
+        if self.pending:
+            self.pending -= 1
+            return
+        try:
+            fd = sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def readable() -> None:
+            data = os.read(fd, 4096)
+            self.eof = not data
+            self.pending += data.count(b"\n")
+            if done.done():
+                return
+            if self.pending:
+                self.pending -= 1
+                done.set_result(None)
+            elif self.eof:
+                done.set_result(None)
+        try:
+            loop.add_reader(fd, readable)
+        except (OSError, ValueError, NotImplementedError):
+            return
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
 
 
 async def _demo(args) -> int:
@@ -697,10 +727,11 @@ async def _demo(args) -> int:
             await stop.wait()
             return 0
         _shared_port(ep)
-        if args.step:
-            await _enter("Enter: act 1, A normal day")
+        enter = _Enter() if args.step else None
+        if enter is not None:
+            await enter(f"Enter: act 1, {ACTS[0][1]}")
         client = await _client(ep, args.state, say)
-        playing = asyncio.ensure_future(play(ep, client, say, step=_enter if args.step else None))
+        playing = asyncio.ensure_future(play(ep, client, say, step=enter))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait([playing, stopping], return_when=asyncio.FIRST_COMPLETED)

@@ -23,7 +23,6 @@ from lab.browser import BROWSER_FILE
 from lab.run import Lab, write_endpoints
 from lab.state import State
 from lab.topology import default_path
-from lab.world import load
 from tests.test_browser import CHROMIUM, SHOTS
 from tests.test_proxy import VICTIM, start_lab
 
@@ -46,18 +45,19 @@ def world_file(tmp_path: Path, port: int, *edits: tuple[str, str]) -> Path:
     return path
 
 
-async def sni_lab(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(sys.executable, "-m", "lab", *args, env=ENV,
+async def sni_lab(*args: str, stdin=asyncio.subprocess.DEVNULL) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "lab", *args, env=ENV, stdin=stdin,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
-async def own_demo(tmp_path: Path, *args: str, edits=()) -> tuple[asyncio.subprocess.Process, Path]:
+async def own_demo(tmp_path: Path, *args: str, edits=(), stdin=asyncio.subprocess.DEVNULL
+                   ) -> tuple[asyncio.subprocess.Process, Path]:
     """`sni-lab demo ARGS` starting its own lab; another listener port if the one tried is taken."""
     state = tmp_path / "state"
     for _ in range(5):
         config = world_file(tmp_path, random.randrange(10000, 30000), *edits)
         proc = await sni_lab("demo", "--state", str(state), "--config", str(config), "--certs", str(tmp_path / "certs"),
-                             *args)
+                             *args, stdin=stdin)
         first = await asyncio.wait_for(proc.stdout.readline(), 60)
         if first:
             return proc, state
@@ -161,6 +161,24 @@ async def test_demo_started_lab_plays_then_stops_with_exit(tmp_path):
         assert ("proxy.tunnel", True) in kinds and ("proxy.tunnel", False) in kinds
     finally:
         saved.close()
+
+
+async def test_step_waits_for_enter_while_the_lab_serves(tmp_path):
+    proc, state = await own_demo(tmp_path, "--step", "--exit", stdin=asyncio.subprocess.PIPE)
+    seen = []
+    while not (line := (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()).startswith("   [Enter: act 1"):
+        assert line, "no prompt for act 1"
+        seen.append(line)
+    assert not any(line.startswith("Act ") for line in seen)
+    ep = json.loads((state / "endpoints.json").read_text())
+    async with aiohttp.ClientSession() as s:  # waiting for Enter does not stop the lab it runs
+        async with s.get(ep["control"]["url"] + "/health") as r:
+            assert r.status == 200
+    proc.stdin.write(b"\n" * 6)
+    code, out, err = await run_out(proc)
+    assert code == 0, out + err
+    prompts = re.findall(r"\[Enter: act (\d)", out)
+    assert prompts == ["2", "3", "4", "5", "6"] and out.index("[Enter: act 3") < out.index("Act 3 of 6")
 
 
 async def test_an_act_that_does_not_hold_is_said_plainly_and_exits_1(tmp_path):
