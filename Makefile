@@ -16,6 +16,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	@touch $@
 
+# The demo drives the browser of `sni-lab browser` through Playwright (no browser download:
+# it attaches to Debian's Chromium).
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[browser]'
+	@touch $@ $(VENV)/.installed
+
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,mitmproxy]'
 	@touch $@ $(VENV)/.installed
@@ -25,8 +31,9 @@ $(VENV)/.sysdeps: scripts/sysdeps.sh
 
 sysdeps: $(VENV)/.sysdeps
 
-demo: $(VENV)/.installed
-	$(BIN)/sni-lab up
+# `make demo ARGS=--step` waits for Enter between acts; ARGS=--exit stops after the play.
+demo: $(VENV)/.installed-demo
+	$(BIN)/sni-lab demo $(ARGS)
 
 # The whole suite on this Python (mitmproxy 11.x on 3.11), then the engine tests again on
 # Python 3.13 with mitmproxy 12.x when a 3.13 is on the machine.

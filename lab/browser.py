@@ -10,15 +10,22 @@ pages fail with the browser's own certificate error.
 `prepare()` gives the same launch (arguments, environment, URL) to the CLI, the tests
 and the demo's Playwright: `chromium.launch_persistent_context(str(launch.user_data_dir),
 executable_path=..., env=launch.env, args=launch.args)`.
+
+`sni-lab browser` also opens DevTools on a loopback port the browser picks and records it
+in the lab's state directory (`browser.json`, 0600): `sni-lab demo` attaches there
+(Playwright's `connect_over_cdp`) and drives this same browser, its session included.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +37,10 @@ CA_NICKNAME = "sni-lab CA"
 # which refuses it: turn it off rather than fill the event log. No QUIC: a proxy carries TCP.
 FLAGS = ("--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync",
          "--disable-quic", "--no-default-browser-check")
+
+
+BROWSER_FILE = "browser.json"  # in the lab's state directory, while `sni-lab browser` runs
+DEVTOOLS_WAIT = 30.0  # s for Chromium to listen for DevTools (a cold start on a busy laptop)
 
 
 class BrowserError(Exception):
@@ -48,8 +59,8 @@ class Launch:
     def env(self) -> dict[str, str]:
         return {**os.environ, "HOME": str(self.home)}
 
-    def command(self, chromium: str, url: str | None = None) -> list[str]:
-        return [chromium, f"--user-data-dir={self.user_data_dir}", *self.args, url or self.url]
+    def command(self, chromium: str, url: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+        return [chromium, f"--user-data-dir={self.user_data_dir}", *self.args, *extra, url or self.url]
 
 
 def proxy_url(ep: dict) -> str:
@@ -133,27 +144,89 @@ def manual_settings(ep: dict) -> str:
     ])
 
 
+def devtools_url(user_data_dir: Path, proc: subprocess.Popen, within: float = DEVTOOLS_WAIT) -> str:
+    """http://127.0.0.1:PORT, read from the DevToolsActivePort file Chromium writes into its
+    profile once it listens (`--remote-debugging-port=0`: a free port of its choosing)."""
+    path = user_data_dir / "DevToolsActivePort"
+    deadline = time.monotonic() + within
+    while True:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            port = int(path.read_text().splitlines()[0])
+            if 0 < port < 65536:
+                return f"http://127.0.0.1:{port}"
+        if proc.poll() is not None:
+            raise BrowserError(f"the browser exited (status {proc.returncode}) before it opened DevTools")
+        if time.monotonic() > deadline:
+            raise BrowserError(f"the browser wrote no {path} within {within:g}s")
+        time.sleep(0.05)
+
+
+def attached(state: str | Path) -> dict | None:
+    """The browser `sni-lab browser` recorded for the lab of `state` ({"cdp", "pid", ...}), or None."""
+    try:
+        found = json.loads((Path(state) / BROWSER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and isinstance(found.get("cdp"), str) else None
+
+
+def _record(state: str | Path, info: dict) -> Path:
+    path = Path(state) / BROWSER_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # its DevTools drive the browser
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(info) + "\n")
+    return path
+
+
+def _forget(path: Path, pid: int) -> None:
+    """Remove the record if it is still this browser's (another may have replaced it)."""
+    if (attached(path.parent) or {}).get("pid") == pid:
+        path.unlink(missing_ok=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def browser_command(args) -> int:
-    """`sni-lab browser [--profile DIR] [--chromium PATH] [--url URL]`: runs until the browser closes."""
+    """`sni-lab browser [--profile DIR] [--chromium PATH] [--url URL] [--headless]`: runs until the browser closes."""
     try:
         ep = endpoints(args.state)
         chromium = find_tool("chromium", args.chromium or (CHROMIUM if Path(CHROMIUM).exists() else None))
-        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            raise BrowserError("no display (DISPLAY and WAYLAND_DISPLAY unset): run it from a desktop session")
+        if not args.headless and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            raise BrowserError("no display (DISPLAY and WAYLAND_DISPLAY unset): run it from a desktop session "
+                               "(or pass --headless, for `sni-lab demo` to drive it unseen)")
         kept = contextlib.nullcontext(args.profile) if args.profile else None
         with kept or tempfile.TemporaryDirectory(prefix="sni-lab-browser-") as directory:
             launch = prepare(ep, directory)
             print(f"Chromium through the lab proxy {launch.proxy}, trusting {ep['ca']} "
                   f"(profile {args.profile or 'throwaway'})")
             print(manual_settings(ep))
-            proc = subprocess.Popen(launch.command(chromium, args.url), env=launch.env,
+            (launch.user_data_dir / "DevToolsActivePort").unlink(missing_ok=True)  # a kept profile's last run
+            extra = ("--remote-debugging-port=0",) + (("--headless",) if args.headless else ())
+            # SIGTERM ends it as Ctrl-C does: the browser closes and its record goes with it.
+            signal.signal(signal.SIGTERM, _interrupt)
+            proc = subprocess.Popen(launch.command(chromium, args.url, extra), env=launch.env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            record = None
             try:
+                cdp = devtools_url(launch.user_data_dir, proc)
+                record = _record(args.state, {"cdp": cdp, "pid": proc.pid, "proxy": launch.proxy,
+                                              "started": time.time()})
+                print(f"DevTools at {cdp} (recorded in {record}): `sni-lab demo` drives this browser", flush=True)
                 return 0 if proc.wait() == 0 else 1
             except KeyboardInterrupt:
-                proc.terminate()
-                proc.wait(10)
                 return 130
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                if record is not None:
+                    _forget(record, proc.pid)
     except (RemoteError, BrowserError, OSError) as e:
         print(f"sni-lab: error: {e}", file=sys.stderr)
         return 1

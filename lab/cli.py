@@ -90,7 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     browser.add_argument("--profile", metavar="DIR", help="keep the profile in DIR (default: a throwaway one)")
     browser.add_argument("--chromium", metavar="PATH", help="the browser to run (default: /usr/bin/chromium)")
     browser.add_argument("--url", help="the page to open (default: the victim's site on the edge)")
+    browser.add_argument("--headless", action="store_true", help="no window (CI, or a demo driven unseen)")
     browser.add_argument("--state", metavar="DIR", default=".lab", help="the running lab's state directory")
+    demo = sub.add_parser("demo", help="play the attack's story, narrated, while the live page follows",
+                          description="Start the lab (or use the running one), print the live page's address, then "
+                                      "play six acts: a normal login, DNS poisoned, the attack landing under v1, "
+                                      "v1-waf and v2 blocking it, the attacker's registration staying pending. "
+                                      "Drives the browser of `sni-lab browser` when one is open, else a scripted "
+                                      "client through the same proxy. Exit 1 if an act did not go as told.")
+    demo.add_argument("--step", action="store_true", help="wait for Enter before each act")
+    demo.add_argument("--no-play", action="store_true", help="only serve the lab and its live page, until Ctrl-C")
+    demo.add_argument("--exit", action="store_true",
+                      help="stop right after the play (default: a lab the demo started keeps serving until Ctrl-C)")
+    demo.add_argument("--state", metavar="DIR", default=".lab", help="state directory (default: .lab/)")
+    demo.add_argument("--config", metavar="PATH", help="world file, when the demo starts the lab")
+    demo.add_argument("--certs", metavar="DIR", default="certs", help="certificate directory (default: certs/)")
     _control_parsers(sub)
     _scenario_parsers(sub)
     from lab.workshop.cli import parsers as workshop_parsers
@@ -434,6 +448,12 @@ def cmd_workshop(args) -> int:
     return command(args) if args.command == "workshop" else waf_command(args)
 
 
+def cmd_demo(args) -> int:
+    from lab.demo import demo_command
+
+    return demo_command(args)
+
+
 def cmd_browser(args) -> int:
     from lab.browser import browser_command
 
@@ -443,7 +463,7 @@ def cmd_browser(args) -> int:
 COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up,
             "origins": cmd_origins, "compose": cmd_compose, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
             "model": cmd_model, "events": cmd_events, "reset": cmd_reset, "browser": cmd_browser,
-            "workshop": cmd_workshop, "waf": cmd_workshop}
+            "workshop": cmd_workshop, "waf": cmd_workshop, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

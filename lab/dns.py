@@ -90,6 +90,9 @@ class Resolver:
         # Queries carrying this (MARK_OPTION) are the lab's own: their events say internal. It is
         # never in an event, so a client cannot learn it to hide its lookups from the page.
         self.internal_mark = secrets.token_bytes(16)
+        # Called after every change of what is served (records, overrides, world): the proxy
+        # closes the tunnels whose answer changed.
+        self.on_change: list[Callable[[], None]] = []
         self._rebuild()
 
     # ---- what is served ---------------------------------------------------------------
@@ -105,6 +108,11 @@ class Resolver:
         self._expiring = self.zones.valid_until != float("inf")  # spares the hot path a clock read
         self._udp_cache.clear()
         self._tcp_cache.clear()
+        for callback in self.on_change:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a listener's bug must not undo a change already served
+                log.exception("resolver change callback failed")
 
     def update_world(self, world: World) -> None:
         """Serve a new world snapshot; admin edits and overrides stay. Does not rebind."""

@@ -73,7 +73,7 @@ class Lab:
         self.events = events or Events(start_id=self.state.last_event_id() + 1 if self.state else 1,
                                        field_limit=world.limits.event_field)
         self.ca = LabCA.open(certs_dir, tuple(world.tlds), log=log)
-        self.origins = self.resolver = self.edge = None
+        self.origins = self.resolver = self.edge = self.proxy = None
         self.endpoints: dict = {}
 
     @classmethod
@@ -116,6 +116,7 @@ class Lab:
             self.resolver.update_world(self.world)
             if self.origins is not None:  # the collector's replay goes through the edge's bound port
                 self.origins.set_world(self.world)
+            await self._start_proxy()
             if self.control is not None:
                 await self._start_control()
         except BaseException:
@@ -128,10 +129,24 @@ class Lab:
             "edge": [{"name": l.name, "host": l.host, "port": l.port, "zone": l.zone} for l in self.world.listeners],
             "origins": {o.name: o.url for o in self.world.origins},
             "dns": {"host": dns_host, "port": dns_port},
+            "proxy": {"host": self.world.proxy.host, "port": self.world.proxy.port},
         }
         if self.control is not None:
             self.endpoints["control"] = {"url": self.control.url, "token": self.control.token}
         return self.endpoints
+
+    async def _start_proxy(self) -> None:
+        """The browsers' CONNECT proxy, once every lab address it may reach is bound. It asks
+        the resolver's pure answer whether a tunnel still goes where DNS now says."""
+        from lab.proxy import Proxy, answer_address
+
+        resolver = self.resolver
+        self.proxy = Proxy(self.world, self.events,
+                           lookup=lambda name, client: answer_address(resolver.zones, name, client, time.time()))
+        _, port = await self.proxy.start(self.world.proxy.host, self.world.proxy.port)
+        self.world = self.world.with_ports({"proxy": port})
+        self.proxy.set_world(self.world)
+        resolver.on_change.append(self.proxy.dns_changed)
 
     async def _start_control(self) -> None:
         from lab.state import EventSink
@@ -160,6 +175,8 @@ class Lab:
             self.edge.set_world(world)
         if self.resolver is not None:
             self.resolver.update_world(world)
+        if self.proxy is not None:
+            self.proxy.set_world(world)
 
     def set_model(self, model: str) -> None:
         self.set_world(self.world.with_model(model))
@@ -172,7 +189,7 @@ class Lab:
         written last (the parts' last events included), with time of its own, then closed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        for name in ("control", "edge", "resolver", "origins"):
+        for name in ("control", "proxy", "edge", "resolver", "origins"):
             part = getattr(self, name)
             setattr(self, name, None)
             if part is not None:
@@ -206,6 +223,15 @@ async def _stop_part(name: str, stopping, timeout: float) -> None:
 
 class RemoteNotAllowed(ValueError):
     """The control plane would be reachable from other machines and nobody said so."""
+
+
+def write_endpoints(state: str | Path, endpoints: dict) -> Path:
+    """state/endpoints.json, where every other command finds the running lab; 0600: it carries the token."""
+    path = Path(state) / "endpoints.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(endpoints, indent=2, allow_nan=False) + "\n")
+    return path
 
 
 def up(args) -> int:
@@ -257,10 +283,7 @@ async def _serve(world: World, args) -> int:
         print(f"sni-lab: warning: the control plane listens on {endpoints['control']['url']}, reachable from other "
               f"machines: anyone who learns its token can change this lab", file=sys.stderr, flush=True)
     state = Path(args.state)
-    # 0600: it carries the control plane's token.
-    fd = os.open(state / "endpoints.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(endpoints, indent=2, allow_nan=False) + "\n")
+    write_endpoints(state, endpoints)
     ready_ms = (time.perf_counter() - started) * 1000
     if args.json:
         print(json.dumps({"ready_ms": round(ready_ms, 1), **endpoints}, allow_nan=False), flush=True)
@@ -271,6 +294,7 @@ async def _serve(world: World, args) -> int:
         for name, url in endpoints["origins"].items():
             print(f"  origin   {name:<10} {url}")
         print(f"  dns      {endpoints['dns']['host']}:{endpoints['dns']['port']} (udp+tcp)")
+        print(f"  proxy    {endpoints['proxy']['host']}:{endpoints['proxy']['port']}  (browsers' CONNECT proxy: sni-lab browser)")
         print(f"  control  {endpoints['control']['url']}  token {endpoints['control']['token']}")
         print(f"  page     {endpoints['control']['url']}/?token={endpoints['control']['token']}  (open it in a browser)")
         print(f"  ca       {endpoints['ca']}")

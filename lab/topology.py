@@ -178,6 +178,7 @@ class World:
     dns_zones: tuple[str, ...]
     resolver: Endpoint
     control: Endpoint
+    proxy: Endpoint = Endpoint("127.0.0.1", 8118)  # the browsers' CONNECT proxy (lab/proxy.py)
     source: str = "<memory>"
     ttl: int = 60
     challenge_port: int = 80  # where the verifier fetches HTTP ownership tokens
@@ -222,17 +223,19 @@ class World:
         return dataclasses.replace(self, custom_hostnames=tuple(hostnames))
 
     def with_ports(self, ports: dict[str, int]) -> "World":
-        """Rebind actors (by listener/origin name, or 'resolver'/'control') to other ports."""
+        """Rebind actors (by listener/origin name, or 'resolver'/'control'/'proxy') to other ports."""
         listeners = tuple(dataclasses.replace(l, port=ports.get(l.name, l.port)) for l in self.listeners)
         origins = tuple(dataclasses.replace(o, port=ports.get(o.name, o.port)) for o in self.origins)
         resolver = Endpoint(self.resolver.host, ports.get("resolver", self.resolver.port))
         control = Endpoint(self.control.host, ports.get("control", self.control.port))
+        proxy = Endpoint(self.proxy.host, ports.get("proxy", self.proxy.port))
         return dataclasses.replace(self, listeners=listeners, origins=origins, resolver=resolver, control=control,
+                                   proxy=proxy,
                                    challenge_port=ports.get("challenge", self.challenge_port))
 
     def with_free_ports(self) -> "World":
         """Every actor on port 0: the OS picks free ports (tests, in-process labs)."""
-        return self.with_ports({n: 0 for n in [*self.listener_by_name, *self.origin_by_name, "resolver", "control"]})
+        return self.with_ports({n: 0 for n in [*self.listener_by_name, *self.origin_by_name, "resolver", "control", "proxy"]})
 
     def address_of(self, ref: str) -> str:
         """Resolve a DNS value `listener:NAME` / `origin:NAME` to an address."""
@@ -302,6 +305,8 @@ class _Parser:
         control_t = self.get(data, "control", "", dict, {"host": "127.0.0.1", "port": 8000})
         resolver = Endpoint(self.ip(resolver_t, "resolver"), self.port(resolver_t, "resolver"))
         control = Endpoint(self.ip(control_t, "control"), self.port(control_t, "control"))
+        proxy_t = self.get(data, "proxy", "", dict, {"host": "127.0.0.1", "port": 8118})
+        proxy = Endpoint(self.ip(proxy_t, "proxy"), self.port(proxy_t, "proxy"))
         ttl = self.get(resolver_t, "ttl", "resolver", int, 60)
         challenge_port = self.get(control_t, "challenge_port", "control", int, 80)
 
@@ -320,16 +325,16 @@ class _Parser:
 
         listeners = self.v1_addresses(listeners, zones)
         self.check_unique([(l.host, l.port) for l in listeners] + [(o.host, o.port) for o in origins]
-                          + [(resolver.host, resolver.port), (control.host, control.port)],
+                          + [(resolver.host, resolver.port), (control.host, control.port), (proxy.host, proxy.port)],
                           [f"listener {l.name}" for l in listeners] + [f"origin.{o.name}" for o in origins]
-                          + ["resolver", "control"])
+                          + ["resolver", "control", "proxy"])
         self.check_unique([l.name for l in listeners], [f"listener {l.name}" for l in listeners], what="name")
         self.check_unique([z.name for z in zones], [f"zone {z.name}" for z in zones], what="name")
         self.check_unique([h.name for h in hostnames], [f"custom hostname {h.name}" for h in hostnames], what="name")
         self.check_unique([h for z in zones for h in z.hosts], [f"zone {z.name}" for z in zones for _ in z.hosts], what="host")
         world = World(model=model, tlds=tlds, listeners=listeners, origins=origins, zones=tuple(zones),
                       custom_hostnames=tuple(hostnames), records=records, dns_zones=dns_zones,
-                      resolver=resolver, control=control, source=self.source, ttl=ttl,
+                      resolver=resolver, control=control, proxy=proxy, source=self.source, ttl=ttl,
                       challenge_port=challenge_port, limits=self.limits(self.get(data, "limits", "", dict, {})),
                       compose=self.compose(self.get(data, "compose", "", dict, {})))
         self.check_references(world)

@@ -17,9 +17,8 @@ from cryptography.x509.oid import NameOID
 from lab.browser import CHROMIUM, prepare
 from lab.hostnorm import wildcard_of
 from lab.origins.bank import read_account
-from lab.proxy import Proxy
 from tests.conftest import need
-from tests.test_proxy import VICTIM, https_get, lookup_of, start_lab, tunnel
+from tests.test_proxy import VICTIM, https_get, start_lab, tunnel
 
 SHOTS = Path("/tmp/sni-lab-shots")
 
@@ -34,13 +33,9 @@ def chromium():
 
 @pytest.fixture
 async def running(world, tmp_path):
-    """A lab with its control plane, and the proxy beside it as `sni-lab up` will run it."""
+    """A lab with its control plane and its proxy, as `sni-lab up` runs it."""
     lab = await start_lab(world, tmp_path, state_dir=tmp_path / "state", verify_interval=3600, model="v2")
-    proxy = Proxy(lab.world, lab.events, lookup_of(lab), check_interval=3600)  # dns_changed() below, as Lab will call it
-    host, port = await proxy.start("127.0.0.1", 0)
-    ep = {**lab.endpoints, "proxy": {"host": host, "port": port}}
-    yield lab, proxy, ep
-    await proxy.stop()
+    yield lab, lab.proxy, lab.endpoints
     await lab.stop()
 
 
@@ -137,7 +132,6 @@ async def test_one_open_browser_follows_the_poisoning(chromium, running, tmp_pat
             # poisoned through the control plane, for this browser only, while it stays open
             await api(ep, "PUT", "/model", {"model": "v1"})
             await api(ep, "POST", "/dns/overrides", {"name": VICTIM, "value": "listener:saas-v1", "client": "127.0.0.1"})
-            assert proxy.dns_changed(VICTIM) >= 1  # what the lab calls on every DNS change
             certs.by_url.clear()
             resp = await page.goto(start.url)
             assert (await resp.all_headers())["x-lab-origin"] == "saas"

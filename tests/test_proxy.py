@@ -21,7 +21,7 @@ async def start_lab(world, tmp_path, **kwargs) -> Lab:
     """A lab whose edge listeners share one port, as in the world file (all 8443): a poisoned
     answer then sends https://www.victim.example:PORT/ to another listener at the same port.
     Ports are tried, not probed: a busy one fails the start and another is tried."""
-    others = {n: 0 for n in [*world.origin_by_name, "resolver", "control"]}
+    others = {n: 0 for n in [*world.origin_by_name, "resolver", "control", "proxy"]}
     for _ in range(20):
         port = random.randrange(10000, 30000)  # below Linux's ephemeral range
         lab = Lab(world.with_ports({**others, **{l.name: port for l in world.listeners}}), tmp_path / "certs",
@@ -47,11 +47,9 @@ async def lab(world, tmp_path):
 
 
 @pytest.fixture
-async def proxy(lab):
-    p = Proxy(lab.world, lab.events, lookup_of(lab), check_interval=3600)  # only dns_changed() follows DNS here
-    await p.start("127.0.0.1", 0)
-    yield p
-    await p.stop()
+def proxy(lab):
+    """The lab's own proxy, as `sni-lab up` runs it."""
+    return lab.proxy
 
 
 def port_of(lab: Lab) -> int:
@@ -138,7 +136,7 @@ async def test_an_answer_change_closes_that_names_tunnels_only(lab, proxy):
     assert (await https_get(*other, lab, "app.saas.example"))["x-lab-origin"] == "saas"
     assert proxy.dns_changed(VICTIM) == 0  # nothing changed yet
     lab.resolver.set_override(VICTIM, "A", "listener:saas-v1")
-    assert proxy.dns_changed(VICTIM) == 1
+    assert proxy.dns_changed(VICTIM) == 0  # the lab closed it already, on the resolver's change
     victim_trace, other_trace = (t["trace"] for t in events_of(lab, "proxy.tunnel"))
     assert "DNS changed" in (await closed(lab, victim_trace))["reason"]
     with contextlib.suppress(ConnectionError):
@@ -149,6 +147,20 @@ async def test_an_answer_change_closes_that_names_tunnels_only(lab, proxy):
     # and the client's next tunnel follows the new answer
     assert (await https_get(*await tunnel(proxy, VICTIM, port_of(lab)), lab, VICTIM))["x-lab-origin"] == "saas"
     assert events_of(lab, "proxy.tunnel")[-1]["address"] == "127.0.0.11"
+
+
+async def test_the_lab_lists_its_proxy_and_it_follows_every_dns_change(lab, proxy):
+    assert lab.endpoints["proxy"] == {"host": "127.0.0.1", "port": proxy.address[1]} and proxy.address[1] > 0
+    for change in (lambda: lab.resolver.set_override(VICTIM, "A", "listener:saas-v1"),
+                   lambda: lab.resolver.remove_override(VICTIM),
+                   lambda: lab.resolver.set_record(VICTIM, "A", "listener:saas-v1"),
+                   lambda: lab.resolver.delete_record(VICTIM, "A")):
+        held = await tunnel(proxy, VICTIM, port_of(lab))
+        trace = events_of(lab, "proxy.tunnel")[-1]["trace"]
+        change()
+        assert proxy.dns_changed() == 0  # closed by the change itself, not by a later check
+        assert (await closed(lab, trace))["reason"].startswith(f"DNS changed: {VICTIM} now ")
+        held[1].close()
 
 
 async def test_an_override_expiring_closes_its_tunnels_unannounced(lab):

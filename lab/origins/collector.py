@@ -248,10 +248,12 @@ def routes(app: web.Application, origin: Origin, world: World, ca: LabCA) -> Non
             return refuse(409, "The world has no victim site behind an edge listener to replay against.")
         if replays.locked():
             return refuse(503, "Replays are already running; try again in a moment.")
+        # From the collector's own address: the edge, and the live page, see the attacker knock.
+        own = origin.host if ipaddress.ip_address(origin.host).is_loopback else None
         async with replays:
             outcome = await probe(target.host, target.port, target.name,
                                   [{"host": target.name, "path": "/account", "headers": [("Cookie", cookie)]}],
-                                  str(ca.cert_path), timeout=now.limits.origin_timeout)
+                                  str(ca.cert_path), timeout=now.limits.origin_timeout, local_addr=own)
         entry["replay"] = {**replay_result(outcome, target), "time": time.time()}
         return web.Response(status=303, headers={"Location": f"/#loot-{entry['id']}"})
 
