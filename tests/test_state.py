@@ -411,7 +411,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_hostnames(tmp_path):
                                   negative_since=3.0))
         assert st.hostname("h2").to_dict() == hostname("h2", failures=2, last_error="no answer", next_check=9.0,
                                                        negatives=1, negative_since=3.0).to_dict()
-    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_newest_events_filtered_in_the_database(tmp_path):

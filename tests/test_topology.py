@@ -12,12 +12,12 @@ from lab.world import load
 def test_default_world(world):
     assert world.model == "v1"
     assert {l.name: l.host for l in world.listeners} == {"anycast": "127.0.0.10", "saas-v1": "127.0.0.11",
-                                                          "saas2-v1": "127.0.0.12"}
+                                                          "saas2-v1": "127.0.0.12", "spare-v1": "127.0.0.13"}
     saas = world.zone_by_name["saas.example"]
     assert saas.saas and saas.v1_allowlisted and saas.v1_listener == "saas-v1"
     # the file states the dedicated address once, on the zone; the listener's side is derived
     assert {l.name: l.zone for l in world.listeners} == {"anycast": None, "saas-v1": "saas.example",
-                                                          "saas2-v1": "saas2.example"}
+                                                          "saas2-v1": "saas2.example", "spare-v1": None}
     assert not world.zone_by_name["saas2.example"].v1_allowlisted
     assert world.authorized_hosts(saas)[-1] == "shop.customer.example"
     assert world.address_of("listener:saas-v1") == "127.0.0.11"
