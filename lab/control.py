@@ -185,7 +185,8 @@ class Control:
             errors.append(error)
         elif reply is not None:
             txt = tuple(b"".join(rr.rdata.data).decode("utf-8", "replace") for rr in reply.rr if rr.rtype == 16)
-        chain, addrs, desc, error = await self._resolve(hn.base_name(h.name), source, poisoned)
+        # A wildcard registration's own record (*.x): what the names it covers resolve by.
+        chain, addrs, desc, error = await self._resolve(h.name, source, poisoned)
         errors += [error] if error else []
         points = False
         if target:

@@ -87,7 +87,11 @@ def zone_for_host(world: World, host: str) -> Zone | None:
 
 def _waf(world: World, zone: Zone, host: str | None, sni: str | None, listener: Listener, path: str,
          allowlist: bool) -> waf.RuleHit | None:
-    return waf.evaluate(zone.rules, zone=zone.name, authorized=world.authorized_hosts(zone), host=host or "",
+    authorized = world.authorized_hosts(zone)
+    wildcard = wildcard_of(host) if host else None
+    if wildcard in authorized:  # an active wildcard custom hostname authorizes the names it covers
+        authorized += (host,)
+    return waf.evaluate(zone.rules, zone=zone.name, authorized=authorized, host=host or "",
                         sni=sni or "", dst=listener.host, path=path, include_allowlist=allowlist)
 
 
@@ -126,6 +130,9 @@ def decide(listener: Listener, sni: str | None, target: Target, world: World, mo
         except HostError:
             sni = sni.lower()
 
+    # The listener's zone as this world says: a zone added at run time takes a listener the
+    # engine bound before it existed.
+    listener = world.listener_by_name.get(listener.name, listener)
     dedicated = world.zone_by_name.get(listener.zone) if listener.zone else None
     if _by_listener(m, dedicated):
         where = f"listener {listener.name} ({listener.host}) belongs to zone {dedicated.name}"

@@ -292,9 +292,7 @@ class Runner:
             await api.call("PUT", "/validation", {"mode": sc.validation})
             undo.append(("PUT", "/validation", {"mode": before}))
         for r in sc.records:
-            await api.call("POST", "/dns/records", {"name": r["name"], "type": r["type"], "value": r["value"],
-                                                    **({"ttl": r["ttl"]} if "ttl" in r else {})})
-            undo.append(("DELETE", f"/dns/records?name={r['name']}&type={r['type']}"))
+            await self._record(api, r["name"], r["type"], r["value"], undo, r.get("ttl"))
         for h in sc.hostnames:
             await self._hostname(api, h, undo)
         for o in sc.overrides:
@@ -312,17 +310,18 @@ class Runner:
         made = await api.call("POST", "/hostnames", {"hostname": h["name"], "zone": zone})
         # Undo means gone: purged, not left behind in `hostnames list` as a deleted row.
         undo.append(("DELETE", f"/hostnames/{made['id']}?purge=1"))
-        if h.get("proof") == "poisoned":
-            return await self._forge(api, made, status, undo)
+        if (made["status"] == "blocked") != (status == "blocked"):
+            raise ScenarioError(f"setup: {h['name']} was registered {made['status']}, not {status}: {made['reason']}")
         if status == "deleted":
             await api.call("DELETE", f"/hostnames/{made['id']}")
             return
-        if status == "pending":
+        if h.get("proof") == "poisoned":
+            return await self._forge(api, made, status, undo)
+        if status in ("pending", "blocked"):
             return
         target = self.world.zone_by_name[zone].cname_target
         for rtype, name, value in (("TXT", made["txt_name"], made["txt_token"]), ("CNAME", made["name"], target)):
-            await api.call("POST", "/dns/records", {"name": name, "type": rtype, "value": value})
-            undo.insert(0, ("DELETE", f"/dns/records?name={name}&type={rtype}"))
+            await self._record(api, name, rtype, value, undo, first=True)
         verified = await api.call("POST", f"/hostnames/{made['id']}/verify")
         if verified["status"] != "active":
             raise ScenarioError(f"setup: {h['name']} did not become active: {verified['reason']}")
@@ -331,6 +330,26 @@ class Runner:
             verified = await api.call("POST", f"/hostnames/{made['id']}/verify")
             if verified["status"] != "moved":
                 raise ScenarioError(f"setup: {h['name']} did not become moved: {verified['reason']}")
+
+    async def _record(self, api: LabApi, name: str, rtype: str, value, undo: list, ttl: int | None = None,
+                      first: bool = False) -> None:
+        """Set a record; its undo deletes it and puts back what it replaced (a CNAME replaces a
+        name's A record: the victim's own www must come back after the scenario)."""
+        before = [r for r in await api.call("GET", "/dns/records") if r["name"] == name]
+        await api.call("POST", "/dns/records", {"name": name, "type": rtype, "value": value,
+                                                **({"ttl": ttl} if ttl is not None else {})})
+        steps = [("DELETE", f"/dns/records?name={name}&type={rtype}")]
+        for t in dict.fromkeys(r["type"] for r in before):
+            rrs = [r for r in before if r["type"] == t]
+            steps.append(("POST", "/dns/records", {"name": name, "type": t, "value": [r["value"] for r in rrs],
+                                                   "ttl": rrs[0]["ttl"]}))
+        # Undo runs last to first, so the delete comes before the restores. `first`: undone after
+        # everything else (a hostname's records outlive its purge).
+        if first:
+            for step in steps:
+                undo.insert(0, step)
+        else:
+            undo.extend(reversed(steps))
 
     async def _forge(self, api: LabApi, made: dict, status: str, undo: list) -> None:
         """The attacker proves a name it does not own: targeted overrides, for the addresses it
