@@ -154,7 +154,7 @@ def agree(seen: "dict[str, Evidence]") -> Evidence:
         told = "; ".join(f"{src}: {_show(v.dns, 60, quote=False)}, TXT {len(v.txt)} string(s)"
                          for src, v in seen.items())
         return dataclasses.replace(first, poisoned=poisoned, error=(
-            f"vantage points disagree on {', '.join(differ)} ({told}): not evidence"))
+            f"not evidence: the vantage points disagree on {', '.join(differ)} ({told})"))
     return dataclasses.replace(first, poisoned=poisoned)
 
 
