@@ -195,7 +195,7 @@ def create(name: str, zone: str, *, world: topology.World, existing: Iterable[Ho
         return Hostname(id, host, z.name, "blocked", txt_token, http_token,
                         f"{host} is on the provider's block list: never verified, never routed", now, now)
     http = "" if host.startswith("*.") else f" or serve {http_token} at {http_path(id)}"
-    reason = f"add TXT {txt_name(host)} = {txt_token}{http}; point {base_name(host)} at {z.cname_target}"
+    reason = f"add TXT {txt_name(host)} = {txt_token}{http}; point {host} at {z.cname_target}"
     return Hostname(id, host, z.name, "pending", txt_token, http_token, reason, now, now)
 
 

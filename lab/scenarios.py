@@ -204,7 +204,8 @@ class LabApi:
         async with self.session.request(method, self.url + path, json=body, headers=self.headers) as resp:
             data = await resp.json()
             if resp.status >= 400:
-                raise ScenarioError(f"control plane: {method} {path}: {resp.status} {data.get('error')}")
+                code = f"{data['code']}: " if data.get("code") else ""
+                raise ScenarioError(f"control plane: {method} {path}: {resp.status} {code}{data.get('error')}")
             return data
 
 

@@ -316,3 +316,39 @@ def test_explain_a_failed_case_says_why(run):
     text = explain(r)
     assert "\x1b" not in text.splitlines()[0] and "\\x1b[2J second line" in text.splitlines()[0]
     _in_order(text, "5. Verdict: SAFE", "expected nobody, got victim ✗ (mismatch)", f"FAILED: {ODD_FAILURE}")
+
+
+def test_a_case_that_turns_a_control_off_is_reported_as_such(run):
+    off = [r for r in run if r.scenario == "validator-poisoned-single"]
+    assert {r.model for r in off} == set(MODELS)
+    assert all(r.controls_off == ["validation=single"] and r.verdict == "MISROUTED" and r.passed for r in off)
+    # every other case runs with its controls at their defaults, and no protected model is MISROUTED there
+    assert not [r.id for r in run if r.controls_off and r.scenario != "validator-poisoned-single"]
+    s = summary(run)
+    assert "validator-poisoned-single[v2]" in s["misrouted"]["v2"]
+    assert not any(i.startswith("validator-poisoned-single") for i in s["protected_misrouted"])
+    assert s["controls_off"]["validator-poisoned-single[v2]"] == ["validation=single"]
+    assert "5 cases with a control off" in summary_line(s)
+    # the same case with its controls at their defaults would count (and its runner would fail it)
+    on = [dataclasses.replace(r, controls_off=[]) for r in off]
+    assert {i for i in summary(on)["protected_misrouted"]} == {f"validator-poisoned-single[{m}]"
+                                                                for m in ("v1-waf", "v2", "v2-strict")}
+    text = ANSI.sub("", table(run, color=False, width=160))
+    row = next(line for line in text.splitlines() if line.startswith("validator-poisoned-single"))
+    assert row.count("MISROUTED ⊘") == len(MODELS)
+    assert "⊘ a control turned off by the scenario" in text and "validator-poisoned-single[v2]  validation=single" in text
+    root = ET.fromstring(junit(run))
+    case = root.find(".//testcase[@name='validator-poisoned-single[v2]']")
+    assert case.find("properties/property[@name='controls_off']").get("value") == "validation=single"
+    assert case.find("failure") is None and "controls off: validation=single" in case.find("system-out").text
+    md = markdown(run)
+    assert "## Cases with a control off" in md and "MISROUTED ⊘" in md
+    assert {r.id: r.controls_off for r in from_json(to_json(run))} == {r.id: r.controls_off for r in run}
+
+
+def test_a_refused_zone_is_told_in_its_case(run):
+    cases = {r.model: r for r in run if r.scenario == "new-v1-zone-refused"}
+    assert cases["v1-waf"].setup[0].startswith("zone saas3.example refused: 403 v1-closed: ")
+    assert "no new zone goes on v1" in cases["v1-waf"].setup[0]
+    assert cases["v1"].setup == ["zone saas3.example added on v1 listener spare-v1"]
+    assert cases["v1"].verdict == "MISROUTED"
