@@ -51,15 +51,23 @@ class _BadTarget(Exception):
         self.code, self.reason = code, reason
 
 
+def named_hosts(target: Target) -> list[tuple[str, str]]:
+    """Every host a request names, as sent, in the one order the edge reads them: Host, :authority,
+    an absolute-form target. They must agree (`request_host`); the first is the one forwarded."""
+    named = [("Host", host) for host in target.hosts]
+    if target.authority is not None:
+        named.append((":authority", target.authority))
+    if target.absolute is not None:
+        named.append(("absolute-form target", target.absolute))
+    return named
+
+
 def request_host(target: Target) -> str | None:
     """The one host a request names, normalised; raises _BadTarget when it contradicts itself."""
     if len(target.hosts) > 1:
         raise _BadTarget("duplicate-host", f"{len(target.hosts)} Host headers in one request")
     named = []
-    for label, value in (("Host", target.hosts[0] if target.hosts else None),
-                         (":authority", target.authority), ("absolute-form target", target.absolute)):
-        if value is None:
-            continue
+    for label, value in named_hosts(target):
         try:
             named.append((label, wire_host(value)))
         except HostError as e:
@@ -73,8 +81,15 @@ def request_host(target: Target) -> str | None:
     return first
 
 
-def _refuse(model: str, status: int, code: str, reason: str, host: str | None, rule: str = "") -> Decision:
+def refused(model: str, status: int, code: str, reason: str, host: str | None = None, rule: str = "") -> Decision:
+    """Every refusal the edge tells, the policy's own and the edge's (a parser, an origin, itself)."""
     return Decision(model=model, rule=rule or code, reason=reason, status=status, code=code, host=host)
+
+
+def malformed(model: str, status: int, code: str, problem: str, http2: bool = False) -> Decision:
+    """A request an engine refused before the policy could read it: a bad head, a limit, a timeout."""
+    what = f"malformed {'HTTP/2 ' if http2 else ''}request: " if status == 400 else ""
+    return refused(model, status, code, f"{model}: {what}{problem}")
 
 
 def zone_for_host(world: World, host: str) -> Zone | None:
@@ -98,7 +113,7 @@ def _waf(world: World, zone: Zone, host: str | None, sni: str | None, listener: 
 def _blocked(model: str, zone: Zone, hit: waf.RuleHit, host: str | None) -> Decision:
     why = (f"host {host} is not an authorized hostname of {zone.name}" if hit.rule_id == waf.ALLOWLIST_RULE_ID
            else hit.description or "custom rule")
-    return _refuse(model, 403, "waf-block", f"{model}: rule {hit.rule_id} of zone {zone.name} blocked the request "
+    return refused(model, 403, "waf-block", f"{model}: rule {hit.rule_id} of zone {zone.name} blocked the request "
                    f"({why})", host, rule=hit.rule_id)
 
 
@@ -123,7 +138,7 @@ def decide(listener: Listener, sni: str | None, target: Target, world: World, mo
     try:
         host = request_host(target)
     except _BadTarget as e:
-        return _refuse(model, 400, e.code, f"{model}: {e.reason}; refused, never guessed", None)
+        return refused(model, 400, e.code, f"{model}: {e.reason}; refused, never guessed", None)
     if sni is not None:
         try:
             sni = normalize(sni)  # the edge only lets through an SNI hostnorm.sni_name accepts
@@ -150,9 +165,9 @@ def decide(listener: Listener, sni: str | None, target: Target, world: World, mo
 
     name = host or sni
     if name is None:
-        return _refuse(model, 400, "no-host", f"{model}: the request names no host and the connection no SNI", None)
+        return refused(model, 400, "no-host", f"{model}: the request names no host and the connection no SNI", None)
     if m.sni_must_match_host and host is not None and sni is not None and host != sni:
-        return _refuse(model, 421, "sni-host-mismatch",
+        return refused(model, 421, "sni-host-mismatch",
                        f"{model}: host {host} differs from SNI {sni}; Misdirected Request", host)
     # Cloudflare's hostname priority: among exact matches an active custom hostname beats the
     # zone's own record; among wildcards the zone wins (lab.models).
@@ -169,11 +184,11 @@ def decide(listener: Listener, sni: str | None, target: Target, world: World, mo
         if custom.status in m.trusts:
             return _custom(world, m, custom, name, sni, listener, target.path)
         saas = world.zone_by_name[custom.zone]
-        return _refuse(model, 421, "hostname-not-active",
+        return refused(model, 421, "hostname-not-active",
                        f"{model}: custom hostname {custom.name} of {saas.name} is {custom.status}; only "
                        f"{' or '.join(m.trusts)} hostnames are routed", name)
     trusted = "active" if m.trusts == models.VERIFIED else "registered"
-    return _refuse(model, 421, "unknown-host", f"{model}: no zone or {trusted} custom hostname for host {name}", name)
+    return refused(model, 421, "unknown-host", f"{model}: no zone or {trusted} custom hostname for host {name}", name)
 
 
 def _custom(world: World, m: Model, custom, name: str, sni: str | None, listener: Listener, path: str) -> Decision:
@@ -194,7 +209,7 @@ def admit_zone(world: World, zone: Zone) -> Decision | None:
     (zones already on the allowlist keep theirs); elsewhere nothing refuses it."""
     m = models.get(world.model)
     if zone.v1_listener and m.v1_allowlist:
-        return _refuse(m.name, 403, "v1-closed", f"{m.name}: no new zone goes on v1 (the v1 allowlist is closed): add "
+        return refused(m.name, 403, "v1-closed", f"{m.name}: no new zone goes on v1 (the v1 allowlist is closed): add "
                        f"{zone.name} without a v1_listener, as a v2 zone", zone.name)
     return None
 

@@ -6,7 +6,7 @@
 #
 # Finds a Python 3.13 that really runs (a pyenv shim may be on PATH and fail), keeps its
 # own venv in .venv-py313 (reinstalled only when pyproject.toml changed, like the
-# Makefile's stamps), then runs tests/test_mitm.py and tests/test_edge.py there.
+# Makefile's stamps), then runs the engine tests there (every file with the `engine` fixture).
 # Without a Python 3.13 it says so and exits 0. PYTHON313=/path/to/python3.13 picks one.
 set -eu
 cd "$(dirname "$0")/.."
@@ -54,4 +54,5 @@ if [ ! -f "$STAMP" ] || [ -n "$(find pyproject.toml -newer "$STAMP" 2>/dev/null)
 fi
 
 "$VENV/bin/python" -c 'import mitmproxy.version as v, sys; print(f"Python {sys.version.split()[0]}, mitmproxy {v.VERSION}")'
-exec "$VENV/bin/python" -m pytest tests/test_mitm.py tests/test_edge.py "$@"
+exec "$VENV/bin/python" -m pytest tests/test_mitm.py tests/test_edge.py tests/test_http1.py tests/test_http2.py \
+    tests/test_tls.py tests/test_faults_origin.py "$@"

@@ -1,3 +1,4 @@
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -5,6 +6,12 @@ import pytest
 
 from lab.pki import LabCA
 from lab.world import load
+
+MITMPROXY = importlib.util.find_spec("mitmproxy") is not None
+ENGINES = ["native", pytest.param("mitmproxy", marks=pytest.mark.skipif(
+    not MITMPROXY, reason="the mitmproxy engine needs the extra: pip install 'sni-lab[mitmproxy]'"))]
+# For a test that reads the native engine's own state (its protocol objects, its connections).
+NATIVE_ONLY = pytest.mark.parametrize("engine", ["native"], indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +22,16 @@ def world():
 @pytest.fixture(scope="session")
 def ca(tmp_path_factory):
     return LabCA.open(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    """Every engine test runs on both engines: the module's `lab` fixture starts the one named here."""
+    if request.param == "mitmproxy":
+        from lab.edge.mitm import MitmEdge
+        if MitmEdge._active is not None:
+            pytest.skip("another mitmproxy engine runs in this process: mitmproxy allows one")
+    return request.param
 
 
 def need(tool: str) -> str:

@@ -1,13 +1,18 @@
-"""The native edge over real sockets: real TLS verified against the lab CA, real origins."""
+"""The edge over real sockets, on both engines: real TLS verified against the lab CA, real origins."""
 import asyncio
+import dataclasses
 import json
+import ssl
 import subprocess
+import time
 
 import pytest
 import pytest_asyncio
 
 from lab.client import probe
+from lab.proxy import Proxy, answer_address
 from lab.run import Lab
+from lab.strips import Fold
 from tests.conftest import need
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -15,8 +20,9 @@ MODELS = ("host", "v1", "v1-waf", "v2", "v2-strict")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def lab(world, tmp_path_factory):
-    async with Lab(world.with_free_ports(), tmp_path_factory.mktemp("certs")) as running:
+async def lab(engine, world, tmp_path_factory):
+    async with Lab(world.with_free_ports(), tmp_path_factory.mktemp("certs"), engine=engine) as running:
+        assert running.edge.engine == engine
         yield running
 
 
@@ -148,11 +154,141 @@ async def test_events_tell_one_story_per_trace(lab):
     assert decision["origin"] == "saas" and decision["listener"] == "saas-v1" and decision["sni"] == "www.victim.example"
     assert hit["origin"] == "saas" and hit["status"] == 200 and hit["host"].startswith("www.victim.example")
     conn = decision["conn"]
+    assert decision["trace"] == "t-attack-1" and conn != "t-attack-1"  # the probe named its own trace
     tls = [e for e in lab.events.since(0) if e.get("conn") == conn and e["kind"].startswith("tls.")]
     assert [e["kind"] for e in tls] == ["tls.clienthello", "tls.cert"]
-    assert "www.victim.example" in tls[1]["names"] or "*.victim.example" in tls[1]["names"]
+    assert tls[0]["sni"] == "www.victim.example" and tls[1]["names"] == ["victim.example", "*.victim.example"]
 
 
-async def test_forwarding_sets_proxy_headers(lab):
-    out = await get(lab, "anycast", "www.victim.example", model="v2", headers=[("Connection", "keep-alive, X-Drop"), ("X-Drop", "1")])
-    assert out.response.status == 200
+async def test_a_connections_first_request_carries_its_trace(lab):
+    """Without a trace of its own, the first request on a connection is told under the connection's id."""
+    lab.set_model("v2")
+    l = lab.world.listener_by_name["anycast"]
+    out = await probe(l.host, l.port, "www.victim.example", [{"host": "www.victim.example"}] * 2,
+                      str(lab.ca.cert_path), http2=True)
+    assert [r.origin for r in out.responses] == ["victim", "victim"]
+    hello = [e for e in lab.events.since(0) if e["kind"] == "tls.clienthello"][-1]
+    decisions = [e for e in lab.events.since(0) if e["kind"] == "route.decision" and e["conn"] == hello["conn"]]
+    assert len(decisions) == 2 and decisions[0]["trace"] == hello["conn"] != decisions[1]["trace"]
+
+
+async def test_tls_events_carry_the_peer_address(lab):
+    lab.set_model("v2")
+    l = lab.world.listener_by_name["anycast"]
+    ctx = ssl.create_default_context(cafile=str(lab.ca.cert_path))
+    for sni, kind in (("www.victim.example", "tls.cert"), ("nothing.example", "tls.error")):
+        reader, writer = await asyncio.open_connection(l.host, l.port, local_addr=("127.0.0.9", 0))
+        ip, port = writer.get_extra_info("sockname")[:2]
+        try:
+            await asyncio.wait_for(writer.start_tls(ctx, server_hostname=sni), 5)
+            writer.write(f"GET / HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())  # answered: the handshake is told
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+        except ssl.SSLError:
+            assert kind == "tls.error"
+        finally:
+            writer.close()
+        hello = next(e for e in reversed(lab.events.since(0)) if e["kind"] == "tls.clienthello" and e["sni"] == sni)
+        assert (hello["peer"], hello["client"]) == (f"{ip}:{port}", ip)
+        (then,) = [e for e in lab.events.since(0) if e.get("conn") == hello["conn"] and e["kind"] in ("tls.cert", "tls.error")]
+        assert then["kind"] == kind
+        if kind == "tls.error":
+            assert then["peer"] == f"{ip}:{port}" and then["error"].startswith("unrecognized_name")
+
+
+async def test_the_browser_proxys_tunnel_joins_the_edge_connection(lab):
+    """The live page joins a tunnel to the request it carried by address: proxy `local` == edge `peer`."""
+    lab.set_model("v2")
+    l = lab.world.listener_by_name["anycast"]
+    proxy = Proxy(lab.world, lab.events, lambda name, client: answer_address(lab.resolver.zones, name, client,
+                                                                            time.time()), check_interval=3600)
+    await proxy.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection(*proxy.address, local_addr=("127.0.0.5", 0))
+        writer.write(f"CONNECT www.victim.example:{l.port} HTTP/1.1\r\nHost: www.victim.example:{l.port}\r\n\r\n"
+                     .encode())
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+        ctx = ssl.create_default_context(cafile=str(lab.ca.cert_path))
+        ctx.set_alpn_protocols(["http/1.1"])
+        await asyncio.wait_for(writer.start_tls(ctx, server_hostname="www.victim.example"), 5)
+        writer.write(b"GET / HTTP/1.1\r\nHost: www.victim.example\r\nX-Lab-Trace: t-tunnel-join\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+        writer.close()
+    finally:
+        await proxy.stop()
+    tunnel = [e for e in lab.events.since(0) if e["kind"] == "proxy.tunnel"][-1]
+    (decision,) = [e for e in lab.events.trace("t-tunnel-join") if e["kind"] == "route.decision"]
+    (hello,) = [e for e in lab.events.since(0) if e["kind"] == "tls.clienthello" and e["conn"] == decision["conn"]]
+    assert hello["peer"] == tunnel["local"]
+    fold = Fold({lab.world.control.host})
+    for e in lab.events.since(0):
+        fold.add(e, lab.world)
+    strip = fold.strip("r:t-tunnel-join")
+    assert strip["client"] == "127.0.0.5" and strip["dns"]["name"] == "www.victim.example"
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+async def test_forwarding_sets_proxy_headers(lab, http2):
+    """What the origin receives: the host as the client sent it, the proxy headers, no hop-by-hop field."""
+    heads = []
+
+    async def origin(reader, writer):
+        heads.append((await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode("latin-1"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    saved = lab.world
+    lab.set_world(dataclasses.replace(saved, origins=tuple(
+        dataclasses.replace(o, host="127.0.0.1", port=server.sockets[0].getsockname()[1]) if o.name == "victim" else o
+        for o in saved.origins)))
+    hop = [] if http2 else [("Connection", "keep-alive, X-Drop"), ("X-Drop", "1"), ("Keep-Alive", "timeout=5")]
+    try:
+        out = await get(lab, "anycast", "www.victim.example", "WWW.Victim.Example", model="v2", http2=http2,
+                        headers=hop + [("X-Forwarded-For", "10.0.0.1"), ("X-Lab-Trace", "t-forward")])
+    finally:
+        lab.set_world(saved)
+        server.close()
+        await server.wait_closed()
+    assert out.response.status == 200 and out.response.body == b"ok"
+    (head,) = heads
+    lines = head.split("\r\n")
+    fields = [tuple(line.split(": ", 1)) for line in lines[1:] if line]
+    assert lines[0] == "GET / HTTP/1.1"
+    assert ("Host", "WWW.Victim.Example") in fields  # as sent: the origin picks its tenant by it
+    assert dict(fields)["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+    assert dict(fields)["X-Forwarded-Proto"] == "https" and dict(fields)["X-Lab-Trace"] == "t-forward"
+    assert not {k.lower() for k, _ in fields} & {"connection", "keep-alive", "x-drop", "transfer-encoding"}
+
+
+async def test_plain_http_on_a_tls_listener_is_dropped(lab):
+    l = lab.world.listener_by_name["anycast"]
+    reader, writer = await asyncio.open_connection(l.host, l.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: www.victim.example\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    last = [e for e in lab.events.since(0) if e["kind"] == "tls.error"][-1]
+    assert last["error"] == "the client did not start TLS" and last["listener"] == "anycast"
+
+
+async def test_events_carry_the_listener_hit(lab):
+    out = await get(lab, "saas2-v1", "app.saas2.example", model="v2", headers=[("X-Lab-Trace", "t-listener")])
+    assert out.response.origin == "saas2"
+    (decision,) = [e for e in lab.events.trace("t-listener") if e["kind"] == "route.decision"]
+    assert decision["listener"] == "saas2-v1" and decision["sni"] == "app.saas2.example"
+    hello = [e for e in lab.events.since(0) if e["kind"] == "tls.clienthello" and e["conn"] == decision["conn"]]
+    assert hello and hello[0]["listener"] == "saas2-v1" and hello[0]["client"] == "127.0.0.1"
+
+
+async def test_certificates_follow_the_world(lab):
+    """set_world at run time: a custom hostname that stops being active loses its certificate."""
+    world = lab.world
+    without = world.with_hostnames(tuple(c for c in world.custom_hostnames if c.name != "shop.customer.example"))
+    try:
+        lab.set_world(without)
+        out = await get(lab, "saas-v1", "shop.customer.example", model="v2")
+        assert "UNRECOGNIZED_NAME" in out.tls_error.upper()
+    finally:
+        lab.set_world(world)
+    out = await get(lab, "saas-v1", "shop.customer.example", model="v2")
+    assert out.cert_valid_for("shop.customer.example") and out.response.origin == "saas"

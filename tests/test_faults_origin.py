@@ -1,4 +1,4 @@
-"""Origin faults through the native edge: down, hung, unreachable; the lab's own pages say which."""
+"""Origin faults through the edge, on both engines: down, hung, unreachable; the lab's own pages say which."""
 import asyncio
 import contextlib
 import dataclasses
@@ -14,8 +14,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def lab(world, tmp_path_factory):
-    async with Lab(world.with_free_ports(), tmp_path_factory.mktemp("certs")) as running:
+async def lab(engine, world, tmp_path_factory):
+    async with Lab(world.with_free_ports(), tmp_path_factory.mktemp("certs"), engine=engine) as running:
         running.set_model("v2")
         yield running
 

@@ -1,4 +1,4 @@
-"""HTTP/2 under hostile input, on the native edge over real sockets and real TLS.
+"""HTTP/2 under hostile input, on both engines over real sockets and real TLS.
 
 Limits come from the world (`world.limits`); each test sets the ones it exercises small
 through `lab.set_world`, the way a user's `[limits]` table would.
@@ -13,16 +13,18 @@ import h2.settings
 import pytest
 import pytest_asyncio
 
-from lab.edge.http2 import H2Protocol, malformed
+from lab.edge.contract import h2_malformed as malformed
+from lab.edge.http2 import H2Protocol
 from lab.run import Lab
+from tests.conftest import NATIVE_ONLY
 from tests.h2peer import Peer, get
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def lab(world, tmp_path_factory):
-    async with Lab(world.with_free_ports(), tmp_path_factory.mktemp("certs")) as running:
+async def lab(engine, world, tmp_path_factory):
+    async with Lab(world.with_free_ports(), tmp_path_factory.mktemp("certs"), engine=engine) as running:
         running.set_model("v2")
         yield running
 
@@ -89,8 +91,9 @@ def edge_side(lab) -> list[H2Protocol]:
     return [c.app for c in lab.edge.connections if isinstance(c.app, H2Protocol)]
 
 
-# ---- streams --------------------------------------------------------------------------
+# ---- streams, bodies, floods, origin legs: the native engine's h2 stack (mitmproxy has its own) ----
 
+@NATIVE_ONLY
 async def test_the_stream_beyond_the_limit_is_refused_and_the_others_answered(lab):
     peer = await Peer.open(lab)
     limit = lab.world.limits.h2_max_streams
@@ -104,6 +107,7 @@ async def test_the_stream_beyond_the_limit_is_refused_and_the_others_answered(la
     assert all(peer.headers[s]["x-lab-origin"] == "victim" for s in sids[:-1])
 
 
+@NATIVE_ONLY
 async def test_request_bodies_are_held_to_the_connection_window(lab):
     """Bodies that never end, on 40 streams: the edge holds at most h2_max_buffered of them."""
     cap, body = 256 * 1024, 60 * 1024
@@ -139,6 +143,7 @@ async def test_request_bodies_are_held_to_the_connection_window(lab):
         assert all(peer.headers[s]["x-lab-origin"] == "victim" for s in open_streams)
 
 
+@NATIVE_ONLY
 async def test_a_body_over_max_body_is_a_413_for_its_stream_only(lab):
     with limits(lab, max_body=16 * 1024):
         peer = await Peer.open(lab)
@@ -177,6 +182,7 @@ def _empty_data(peer, i):
     peer.h2.send_data(peer.flood_sid, b"")
 
 
+@NATIVE_ONLY
 @pytest.mark.parametrize("frame", [_ping, _settings, _rapid_reset, _empty_data],
                          ids=["ping", "settings", "rapid-reset", "empty-data"])
 async def test_control_frame_flood_is_told_to_calm_down(lab, frame):
@@ -196,6 +202,7 @@ async def test_control_frame_flood_is_told_to_calm_down(lab, frame):
     assert other.status[sid] == 200
 
 
+@NATIVE_ONLY
 async def test_rapid_reset_leaves_no_origin_request_open(lab, hung):
     peer = await Peer.open(lab)
     sids = [peer.request(get()) for _ in range(50)]
@@ -210,6 +217,7 @@ async def test_rapid_reset_leaves_no_origin_request_open(lab, hung):
     peer.close()
 
 
+@NATIVE_ONLY
 async def test_closing_the_connection_cancels_its_origin_requests(lab, hung):
     peer = await Peer.open(lab)
     for _ in range(20):
@@ -221,6 +229,7 @@ async def test_closing_the_connection_cancels_its_origin_requests(lab, hung):
     assert not lab.edge.core.pool.active
 
 
+@NATIVE_ONLY
 async def test_origin_connections_are_capped_and_the_queue_bounded(lab, hung):
     pool = lab.edge.core.pool
     with limits(lab, origin_max_connections=2, origin_max_queued=3):
@@ -236,6 +245,7 @@ async def test_origin_connections_are_capped_and_the_queue_bounded(lab, hung):
     assert (hung.peak, hung.requests, len(pool.active), pool.queued) == (2, 2, 0, 0)
 
 
+@NATIVE_ONLY
 async def test_idle_connection_gets_goaway(lab):
     with limits(lab, idle_timeout=0.3):
         peer = await Peer.open(lab)
@@ -273,10 +283,25 @@ MALFORMED = {
 }
 
 
-@pytest.mark.parametrize("name", MALFORMED)
+# mitmproxy's own HTTP/2 layer refuses these before any hook (a stream reset, not the lab's page).
+MITMPROXY_REFUSES = ("lowercase-method", "connect", "scheme-ftp", "scheme-http", "pseudo-after-regular",
+                     "unknown-pseudo", "missing-path")
+
+
+@pytest.mark.parametrize("name", [n for n in MALFORMED if n not in MITMPROXY_REFUSES])
 async def test_malformed_request_is_the_edges_own_400(lab, name):
+    await _refused_by_the_lab(lab, MALFORMED[name])
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("name", MITMPROXY_REFUSES)
+async def test_malformed_request_mitmproxy_refuses_itself_is_the_native_edges_own_400(lab, name):
+    await _refused_by_the_lab(lab, MALFORMED[name])
+
+
+async def _refused_by_the_lab(lab, headers):
     peer = await Peer.open(lab)
-    sid = peer.request(MALFORMED[name])
+    sid = peer.request(headers)
     await peer.until(lambda: peer.done(sid))
     peer.close()
     assert peer.status.get(sid) == 400, (peer.status, peer.reset)
@@ -317,3 +342,14 @@ async def test_malformed_is_one_pure_check_with_statuses():
     assert malformed(get("*", "OPTIONS")) is None
     assert malformed(get("*")).status == 400
     assert malformed(get("/" + "a" * 9000)).status == 414
+
+
+async def test_head_refusal_sends_no_body(lab):
+    """A refused HEAD: the page's length, no DATA (RFC 9110 9.3.2); the next stream is answered whole."""
+    peer = await Peer.open(lab)
+    head = peer.request([(":method", "HEAD"), (":scheme", "https"), (":authority", "nothing.example"), (":path", "/")])
+    ok = peer.request(get())
+    await peer.until(lambda: peer.done(head) and peer.done(ok))
+    peer.close()
+    assert peer.status[head] == 421 and int(peer.headers[head]["content-length"]) > 0
+    assert head not in peer.body and peer.status[ok] == 200 and len(peer.body[ok]) > 0

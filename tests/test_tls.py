@@ -6,7 +6,6 @@ handshake timeout and the connection caps come from `world.limits`.
 """
 import asyncio
 import dataclasses
-import importlib.util
 import logging
 import re
 import ssl
@@ -23,22 +22,16 @@ from tests.conftest import need
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 ROOT = Path(__file__).resolve().parent.parent
-ENGINES = ["native", pytest.param("mitmproxy", marks=pytest.mark.skipif(
-    importlib.util.find_spec("mitmproxy") is None, reason="the mitmproxy engine needs the extra"))]
 
 VICTIM = ["victim.example", "*.victim.example"]
 SAAS = ["saas.example", "*.saas.example"]
 SAAS2 = ["saas2.example", "*.saas2.example"]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=ENGINES)
-async def lab(request, world, tmp_path_factory):
-    if request.param == "mitmproxy":
-        from lab.edge.mitm import MitmEdge
-        if MitmEdge._active is not None:
-            pytest.skip("another mitmproxy engine runs in this process: mitmproxy allows one")
-    tmp = tmp_path_factory.mktemp(f"tls-{request.param}")
-    async with Lab(world.with_free_ports(), tmp / "certs", engine=request.param, state_dir=tmp / "state",
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def lab(engine, world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"tls-{engine}")
+    async with Lab(world.with_free_ports(), tmp / "certs", engine=engine, state_dir=tmp / "state",
                    verify_interval=3600) as running:
         yield running
 

@@ -18,6 +18,7 @@ from lab.policy import certificate_names
 from lab.topology import World
 
 ALPN = ["h2", "http/1.1"]
+MIN_VERSION = ssl.TLSVersion.TLSv1_2
 # TLS 1.2 offers forward-secret AEAD suites only (TLS 1.3's are all AEAD already).
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -30,7 +31,7 @@ class Cert(NamedTuple):
 
 def server_context(cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = MIN_VERSION
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.set_alpn_protocols(ALPN)
     # No tickets in any version. TLS 1.2 session IDs have no off switch in the stdlib:

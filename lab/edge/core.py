@@ -2,28 +2,28 @@
 
 Every carrier (HTTP/1.1, HTTP/2, the mitmproxy engine) hands a request here as plain
 values and gets (status, headers, body) back through a callback, or awaits it with
-`handle_async`; the decision itself is `policy.decide`. A forwarded request returns its
-`Exchange`: the carrier cancels it when its client goes away (a reset stream, a closed
-connection), so no origin request outlives the client that asked for it.
+`handle_async`; the decision itself is `policy.decide`, and a request a carrier refused
+is `policy.malformed`. Either way one `route.decision` event tells it, with the same fields.
+A forwarded request returns its `Exchange`: the carrier cancels it when its client goes
+away (a reset stream, a closed connection), so no origin request outlives the client
+that asked for it.
 """
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 from typing import Callable
 
 from lab.edge import pages
 from lab.edge.upstream import Exchange, Failure, OriginPool
 from lab.events import Events
-from lab.policy import Decision, Target, decide
+from lab.policy import Decision, Target, decide, malformed, named_hosts
 from lab.topology import Listener, World
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length"})
 # Not passed on from an origin's answer: the edge speaks for itself (and hides what the origin runs).
 _NOT_RETURNED = HOP_BY_HOP | {"server"}
-_TRACE = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")
 
 Response = tuple[int, list[tuple[str, str]], bytes]
 
@@ -79,44 +79,33 @@ class EdgeCore:
             self.pool.close()
             self.pool = None
 
-    def trace_of(self, headers: list[tuple[str, str]], fallback: str) -> str:
-        # A probe may name its own trace id so its DNS query and this request tell one story.
-        for name, value in headers:
-            if name.lower() == "x-lab-trace" and _TRACE.match(value):
-                return value
-        return fallback
-
-    def decide(self, listener: Listener, req: Request) -> Decision:
-        decision = decide(listener, req.sni, req.target, self.world)
+    def _tell(self, listener: Listener, decision: Decision, *, trace: str, conn: str, sni: str | None,
+              method: str | None, path: str | None) -> Decision:
+        """The one `route.decision` emitter, for a routed request and a refused one alike."""
         cap = self.world.limits.event_field
-        self.events.emit("route.decision", trace=req.trace, conn=req.conn, listener=listener.name, sni=req.sni,
+        self.events.emit("route.decision", trace=trace, conn=conn, listener=listener.name, sni=sni,
                          host=decision.host, model=decision.model, rule=decision.rule, origin=decision.origin,
                          status=decision.status or None, code=decision.code or None,
-                         reason=excerpt(decision.reason, cap), method=excerpt(req.method, cap),
-                         path=excerpt(req.target.path, cap))
+                         reason=excerpt(decision.reason, cap), method=excerpt(method, cap), path=excerpt(path, cap))
         return decision
 
-    def refuse_malformed(self, listener: Listener, *, trace: str, conn: str, sni: str | None,
-                         problem: str | Malformed, http2: bool = False, decision: Decision | None = None,
-                         accept: str | None = None) -> Response:
+    def decide(self, listener: Listener, req: Request) -> Decision:
+        return self._tell(listener, decide(listener, req.sni, req.target, self.world), trace=req.trace, conn=req.conn,
+                          sni=req.sni, method=req.method, path=req.target.path)
+
+    def refuse_malformed(self, listener: Listener, problem: Malformed, *, trace: str, conn: str, sni: str | None,
+                         http2: bool = False, accept: str | None = None) -> Response:
         """Every engine's answer to a request its parser refused: the edge's own page, told like any decision."""
-        if not isinstance(problem, Malformed):
-            problem = Malformed(problem)
-        model = self.world.model
-        cap = self.world.limits.event_field
-        decision = decision or Decision(
-            model=model, rule=problem.code, status=problem.status, code=problem.code,
-            reason=f"{model}: malformed {'HTTP/2 ' if http2 else ''}request: {excerpt(problem.problem, cap)}")
-        self.events.emit("route.decision", trace=trace, conn=conn, listener=listener.name, sni=sni, host=None,
-                         model=decision.model, rule=decision.rule, origin=None, status=decision.status,
-                         code=decision.code, reason=excerpt(decision.reason, cap))
+        decision = malformed(self.world.model, problem.status, problem.code,
+                             excerpt(problem.problem, self.world.limits.event_field), http2)
+        self._tell(listener, decision, trace=trace, conn=conn, sni=sni, method=None, path=None)
         return pages.refusal(decision, accept)
 
-    def handle(self, listener: Listener, req: Request, respond: Callable[[Response], None]) -> Exchange | None:
-        """Decide, then answer through `respond` (at once for a refusal, later for a forward).
-
-        Returns the origin exchange of a forwarded request (`.cancel()` it if the client goes away)."""
-        decision = self.decide(listener, req)
+    def handle(self, listener: Listener, req: Request, respond: Callable[[Response], None],
+               decision: Decision | None = None) -> Exchange | None:
+        """Decide (unless the carrier did), then answer through `respond`: at once for a refusal, later for
+        a forward. Returns the origin exchange of a forwarded request (`.cancel()` it if the client goes away)."""
+        decision = decision or self.decide(listener, req)
         accept = next((v for k, v in req.headers if k.lower() == "accept"), None)
         if not decision.routed:
             respond(pages.refusal(decision, accept))
@@ -138,9 +127,9 @@ class EdgeCore:
         return self.pool.request(origin.host, origin.port, _request_bytes(req, decision.host or req.sni),
                                  req.method == "HEAD", done, self.world.limits)
 
-    async def handle_async(self, listener: Listener, req: Request) -> Response:
+    async def handle_async(self, listener: Listener, req: Request, decision: Decision | None = None) -> Response:
         future = asyncio.get_running_loop().create_future()
-        exchange = self.handle(listener, req, lambda r: future.done() or future.set_result(r))
+        exchange = self.handle(listener, req, lambda r: future.done() or future.set_result(r), decision)
         try:
             return await future
         except asyncio.CancelledError:  # the carrier gave up on this request: so does the origin leg
@@ -171,8 +160,9 @@ def _forward_headers(req: Request, host: str | None) -> list[tuple[str, str]]:
         if low in ("x-forwarded-proto", "x-lab-trace"):
             continue
         out.append((name, value))
-    # The origin picks its tenant by host: send the one the decision was about.
-    sent_host = req.target.authority or (req.target.hosts[0] if req.target.hosts else None) or req.target.absolute or host
+    # The origin picks its tenant by host: the one the decision was about, as the client sent it.
+    named = named_hosts(req.target)
+    sent_host = named[0][1] if named else host
     if sent_host:
         out.append(("Host", sent_host))
     out.append(("X-Forwarded-For", xff or req.client))

@@ -6,8 +6,9 @@ and forwarded straight from `data_received` once the one before it is answered.
 Hostile input is bounded the nginx way, every bound from `world.limits`:
 - llhttp's strict defaults refuse what nginx refuses (obs-fold, bare CR or LF, Content-Length
   with Transfer-Encoding, two Content-Lengths, an unknown Transfer-Encoding): the lab's 400;
-  checked here besides: a coding other than plain "chunked" (501, as nginx), Transfer-Encoding
-  in HTTP/1.0, CONNECT, an Upgrade with a body (400), a version other than 1.0 and 1.1 (505);
+  the rest of the head is `contract.h1_head`'s, as on the mitmproxy engine (a coding other
+  than plain "chunked" 501, CONNECT, no Host, an Upgrade with a body, a version other than
+  1.0 and 1.1 505, a declared body over `max_body` 413);
 - request line over `max_request_line`: 414; a field over `max_field`, all fields over
   `max_header_bytes` or more than `max_headers` of them: 431; a body over `max_body`: 413,
   at once for a declared length, as soon as a chunked body crosses it; never buffered past it;
@@ -26,14 +27,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from http import HTTPStatus
 
 import httptools
 
-from lab.edge.core import EdgeCore, Request, Response, absolute_authority
-from lab.policy import Decision, Target
+from lab.edge.contract import body_too_large, h1_head, new_request, reason, response_fields, sent_body
+from lab.edge.core import EdgeCore, Malformed, Response, absolute_authority
+from lab.policy import Target
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
 # "GET / HTTP/1.1\r\n\r\n": llhttp wants CRLF, so no complete request is shorter. Feeding at
 # most (room - 1) * _MIN_REQUEST bytes at a time can complete at most `room` requests.
 _MIN_REQUEST = 18
@@ -69,10 +69,11 @@ class H1Protocol(asyncio.Protocol):
     def __init__(self, core: EdgeCore, conn) -> None:
         self.core = core
         self.conn = conn  # the TLSConnection: our transport
+        self.state = conn.state
         self.limits = core.world.limits  # a connection keeps the limits it started with
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
-        # Parsed, not yet answered: (Request, close, HTTP version) or (None, refusal, linger).
+        # Parsed, not yet answered: (Request, close, HTTP version) or (None, Malformed, linger).
         self.queue: deque = deque()
         self.busy = False  # the queue's head went to the core; its answer is awaited
         self.msg: _Message | None = None
@@ -166,14 +167,14 @@ class H1Protocol(asyncio.Protocol):
                 if not self.stopped:  # not one of our _Stop: a bug here, to be seen
                     raise
             except httptools.HttpParserError as e:
-                self._refuse(400, "bad-request", str(e) or "bad request")
+                self._refuse(Malformed(str(e) or "bad request"))
             msg = self.msg
             if msg is not None and not msg.in_body and not self.stopped:
                 # httptools holds a header field it has not finished; this bounds it.
                 msg.fed += len(view)
                 if msg.fed > _head_cap(limits):
-                    self._refuse(431, "headers-too-large", f"request head larger than {_head_cap(limits)} bytes "
-                                 f"(limits.max_header_bytes)")
+                    self._refuse(Malformed(f"request head larger than {_head_cap(limits)} bytes "
+                                           "(limits.max_header_bytes)", 431, "headers-too-large"))
         if self.stopped and self.pending:
             self.pending = _EMPTY
             self._dropped = True
@@ -183,24 +184,20 @@ class H1Protocol(asyncio.Protocol):
             req, what, extra = self.queue.popleft()
             self.busy = True
             if req is None:
-                self._respond(self._refusal(*what), close=True, linger=extra)
+                self._respond(self._refusal(what), close=True, linger=extra)
             else:
-                self.core.handle(self.conn.listener, req, lambda response, close=what, head=req.method == "HEAD",
-                                 http10=extra == "1.0": self._respond(response, close, head=head, http10=http10))
+                self.core.handle(self.conn.listener, req, lambda response, close=what, method=req.method,
+                                 http10=extra == "1.0": self._respond(response, close, method=method, http10=http10))
 
-    def _respond(self, response: Response, close: bool, *, head: bool = False, http10: bool = False,
+    def _respond(self, response: Response, close: bool, *, method: str = "", http10: bool = False,
                  linger: bool = False) -> None:
         if self.closed:
             return
         status, headers, body = response
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
-        lines += [f"{k}: {v}" for k, v in headers]
-        lines.append(f"Content-Length: {len(body)}")
-        if close:
-            lines.append("Connection: close")
-        elif http10:
-            lines.append("Connection: keep-alive")
-        self.conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + (b"" if head else body))
+        lines = [f"HTTP/1.1 {status} {reason(status)}"]
+        lines += [f"{k}: {v}" for k, v in response_fields(headers, len(body), http2=False, close=close,
+                                                          keep_alive=http10)]
+        self.conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + sent_body(method, body))
         self.busy = False
         self._idle_since = self.loop.time()
         self._first = False
@@ -233,8 +230,8 @@ class H1Protocol(asyncio.Protocol):
         msg.url += fragment
         # The request line: method, target, " HTTP/1.1" and the spaces around the target.
         if len(self.parser.get_method()) + len(msg.url) + 10 > self.limits.max_request_line:
-            self._stop(414, "uri-too-long", f"request line longer than {self.limits.max_request_line} bytes "
-                       f"(limits.max_request_line)")
+            self._stop(Malformed(f"request line longer than {self.limits.max_request_line} bytes "
+                                 "(limits.max_request_line)", 414, "uri-too-long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         msg, limits = self.msg, self.limits
@@ -249,64 +246,37 @@ class H1Protocol(asyncio.Protocol):
     def _too_large(self, name: bytes, size: int) -> None:
         limits = self.limits
         if size > limits.max_field:
-            self._stop(431, "headers-too-large", f"header field {name[:64].decode('latin-1')} larger than "
-                       f"{limits.max_field} bytes (limits.max_field)")
-        if self.msg.fields > limits.max_headers:
-            self._stop(431, "headers-too-large", f"more than {limits.max_headers} header fields (limits.max_headers)")
-        self._stop(431, "headers-too-large", f"header fields larger than {limits.max_header_bytes} bytes "
-                   f"(limits.max_header_bytes)")
+            why = f"header field {name[:64].decode('latin-1')} larger than {limits.max_field} bytes (limits.max_field)"
+        elif self.msg.fields > limits.max_headers:
+            why = f"more than {limits.max_headers} header fields (limits.max_headers)"
+        else:
+            why = f"header fields larger than {limits.max_header_bytes} bytes (limits.max_header_bytes)"
+        self._stop(Malformed(why, 431, "headers-too-large"))
 
     def on_headers_complete(self) -> None:
-        msg, parser, limits = self.msg, self.parser, self.limits
+        msg, parser = self.msg, self.parser
         msg.in_body = True
-        msg.version = version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            self._stop(505, "http-version-not-supported", f"HTTP/{version} is not served over HTTP/1")
-        if parser.get_method() == b"CONNECT":
-            self._stop(400, "bad-request", "CONNECT: the edge is not a forward proxy")
-        length, chunked, expect, host = None, False, b"", False
-        for name, value in msg.raw:
-            low = name.lower()
-            if low == b"host":
-                host = True
-            elif low == b"content-length":
-                length = int(value)  # llhttp let through digits only, and one such field
-            elif low == b"transfer-encoding":
-                chunked = True  # llhttp let through one field, ending in "chunked"; nginx wants it alone
-                if value.strip().lower() != b"chunked":
-                    self._stop(501, "transfer-encoding-not-implemented",
-                               f"Transfer-Encoding {value[:64].decode('latin-1')!r}: only chunked is served")
-                if version == "1.0":  # RFC 9112 6.1: the framing of such a message is faulty
-                    self._stop(400, "bad-request", "Transfer-Encoding in an HTTP/1.0 request")
-            elif low == b"expect":
-                expect = value.strip().lower()
-        if version == "1.1" and not host:
-            self._stop(400, "bad-request", "Missing 'Host' header in request.")  # mitm.py words it alike
-        if length is not None and length > limits.max_body:
-            self._stop(413, "body-too-large", f"declared body of {length} bytes is larger than {limits.max_body} "
-                       f"(limits.max_body)")
-        has_body = chunked or bool(length)
-        if parser.should_upgrade():
-            if has_body:  # llhttp would skip the body and call the rest upgraded protocol
-                self._stop(400, "bad-request", "Upgrade with a request body is not served")
-            msg.keep_alive = False  # the lab upgrades nothing: answer, then close
-        else:
-            msg.keep_alive = parser.should_keep_alive()
-        msg.remaining = length or 0
-        msg.expect = version == "1.1" and expect == b"100-continue" and has_body
+        msg.version = parser.get_http_version()
+        upgrade = parser.should_upgrade()
+        head = h1_head(parser.get_method(), msg.version, msg.raw, self.limits, upgrade)
+        if head.problem is not None:
+            self._stop(head.problem)
+        # The lab upgrades nothing: answer, then close.
+        msg.keep_alive = not upgrade and parser.should_keep_alive()
+        msg.remaining = head.length or 0
+        msg.expect = msg.version == "1.1" and head.expect == b"100-continue" and (head.chunked or bool(head.length))
 
     def on_body(self, chunk: bytes) -> None:
         msg = self.msg
         if msg.remaining:
             msg.remaining -= len(chunk)
-        if len(msg.body) + len(chunk) > self.limits.max_body:
-            self._stop(413, "body-too-large", f"request body larger than {self.limits.max_body} bytes "
-                       f"(limits.max_body)")
+        too_large = body_too_large(self.limits, len(msg.body) + len(chunk))
+        if too_large:
+            self._stop(too_large)
         msg.body += chunk
 
     def on_message_complete(self) -> None:
         msg, self.msg = self.msg, None
-        conn = self.conn
         raw = msg.url.decode("latin-1")
         absolute = absolute_authority(raw)
         path_qs = raw
@@ -314,36 +284,30 @@ class H1Protocol(asyncio.Protocol):
             rest = raw.split("://", 1)[1]
             path_qs = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
         headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in msg.raw]
-        req = Request(method=self.parser.get_method().decode("latin-1"),
-                      target=Target(hosts=tuple(v for k, v in headers if k.lower() == "host"), absolute=absolute,
-                                    path=path_qs.split("?", 1)[0]),
-                      path_qs=path_qs, headers=headers, body=bytes(msg.body), client=conn.peer[0], sni=conn.sni,
-                      conn=conn.conn_id, trace="")
-        req.trace = self.core.trace_of(headers, conn.next_trace())
+        req = new_request(self.state, self.parser.get_method().decode("latin-1"),
+                          Target(hosts=tuple(v for k, v in headers if k.lower() == "host"), absolute=absolute,
+                                 path=path_qs.split("?", 1)[0]),
+                          path_qs, headers, bytes(msg.body))
         self.queue.append((req, not msg.keep_alive, msg.version))
         if not msg.keep_alive:
             self.stopped = True
             raise _Stop
 
     # ---- refusals -------------------------------------------------------------
-    def _refuse(self, status: int, code: str, problem: str, *, linger: bool = True) -> None:
+    def _refuse(self, problem: Malformed, *, linger: bool = True) -> None:
         """Queue the lab's own answer to what cannot be served, in order; parse nothing more."""
         self.stopped = True
         self.msg = None
-        self.queue.append((None, (status, code, problem), linger))
+        self.queue.append((None, problem, linger))
 
-    def _stop(self, status: int, code: str, problem: str) -> None:
-        self._refuse(status, code, problem)
+    def _stop(self, problem: Malformed) -> None:
+        self._refuse(problem)
         raise _Stop
 
-    def _refusal(self, status: int, code: str, problem: str) -> Response:
-        conn = self.conn
-        decision = None
-        if status != 400:  # 400 is refuse_malformed's own; the others say which limit
-            model = self.core.world.model
-            decision = Decision(model=model, rule=code, status=status, code=code, reason=f"{model}: {problem}")
-        return self.core.refuse_malformed(conn.listener, trace=conn.next_trace(), conn=conn.conn_id, sni=conn.sni,
-                                          problem=problem, decision=decision)
+    def _refusal(self, problem: Malformed) -> Response:
+        state = self.state
+        return self.core.refuse_malformed(self.conn.listener, problem, trace=state.next_trace(), conn=state.conn_id,
+                                          sni=state.sni)
 
     # ---- closing and timers -----------------------------------------------------
     def _finish(self, linger: bool) -> None:
@@ -415,8 +379,8 @@ class H1Protocol(asyncio.Protocol):
             self.conn.abort()  # the peer reads nothing: no close_notify would reach it either
         else:
             limit = "header_timeout" if kind == "head" else "body_timeout"
-            self._refuse(408, "request-timeout", f"request {kind} not received within "
-                         f"{getattr(self.limits, limit):g} s (limits.{limit})", linger=False)
+            self._refuse(Malformed(f"request {kind} not received within {getattr(self.limits, limit):g} s "
+                                   f"(limits.{limit})", 408, "request-timeout"), linger=False)
             self._pump()
 
 

@@ -3,6 +3,7 @@
 One connection may carry requests for several hosts (connection coalescing); the
 certificate was chosen once, by SNI, but every `:authority` goes through the policy.
 
+Request headers are checked by `contract.h2_malformed`, as on the mitmproxy engine.
 What a connection may cost is bounded by the world's limits, as nginx bounds it:
 - request bodies: the connection window is `h2_max_buffered` (at least one `max_body` and
   a byte), handed back when a stream is done with its body, never on arrival, so flow
@@ -29,75 +30,12 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from lab.edge.core import EdgeCore, Malformed, Request
+from lab.edge.contract import body_too_large, h2_malformed, new_request, response_fields, sent_body
+from lab.edge.core import EdgeCore, Malformed
 from lab.policy import Target
-from lab.topology import Limits
 
-_CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
-_PSEUDO = frozenset({":method", ":scheme", ":path", ":authority"})
-_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_NAME_CHARS = _TCHAR - frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")  # RFC 9113 8.2.1: lowercase tokens
-_METHOD_CHARS = _TCHAR - frozenset("abcdefghijklmnopqrstuvwxyz")  # methods are case-sensitive; ours are upper
-_BAD_VALUE = frozenset("\r\n\0")
 CONTROL_PERIOD = 10.0  # seconds over which h2_control_frames are counted
 _SLICE = 16 * 1024  # bytes handed to h2 at a time: a flood is cut off within one slice
-_HPACK_OVERHEAD = 32  # per field, as SETTINGS_MAX_HEADER_LIST_SIZE counts (RFC 9113 6.5.2)
-_DEFAULT_LIMITS = Limits()
-
-
-def malformed(headers: list[tuple[str, str]], limits: Limits | None = None) -> Malformed | None:
-    """The edge's one HTTP/2 request-header check: RFC 9113 8.2-8.3 and the world's size limits.
-
-    h2's own inbound validation is off, because it kills the whole connection over a `host`
-    that disagrees with `:authority`, where the policy answers that one stream 400; every
-    other rule h2 would apply is here, and what the edge refuses besides (CONNECT, a scheme
-    other than https), so no such request reaches an origin.
-    """
-    limits = limits or _DEFAULT_LIMITS
-    if len(headers) > limits.max_headers:
-        return Malformed(f"{len(headers)} header fields, more than {limits.max_headers}", 431, "headers-too-large")
-    total = 0
-    seen_regular = False
-    pseudo: dict[str, str] = {}
-    for name, value in headers:
-        if name == ":path" and len(value) > limits.max_request_line:
-            return Malformed(f":path of {len(value)} bytes, more than {limits.max_request_line}", 414, "uri-too-long")
-        size = len(name) + len(value)
-        if size > limits.max_field and name != ":path":
-            return Malformed(f"header {name[:64]!r} of {size} bytes, more than {limits.max_field}", 431,
-                             "headers-too-large")
-        total += size + _HPACK_OVERHEAD
-        if total > limits.max_header_bytes:
-            return Malformed(f"header fields over {limits.max_header_bytes} bytes", 431, "headers-too-large")
-        bare = name[1:] if name.startswith(":") else name
-        if not bare or not _NAME_CHARS.issuperset(bare):
-            return Malformed(f"bad header name {name[:64]!r}")
-        if not _BAD_VALUE.isdisjoint(value) or value[:1] in (" ", "\t") or value[-1:] in (" ", "\t"):
-            return Malformed(f"bad value in header {name[:64]}")
-        if name.startswith(":"):
-            if seen_regular or name not in _PSEUDO or name in pseudo:
-                return Malformed(f"misplaced, repeated or unknown pseudo-header {name[:64]}")
-            pseudo[name] = value
-        else:
-            seen_regular = True
-            if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
-                return Malformed(f"connection-specific header {name}")
-    method = pseudo.get(":method")
-    if method == "CONNECT":
-        return Malformed("CONNECT: the edge is not a proxy")
-    missing = [p for p in (":method", ":scheme", ":path") if p not in pseudo]
-    if missing:
-        return Malformed(f"missing {', '.join(missing)}")
-    if not method or not _METHOD_CHARS.issuperset(method):
-        return Malformed(f"bad method {method[:32]!r}")
-    if pseudo[":scheme"] != "https":
-        return Malformed(f":scheme {pseudo[':scheme'][:32]!r} on a TLS connection")
-    path = pseudo[":path"]
-    if not (path.startswith("/") or (path == "*" and method == "OPTIONS")):
-        return Malformed(f":path {path[:64]!r} is neither absolute nor * for OPTIONS")
-    if any(c <= " " or c == "\x7f" for c in path):
-        return Malformed("space or control character in :path")
-    return None
 
 
 class _Settings(h2.settings.Settings):
@@ -129,6 +67,7 @@ class H2Protocol(asyncio.Protocol):
     def __init__(self, core: EdgeCore, conn) -> None:
         self.core = core
         self.conn = conn  # the TLSConnection: our transport
+        self.state = conn.state
         self.limits = limits = core.world.limits  # a connection keeps the limits it started with
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=False))
@@ -239,19 +178,9 @@ class H2Protocol(asyncio.Protocol):
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
         stream = self.streams[stream_id] = _Stream(headers)
         self.idle_since = None
-        problem = malformed(headers, self.limits)
-        if problem is None:
-            length = next((v for k, v in headers if k == "content-length"), None)
-            if length is not None and not (length.isascii() and length.isdigit()):
-                problem = Malformed(f"bad content-length {length[:32]!r}")
-            elif length is not None and int(length) > self.limits.max_body:
-                problem = self._too_large()
+        problem = h2_malformed(headers, self.limits)
         if problem is not None:
             self._refuse(stream_id, stream, problem)
-
-    def _too_large(self) -> Malformed:
-        return Malformed(f"request body larger than {min(self.limits.max_body, self._window())} bytes", 413,
-                         "body-too-large")
 
     def _window(self) -> int:
         """Request body bytes a connection may hold: h2_max_buffered, and one whole body at least."""
@@ -268,8 +197,9 @@ class H2Protocol(asyncio.Protocol):
         stream.body += event.data
         stream.held += length
         self.held += length
-        if len(stream.body) > self.limits.max_body:
-            self._refuse(stream_id, stream, self._too_large())
+        too_large = body_too_large(self.limits, len(stream.body))
+        if too_large:
+            self._refuse(stream_id, stream, too_large)
 
     def _unstick(self) -> None:
         """Every byte of the window is held by a body still arriving: none can finish, so one must go."""
@@ -295,25 +225,23 @@ class H2Protocol(asyncio.Protocol):
         pseudo = {k: v for k, v in headers if k.startswith(":")}
         plain = [(k, v) for k, v in headers if not k.startswith(":")]
         path = pseudo[":path"]
-        conn = self.conn
-        req = Request(method=pseudo[":method"],
-                      target=Target(hosts=tuple(v for k, v in plain if k == "host"), authority=pseudo.get(":authority"),
-                                    path=path.split("?", 1)[0]),
-                      path_qs=path, headers=plain, body=body, client=conn.peer[0], sni=conn.sni,
-                      conn=conn.conn_id, trace="")
-        req.trace = self.core.trace_of(plain, conn.next_trace())
-        exchange = self.core.handle(conn.listener, req, lambda response: self._answer(stream_id, response))
+        req = new_request(self.state, pseudo[":method"],
+                          Target(hosts=tuple(v for k, v in plain if k == "host"), authority=pseudo.get(":authority"),
+                                 path=path.split("?", 1)[0]),
+                          path, plain, body)
+        exchange = self.core.handle(self.conn.listener, req, lambda response: self._answer(stream_id, response))
         if self.streams.get(stream_id) is stream and stream.out is None:
             stream.exchange = exchange  # still waiting for the origin
 
     def _refuse(self, stream_id: int, stream: _Stream, problem: Malformed) -> None:
-        conn = self.conn
+        state = self.state
         accept = next((v for k, v in stream.headers if k == "accept"), None)
         stream.receiving = False
         stream.body = None
         self._release(stream)  # what it sent is not needed any more
-        self._answer(stream_id, self.core.refuse_malformed(conn.listener, trace=conn.next_trace(), conn=conn.conn_id,
-                                                           sni=conn.sni, problem=problem, http2=True, accept=accept))
+        self._answer(stream_id, self.core.refuse_malformed(self.conn.listener, problem, trace=state.next_trace(),
+                                                           conn=state.conn_id, sni=state.sni, http2=True,
+                                                           accept=accept))
 
     def _answer(self, stream_id: int, response) -> None:
         stream = self.streams.get(stream_id)
@@ -322,9 +250,9 @@ class H2Protocol(asyncio.Protocol):
         stream.exchange = None
         status, out, payload = response
         head = [(b":status", str(status).encode())]
-        head += [(k.lower().encode("latin-1", "replace"), v.encode("latin-1", "replace")) for k, v in out
-                 if k.lower() not in _CONNECTION_SPECIFIC]
-        head.append((b"content-length", str(len(payload)).encode()))
+        head += [(k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+                 for k, v in response_fields(out, len(payload), http2=True)]
+        payload = sent_body(next((v for k, v in stream.headers if k == ":method"), ""), payload)
         try:
             self.h2.send_headers(stream_id, head, end_stream=not payload)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):

@@ -1,9 +1,9 @@
 """The `mitmproxy` engine: mitmproxy embedded in the running asyncio loop, one reverse-mode
 listener per edge listener, and four small addons, one concern each:
 
-  _Connections  which listener a client connected to (by the address it hit), its conn id
-                (the trace of its TLS events and first request), the connection caps and the
-                handshake timeout of `world.limits`; no new connections while stopping
+  _Connections  which listener a client connected to (by the address it hit), its
+                `contract.ConnState` (conn id, TLS events, handshake timeout), the connection
+                caps; no new connections while stopping
   _CertBySni    the certificate, by SNI, from the lab's CertStore (`tls_start_client`);
                 mitmproxy never mints one, and an SNI with no certificate fails the handshake
                 with alert 112 unrecognized_name, as on the native engine. The SNI is read
@@ -11,7 +11,7 @@ listener per edge listener, and four small addons, one concern each:
                 engine reads it, not from mitmproxy's filtered `client.sni`
   _Route        the `request` hook: `EdgeCore.handle` decides (policy.decide, same events) and
                 answers: a refusal page, or the origin's response fetched over plain HTTP;
-                requests the native engine's parsers refuse get its 400 bad-request
+                request heads are checked by the contract (`h1_head`, `h2_malformed`)
   _FlowFile     `flows=FILE`: every flow written in mitmproxy's own format (`mitmdump -nr FILE`)
 
 Why the origin leg goes through `EdgeCore` and not through mitmproxy's own upstream
@@ -21,7 +21,7 @@ page from inside its HTTP layer, and no hook can replace it; the lab must answer
 flows, hooks) and the request hook hands each request to the very code the native engine
 uses. mitmproxy itself never opens an upstream connection (`server_connect` refuses).
 
-Embedding, against mitmproxy's habits (DESIGN.md, feasibility notes):
+Embedding, against mitmproxy's habits (docs/design.md, "Architecture"):
 - no `Master.run()`: its error check calls `sys.exit`; `start()` brings the servers up
   itself and turns a bind failure into one OSError naming the listener and address;
 - only the addons needed are loaded: no TlsConfig (it would mint certificates and create a
@@ -31,8 +31,8 @@ Embedding, against mitmproxy's habits (DESIGN.md, feasibility notes):
   connection and waits for mitmproxy's tasks, so nothing is left behind;
 - every hook of these addons is wrapped: an exception fails that request with a 502 page
   naming the error and is logged (mitmproxy would only log it and carry on);
-- mitmproxy's `validate_inbound_headers` is off and its checks run per request instead
-  (`_malformed`): with it on, one HTTP/2 stream whose `host` disagrees with `:authority`
+- mitmproxy's `validate_inbound_headers` is off and the contract's checks run per request
+  instead (`_malformed`): with it on, one HTTP/2 stream whose `host` disagrees with `:authority`
   would kill the whole connection, where the policy refuses that stream alone (400).
 
 mitmproxy keeps its master in a module global (`mitmproxy.ctx`), so one MitmEdge runs per
@@ -46,10 +46,9 @@ import functools
 import inspect
 import logging
 import os
+import ssl
 import time
 import weakref
-from dataclasses import dataclass, field
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,15 +63,14 @@ from OpenSSL import SSL
 
 from lab.binding import bind_error
 from lab.edge import hello, pages
-from lab.edge.admission import ConnectionCaps, Refusals, descriptor_cap
-from lab.edge.certstore import ALPN, TLS12_CIPHERS, CertStore, refusal
-from lab.edge.core import EdgeCore, Request, absolute_authority
-from lab.edge.http2 import malformed as malformed_h2
-from lab.events import Events, new_trace
-from lab.hostnorm import HostError, normalize
+from lab.edge.certstore import ALPN, MIN_VERSION, TLS12_CIPHERS, refusal
+from lab.edge.contract import (ConnState, Engine, h1_head, h2_malformed, new_request, reason, response_fields,
+                               sent_body)
+from lab.edge.core import Malformed, Request, absolute_authority
+from lab.events import Events
 from lab.pki import LabCA
-from lab.policy import Decision, Target
-from lab.topology import Listener, World
+from lab.policy import Target, refused
+from lab.topology import Limits, Listener, World
 
 log = logging.getLogger("lab.edge.mitm")
 
@@ -81,6 +79,7 @@ log = logging.getLogger("lab.edge.mitm")
 UNROUTED = "reverse:http://unrouted.invalid:9"
 STOP_TIMEOUT = 2.0
 _ALPN = tuple(p.encode() for p in ALPN)  # server preference, as the native engine: h2, then http/1.1
+_VERSIONS = {ssl.TLSVersion.TLSv1_2: SSL.TLS1_2_VERSION, ssl.TLSVersion.TLSv1_3: SSL.TLS1_3_VERSION}
 _UNRECOGNIZED_NAME = 112
 _SSL_TLSEXT_ERR_ALERT_FATAL = 2
 _MITMPROXY_DIR = os.path.dirname(inspect.getfile(Master)) + os.sep  # .../site-packages/mitmproxy/
@@ -96,10 +95,11 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
 
 
 def _server_context() -> SSL.Context:
-    """The native engine's settings (certstore.server_context) for pyOpenSSL: TLS >= 1.2, AEAD
-    suites, and no resumption at all, which pyOpenSSL can switch off: no tickets, no cache."""
+    """certstore's settings (the native engine's `server_context`) for pyOpenSSL: its minimum
+    version and TLS 1.2 suites, and no resumption at all, which pyOpenSSL can switch off: no
+    tickets, no cache."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_min_proto_version(_VERSIONS[MIN_VERSION])
     ctx.set_cipher_list(TLS12_CIPHERS.encode())
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
@@ -201,32 +201,17 @@ class _TlsContexts:
 
 # ---- per-connection state ------------------------------------------------------------
 
-@dataclass
-class _Conn:
-    listener: str
-    client: str
-    id: str = field(default_factory=new_trace)
-    first_trace: str | None = None
-    sni: str | None = None  # as sent (hello.shown)
-    sni_raw: bytes | None = None
-    cert_names: tuple[str, ...] = ()
-    admitted: bool = False  # counted in the connection caps
-    failure: str | None = None  # why the handshake cannot succeed, when the edge knows
-    error_reported: bool = False
-    timer: asyncio.TimerHandle | None = None  # the handshake timeout
+class _Conn(ConnState):
+    """The contract's connection state, and what the mitmproxy engine learns besides."""
 
-    def __post_init__(self) -> None:
-        self.first_trace = self.id  # the first request reuses it: one story per trace
+    def __init__(self, events: Events, listener: str, peer) -> None:
+        super().__init__(events, listener, peer)
+        self.sni_raw: bytes | None = None
+        self.cert_names: tuple[str, ...] = ()
+        self.failure: str | None = None  # why the handshake cannot succeed, when the edge knows
 
-    def next_trace(self) -> str:
-        trace, self.first_trace = self.first_trace, None
-        return trace or new_trace()
-
-    def stop_timer(self) -> None:
-        # Drop the handle too: it holds the client, the weak key of this state.
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def tls_error(self, reason: str) -> None:
+        super().tls_error(self.failure or reason)  # a reason the edge knows (no certificate) wins
 
 
 def _guarded(hook):
@@ -262,16 +247,11 @@ class _Connections:
             client.error = "the edge is stopping"
             return
         st = self.edge._conn(client)
-        limits = self.edge.world.limits
-        why = self.edge.caps.admit(st.client, limits)
+        why = self.edge.admit(st)
         if why is not None:
             client.error = why  # mitmproxy closes it before reading a byte
-            self.edge.refusals.connection(client=st.client, listener=st.listener, conn=st.id, why=why)
             return
-        st.admitted = True
-        # As the native engine: a client that has not finished its handshake in time is dropped.
-        st.timer = asyncio.get_running_loop().call_later(limits.handshake_timeout, self.edge._handshake_timeout,
-                                                         client)
+        st.start_clock(self.edge.world.limits, functools.partial(self.edge._close_client, client.id))
 
     @_guarded
     def client_disconnected(self, client) -> None:
@@ -279,10 +259,8 @@ class _Connections:
         # task of this connection may still run after this one.
         st = self.edge._conns.get(client)
         if st is not None:
-            st.stop_timer()
-            if st.admitted:
-                st.admitted = False
-                self.edge.caps.release(st.client)
+            st.stop_clock()
+            self.edge.release(st)
 
 
 class _CertBySni:
@@ -300,11 +278,9 @@ class _CertBySni:
                                if kind == hello.SERVER_NAME), None)
         except hello.HelloError as e:
             st.failure = f"unrecognized_name: {e.reason}"
-        st.sni = hello.shown(st.sni_raw)
+        st.client_hello(st.sni_raw)
         if st.sni_raw is not None and not st.sni_raw.isascii():
             self.edge.refusals.non_ascii_sni(client=st.client, sni=st.sni)
-        self.edge.events.emit("tls.clienthello", trace=st.id, conn=st.id, listener=st.listener, sni=st.sni,
-                              client=st.client)
 
     @_guarded
     def tls_start_client(self, data) -> None:
@@ -328,17 +304,14 @@ class _CertBySni:
     def tls_established_client(self, data) -> None:
         client = data.conn
         st = self.edge._conn(client)
-        st.stop_timer()
-        alpn = client.alpn.decode() if client.alpn else "http/1.1"
-        self.edge.events.emit("tls.cert", trace=st.id, conn=st.id, listener=st.listener, sni=st.sni,
-                              names=list(st.cert_names), alpn=alpn, version=client.tls_version, resumed=False)
+        st.tls_cert(st.cert_names, client.alpn.decode() if client.alpn else "http/1.1", client.tls_version, False)
 
     @_guarded
     def tls_failed_client(self, data) -> None:
         # Failures inside OpenSSL were reported the moment they happened (_EdgeTLS); this is
         # for the others (the client gave up, mitmproxy closed the connection).
         client = data.conn
-        self.edge._tls_error(client, self.edge._conn(client), (client.error or "handshake failed")[:200])
+        self.edge._conn(client).tls_error((client.error or "handshake failed")[:200])
 
 
 class _Route:
@@ -353,24 +326,27 @@ class _Route:
         st = self.edge._conn(client)
         if not client.tls_established:
             # Plain HTTP on a TLS listener: the native engine's handshake fails on it too.
-            self.edge.events.emit("tls.error", trace=st.id, conn=st.id, listener=st.listener, sni=None,
-                                  error="the client did not start TLS")
+            st.tls_error("the client did not start TLS")
             flow.kill()
             return
-        req = _lab_request(flow, st, self.edge.core)
-        flow.metadata["sni-lab"] = {"trace": req.trace, "conn": st.id, "listener": st.listener}
-        problem = _malformed(flow)
-        _show_as_asked(flow, req)
+        core = self.edge.core
+        req = _lab_request(flow, st)
+        flow.metadata["sni-lab"] = {"trace": req.trace, "conn": st.conn_id, "listener": st.listener}
         listener = self.edge.world.listener_by_name[st.listener]
+        problem = _malformed(flow, self.edge.world.limits)
         if problem:
+            _show_as_asked(flow, None)
             flow.response = self._refuse_malformed(flow, req, listener, problem)
             return
-        flow.response = _mitm_response(flow, *await self.edge.core.handle_async(listener, req))
+        decision = core.decide(listener, req)
+        _show_as_asked(flow, decision.host)
+        flow.response = _mitm_response(flow, *await core.handle_async(listener, req, decision))
 
-    def _refuse_malformed(self, flow: http.HTTPFlow, req: Request, listener: Listener, problem: str) -> http.Response:
+    def _refuse_malformed(self, flow: http.HTTPFlow, req: Request, listener: Listener,
+                          problem: Malformed) -> http.Response:
         h2 = flow.request.is_http2
         accept = next((v for k, v in req.headers if k.lower() == "accept"), None)
-        refusal = self.edge.core.refuse_malformed(listener, trace=req.trace, conn=req.conn, sni=req.sni, problem=problem,
+        refusal = self.edge.core.refuse_malformed(listener, problem, trace=req.trace, conn=req.conn, sni=req.sni,
                                                   http2=h2, accept=accept)
         # HTTP/1: close after it, as the native engine does once its parser gave up on the stream.
         return _mitm_response(flow, *refusal, close=not h2)
@@ -427,7 +403,7 @@ class _FlowFile:
 
 # ---- requests and responses between mitmproxy and EdgeCore ---------------------------
 
-def _lab_request(flow: http.HTTPFlow, st: _Conn, core: EdgeCore) -> Request:
+def _lab_request(flow: http.HTTPFlow, st: _Conn) -> Request:
     r = flow.request
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields]
     path_qs = r.path
@@ -439,22 +415,16 @@ def _lab_request(flow: http.HTTPFlow, st: _Conn, core: EdgeCore) -> Request:
         absolute = absolute_authority(f"{r.scheme or 'http'}://{r.authority}/") if r.authority else None
     target = Target(hosts=tuple(v for k, v in headers if k.lower() == "host"), authority=authority,
                     absolute=absolute, path=path_qs.split("?", 1)[0])
-    req = Request(method=r.method, target=target, path_qs=path_qs, headers=headers, body=r.raw_content or b"",
-                  client=st.client, sni=st.sni, conn=st.id, trace="")
-    req.trace = core.trace_of(headers, st.next_trace())
-    return req
+    return new_request(st, r.method, target, path_qs, headers, r.raw_content or b"")
 
 
-def _malformed(flow: http.HTTPFlow) -> str | None:
-    """The checks mitmproxy's `validate_inbound_headers` would make, minus h2's Host rule.
+def _malformed(flow: http.HTTPFlow, limits: Limits) -> Malformed | None:
+    """The contract's request-head checks, then mitmproxy's anti-smuggling header validation.
 
-    That option is off: with it, the h2 library kills the whole connection (GOAWAY) over a
-    `host` header that disagrees with `:authority`, where the policy answers that one stream
-    400 host-mismatch. The same checks run here instead, per request: the native engine's
-    own HTTP/2 header check, and for HTTP/1 mitmproxy's anti-smuggling header validation plus
-    what the native engine's parser refuses besides (folded or control characters in a value,
-    an HTTP/1.1 request without Host). Framing errors (two Content-Lengths, a bad chunk) stay
-    mitmproxy's: its reader answers them with its own 400 before any hook.
+    mitmproxy's `validate_inbound_headers` is off: with it, the h2 library kills the whole
+    connection (GOAWAY) over a `host` header that disagrees with `:authority`, where the
+    policy answers that one stream 400 host-mismatch. Framing errors (two Content-Lengths, a
+    bad chunk) stay mitmproxy's: its reader answers them with its own 400 before any hook.
     """
     r = flow.request
     if r.is_http2:
@@ -463,31 +433,27 @@ def _malformed(flow: http.HTTPFlow) -> str | None:
         pseudo = [(":method", r.method), (":scheme", "https")]
         pseudo += [(":authority", r.authority)] if r.authority else []
         pseudo += [(":path", r.path)]
-        return malformed_h2(pseudo + [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields])
+        return h2_malformed(pseudo + [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields],
+                            limits)
+    fields = r.headers.fields
+    upgrade = "upgrade" in r.headers and "upgrade" in r.headers.get("connection", "").lower()
+    head = h1_head(r.data.method, r.http_version.removeprefix("HTTP/"), fields, limits, upgrade)
+    if head.problem is not None:
+        return head.problem
     try:
         validate_headers(r)
     except ValueError as e:
-        return str(e)
-    for name, value in r.headers.fields:
-        if any(c in value for c in b"\r\n\0"):  # obs-fold, which mitmproxy's reader lets through
-            return f"bad value in header {name.decode('latin-1')}"
-    if r.http_version == "HTTP/1.1" and "host" not in r.headers:
-        return "Missing 'Host' header in request."
+        return Malformed(str(e))
     return None
 
 
-def _show_as_asked(flow: http.HTTPFlow, req: Request) -> None:
+def _show_as_asked(flow: http.HTTPFlow, host: str | None) -> None:
     """Flows show the URL the client asked for (https://host:port/...), not the unrouted target.
 
-    Only the flow's record changes: the request the edge decided on is `req`, and mitmproxy
-    opens no connection for it (the request hook answers every flow).
+    `host` is the one the decision was about. Only the flow's record changes: the request the
+    edge decided on is its own, and mitmproxy opens no connection for it (the request hook
+    answers every flow).
     """
-    t = req.target
-    raw = t.authority or (t.hosts[0] if t.hosts else None) or t.absolute or req.sni
-    try:
-        host = normalize(raw) if raw else None
-    except HostError:
-        host = None
     sockname = flow.client_conn.sockname or ("", 0)
     flow.request.scheme = "https"
     flow.request.data.host = host or sockname[0]
@@ -496,31 +462,29 @@ def _show_as_asked(flow: http.HTTPFlow, req: Request) -> None:
 
 def _mitm_response(flow: http.HTTPFlow, status: int, headers: list[tuple[str, str]], body: bytes,
                    close: bool = False) -> http.Response:
-    """(status, headers, body) as the native engine would send them: the edge's own framing."""
+    """(status, headers, body) framed as the contract frames every answer."""
     h2 = flow.request.is_http2 or flow.request.is_http3
-    fields = [((k.lower() if h2 else k).encode("latin-1", "replace"), v.encode("latin-1", "replace"))
-              for k, v in headers if k.lower() != "content-length"]
-    fields.append((b"content-length" if h2 else b"Content-Length", str(len(body)).encode()))
-    if close and not h2:
-        fields.append((b"Connection", b"close"))
-    reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Unknown"
+    fields = [(k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+              for k, v in response_fields(headers, len(body), http2=h2, close=close)]
     now = time.time()
-    return http.Response(b"HTTP/2.0" if h2 else b"HTTP/1.1", status, reason.encode(), http.Headers(fields), body,
-                         None, now, now)
+    return http.Response(b"HTTP/2.0" if h2 else b"HTTP/1.1", status, reason(status).encode(), http.Headers(fields),
+                         sent_body(flow.request.method, body), None, now, now)
 
 
 # ---- the engine ----------------------------------------------------------------------
 
-class MitmEdge:
+def _body_size_limit(limits: Limits) -> str:
+    # mitmproxy's reader holds a request to it (answering 413 itself): the contract's body limit.
+    return str(limits.max_body)
+
+
+class MitmEdge(Engine):
     engine = "mitmproxy"
     _active: "MitmEdge | None" = None  # mitmproxy.ctx is a module global: one engine per process
 
     def __init__(self, world: World, events: Events, ca: LabCA, flows: str | Path | None = None) -> None:
-        self.events = events
-        self.certs = CertStore(ca)
-        self.certs.load(world)
+        super().__init__(world, events, ca)
         self._tls = _TlsContexts(ca)
-        self.core = EdgeCore(world, events)
         self.flows = Path(flows).expanduser() if flows else None
         self.master: Master | None = None
         self._proxyserver: proxyserver.Proxyserver | None = None
@@ -530,19 +494,11 @@ class MitmEdge:
         self._by_spec: dict[str, str] = {}  # mitmproxy mode spec -> listener name
         self._stopping = False
         self._log_level: int | None = None
-        self.caps = ConnectionCaps()
-        self.refusals = Refusals(events)
-
-    @property
-    def world(self) -> World:
-        return self.core.world
 
     def set_world(self, world: World) -> None:
-        """Switch model or hostnames at run time; certificates follow what the world allows."""
-        self.certs.load(world)
+        super().set_world(world)
         self._tls.keep(self.certs.names())
-        self.core.world = world
-        limit = str(world.limits.max_body)
+        limit = _body_size_limit(world.limits)
         if self.master is not None and self.master.options.body_size_limit != limit:
             self.master.options.update(body_size_limit=limit)
 
@@ -555,8 +511,7 @@ class MitmEdge:
             raise RuntimeError("a mitmproxy edge is already running in this process "
                                "(mitmproxy keeps its state in module globals: one engine per process)")
         MitmEdge._active = self
-        self.caps = ConnectionCaps(descriptor_cap(self.world.limits.descriptor_reserve))
-        await self.core.start()
+        await self._start_core()
         try:
             return await self._start()
         except BaseException:
@@ -584,7 +539,7 @@ class MitmEdge:
             # keep_host_header: in reverse mode mitmproxy rewrites Host to the target before any
             # hook, and the policy must see the client's. validate_inbound_headers: see _malformed.
             master.options.update(mode=list(specs), connection_strategy="lazy", keep_host_header=True,
-                                  body_size_limit=str(self.world.limits.max_body), http2=True,
+                                  body_size_limit=_body_size_limit(self.world.limits), http2=True,
                                   validate_inbound_headers=False)
         except OptionsError as e:
             raise ValueError(f"mitmproxy engine: {e}") from None
@@ -631,7 +586,7 @@ class MitmEdge:
                 self._flowfile.done()
             self.master = self._proxyserver = self._flowfile = None
             for st in list(self._conns.values()):
-                st.stop_timer()
+                st.stop_clock()
             self._conns.clear()
             self._bound.clear()
             self._by_spec.clear()
@@ -676,8 +631,7 @@ class MitmEdge:
     def _conn(self, client) -> _Conn:
         st = self._conns.get(client)
         if st is None:
-            st = self._conns[client] = _Conn(listener=self._listener_of(client),
-                                               client=(client.peername or ("", 0))[0])
+            st = self._conns[client] = _Conn(self.events, self._listener_of(client), client.peername)
         return st
 
     def _listener_of(self, client) -> str:
@@ -693,27 +647,8 @@ class MitmEdge:
 
     def _tls_failed_now(self, client, st: _Conn, reason: str) -> None:
         """The handshake failed inside OpenSSL: the alert is being flushed; close right after."""
-        self._tls_error(client, st, reason)
+        st.tls_error(reason)
         asyncio.get_running_loop().call_soon(self._close_client, client.id)
-
-    def _handshake_timeout(self, client) -> None:
-        st = self._conns.get(client)
-        if st is None:
-            return
-        st.timer = None
-        if client.tls_established:
-            return
-        self._tls_error(client, st, "handshake timeout")
-        self._close_client(client.id)
-
-    def _tls_error(self, client, st: _Conn, reason: str) -> None:
-        """One `tls.error` per connection; a reason the edge knows (no certificate) wins."""
-        st.stop_timer()
-        if st.error_reported:
-            return
-        st.error_reported = True
-        self.events.emit("tls.error", trace=st.id, conn=st.id, listener=st.listener, sni=st.sni,
-                         error=st.failure or reason)
 
     def _close_client(self, client_id: str) -> None:
         ps = self._proxyserver
@@ -729,8 +664,8 @@ class MitmEdge:
         log.error("mitmproxy engine: the %s hook failed: %s", hook, what, exc_info=e)
         if isinstance(data, http.HTTPFlow):
             model = self.world.model
-            decision = Decision(model=model, rule="edge-error", status=502, code="edge-error",
-                                reason=f"{model}: the mitmproxy engine failed in its {hook} hook: {what}")
+            decision = refused(model, 502, "edge-error", f"{model}: the mitmproxy engine failed in its {hook} hook: "
+                                                         f"{what}")
             accept = data.request.headers.get("accept") if data.request else None
             data.response = _mitm_response(data, *pages.refusal(decision, accept))
             return
@@ -743,7 +678,7 @@ class MitmEdge:
             st = self._conn(client)
             st.failure = st.failure or f"edge error in {hook}: {what}"
             if hook.startswith("tls_"):
-                self._tls_error(client, st, st.failure)
+                st.tls_error(st.failure)
 
 
 def _bind_error(listener: Listener, port: int, exc: BaseException | None) -> OSError:

@@ -9,7 +9,7 @@ import json
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from lab.policy import Decision
+from lab.policy import Decision, refused
 
 if TYPE_CHECKING:
     from lab.edge.upstream import Failure
@@ -51,7 +51,7 @@ def refusal(decision: Decision, accept: str | None = None) -> tuple[int, list[tu
 def upstream_failure(decision: Decision, failure: "Failure",
                      accept: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
     """The decision routed, but the origin gave no answer: 502, 503 or 504, saying which and why."""
-    failed = Decision(model=decision.model, rule=decision.rule, status=failure.status, code=failure.code,
-                      reason=f"origin {decision.origin} failed: {failure.reason}", host=decision.host)
+    failed = refused(decision.model, failure.status, failure.code, f"origin {decision.origin} failed: {failure.reason}",
+                     decision.host, decision.rule)
     status, headers, body = refusal(failed, accept)
     return status, headers[:-1] + [("X-Lab-Decision", decision.header())], body

@@ -6,7 +6,7 @@ bytes that are no ClientHello are answered here, with the alert written by the e
 (`unrecognized_name` (112) for a bad SNI) and no TLS work at all. Alerts OpenSSL queues
 later are sent too: the outgoing BIO is always flushed before TCP is closed (asyncio's own
 SSL transport would drop them). After the handshake the connection is a plain asyncio
-transport for the HTTP protocol chosen by ALPN (aiohttp for http/1.1, h2 for h2).
+transport for the HTTP protocol chosen by ALPN (`http1` or `http2`).
 
 Resumption. Tickets are off in every version (`certstore.server_context`). The stdlib has
 no switch for OpenSSL's TLS 1.2 session-ID cache, and that cache lives in the context a
@@ -24,9 +24,10 @@ from typing import Any, Callable
 from lab.edge import hello
 from lab.edge.admission import Refusals
 from lab.edge.certstore import Cert, refusal, server_context
-from lab.events import Events, new_trace
+from lab.edge.contract import ConnState
+from lab.events import Events
 from lab.hostnorm import HostError, sni_name
-from lab.topology import Listener
+from lab.topology import Limits, Listener
 
 READ_CHUNK = 256 * 1024
 
@@ -73,21 +74,23 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
     """Protocol towards the socket, Transport towards the HTTP protocol above it.
 
     Handed what it needs: the certificate lookup, the session contexts, the events and
-    how to tell of refusals, the handshake timeout, and two callbacks of its engine:
-    `admit` (may this client connect at all) and `on_close` (it is gone).
+    how to tell of refusals, the world's limits, and two callbacks of its engine:
+    `admit` (may this client connect at all) and `on_close` (it is gone). What the
+    events tell of it (its trace, SNI, handshake timeout) is its `state`, as on the
+    mitmproxy engine.
     """
 
     def __init__(self, listener: Listener, *, lookup: Callable[[bytes | None], Cert | None],
-                 contexts: SessionContexts, events: Events, refusals: Refusals, handshake_timeout: float,
+                 contexts: SessionContexts, events: Events, refusals: Refusals, limits: Limits,
                  app_factory: Callable[["TLSConnection", str], asyncio.Protocol],
                  admit: Callable[["TLSConnection"], bool], on_close: Callable[["TLSConnection"], None]) -> None:
         asyncio.Transport.__init__(self)
         self.listener = listener
+        self.state = ConnState(events, listener.name)
         self.lookup = lookup
         self.contexts = contexts
-        self.events = events
         self.refusals = refusals
-        self.handshake_timeout = handshake_timeout
+        self.limits = limits
         self.app_factory = app_factory
         self.admit = admit
         self.on_close = on_close
@@ -97,30 +100,18 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         self.hello = bytearray()  # the ClientHello so far
         self.app: asyncio.Protocol | None = None
         self.transport: asyncio.Transport | None = None
-        self.sni: str | None = None  # as sent (hello.shown)
         self.cert: Cert | None = None
-        self.conn_id = new_trace()
-        self.first_trace: str | None = self.conn_id  # the first request reuses it: one story per trace
-        self.peer: tuple = ("", 0)
-        self.admitted = False
         self.closing = False
-        self._timeout: asyncio.TimerHandle | None = None
 
     # ---- towards the socket -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.peer = transport.get_extra_info("peername") or ("", 0)
-        self.admitted = self.admit(self)
-        if not self.admitted:
+        self.state.peer = transport.get_extra_info("peername") or ("", 0)
+        if not self.admit(self):
             self.closing = True
             transport.close()
             return
-        self._timeout = asyncio.get_running_loop().call_later(self.handshake_timeout, self._handshake_timeout)
-
-    def _handshake_timeout(self) -> None:
-        if self.app is None:
-            self._tls_error("handshake timeout")
-            self.abort()
+        self.state.start_clock(self.limits, self.abort)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -152,13 +143,12 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
 
     def _start_tls(self, sni: bytes | None) -> bool:
         """The certificate for this ClientHello's SNI, and OpenSSL from here on; False if none."""
-        self.sni = hello.shown(sni)
-        self.events.emit("tls.clienthello", trace=self.conn_id, conn=self.conn_id, listener=self.listener.name,
-                         sni=self.sni, client=self.peer[0])
+        state = self.state
+        state.client_hello(sni)
         self.cert = self.lookup(sni)
         if self.cert is None:
             if sni is not None and not sni.isascii():
-                self.refusals.non_ascii_sni(client=self.peer[0], sni=self.sni)
+                self.refusals.non_ascii_sni(client=state.client, sni=state.sni)
             self._refuse(refusal(sni), hello.UNRECOGNIZED_NAME)
             return False
         self.sslobj = self.contexts.get(self.listener.name, self.cert.name).wrap_bio(
@@ -173,26 +163,14 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         self._handshake_failed(reason)
 
     def _handshake_failed(self, reason: str) -> None:
-        self._tls_error(reason)
+        self.state.tls_error(reason)
         self.closing = True
         if self.transport:
             self.transport.close()
 
-    def _tls_error(self, reason: str) -> None:
-        if self._timeout:
-            self._timeout.cancel()
-            self._timeout = None
-        self.events.emit("tls.error", trace=self.conn_id, conn=self.conn_id, listener=self.listener.name,
-                         sni=self.sni, error=reason)
-
     def _handshake_done(self) -> None:
-        if self._timeout:
-            self._timeout.cancel()
-            self._timeout = None
         alpn = self.sslobj.selected_alpn_protocol() or "http/1.1"
-        self.events.emit("tls.cert", trace=self.conn_id, conn=self.conn_id, listener=self.listener.name,
-                         sni=self.sni, names=list(self.cert.names), alpn=alpn, version=self.sslobj.version(),
-                         resumed=self.sslobj.session_reused)
+        self.state.tls_cert(self.cert.names, alpn, self.sslobj.version(), self.sslobj.session_reused)
         self.app = self.app_factory(self, alpn)
         self.app.connection_made(self)
 
@@ -226,9 +204,7 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timeout:
-            self._timeout.cancel()
-            self._timeout = None
+        self.state.stop_clock()
         self.closing = True
         self.on_close(self)
         if self.app is not None:
@@ -309,8 +285,4 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         if name == "socket":
             return None  # the app must not touch the raw socket under TLS
         return self.transport.get_extra_info(name, default) if self.transport else default
-
-    def next_trace(self) -> str:
-        trace, self.first_trace = self.first_trace, None
-        return trace or new_trace()
 
