@@ -222,3 +222,23 @@ def test_every_model_differs_from_every_other_on_some_scenario():
     same = [(a, b) for a, b in itertools.combinations(MODELS, 2)
             if all(sc.expect[a] == sc.expect[b] for sc in catalog)]
     assert not same, f"models with identical expectations on all {len(catalog)} scenarios: {same}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_new_zone_on_v1_is_refused_only_by_the_v1_allowlist_control(world, model):
+    from lab.policy import admit_zone
+    from lab.topology import Zone
+
+    new = Zone("saas3.example", "saas2", ("saas3.example",), saas=True, v1_listener="spare-v1", added=True)
+    d = admit_zone(world.with_model(model), new)
+    if models.get(model).v1_allowlist:
+        assert (d.status, d.code) == (403, "v1-closed") and "no new zone goes on v1" in d.reason
+    else:
+        assert d is None
+    assert admit_zone(world.with_model(model), dataclasses.replace(new, v1_listener=None)) is None
+    # once added (where allowed), the listener is the zone's, though the engine bound it before
+    w = world.with_model(model).with_zones((new,))
+    bound = world.listener_by_name["spare-v1"]
+    assert bound.zone is None and w.listener_by_name["spare-v1"].zone == "saas3.example"
+    d = decide(bound, "www.victim.example", Target(("www.victim.example",)), w, model)
+    assert d.origin == ("saas2" if model == "v1" else "victim")
