@@ -290,6 +290,8 @@ def _print(args, data, human) -> int:
 def _hostname_line(h: dict) -> None:
     print(f"{h['name']:<28} {h['status']:<8} {h['zone']:<16} {h['id']}")
     print(f"{'':<28} {h['reason']}")
+    if h.get("poisoned_by"):
+        print(f"{'':<28} the lab knows (the provider did not): its proof came from poisoned answers ({h['poisoned_by']})")
     if h.get("last_error"):
         retry = time.strftime("%H:%M:%S", time.localtime(h["next_check"])) if h.get("next_check") else "soon"
         print(f"{'':<28} last check failed ({h['failures']} in a row, not evidence; next at {retry}): {h['last_error']}")
