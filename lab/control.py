@@ -40,6 +40,7 @@ from lab.hostnorm import HostError, normalize
 from lab.openapi import spec
 from lab.serverlog import server_logger
 from lab.state import State, StateError
+from lab.strips import INTERNAL
 from lab.topology import MODELS, VALIDATION_MODES, World, WorldError, Zone
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ class Control:
         """(reply, None) for a real answer (NOERROR or NXDOMAIN), else (None, why not). The
         resolver's event of the lookup says whether an override answered it (into `poisoned`)."""
         dns = self.lab.world.resolver
-        trace = "verify-" + secrets.token_hex(6)
+        trace = f"{INTERNAL}verify-{secrets.token_hex(6)}"  # the live page hides the lab's own traffic
         try:
             # Over real DNS, as any client (a poisoned resolver misleads the verifier too), marked as
             # the lab's own so its lookups do not flood what the user watches.

@@ -98,7 +98,7 @@ def _grid(text: str) -> dict[str, dict[str, str]]:
 
 
 def _cell(r: CaseResult) -> str:
-    return r.verdict + ("" if r.passed else " ✗")
+    return r.verdict + (" ⊘" if r.controls_off else "") + ("" if r.passed else " ✗")
 
 
 # ---- results: what the run recorded --------------------------------------------------------
@@ -123,7 +123,8 @@ def test_summary_names_the_failed_case_and_the_v1_misroutes(run):
     host, v1 = (sum(r.verdict == "MISROUTED" for r in run if r.model == m) for m in ("host", "v1"))
     assert host and v1  # the unverified baseline and the write-up's model both misroute somewhere
     assert summary_line(s) == (f"{len(run)} cases, {len(run) - 1} passed, 1 failed; "
-                               f"MISROUTED: {host} under host, {v1} under v1, 0 under protected models")
+                               f"MISROUTED: {host} under host, {v1} under v1, 0 under protected models; "
+                               f"{len(MODELS)} cases with a control off")
 
 
 def test_a_saved_run_loads_back_and_renders_the_same(run, two_engines):
@@ -247,7 +248,8 @@ def test_markdown_has_a_row_per_scenario_with_its_verdicts(run):
     for r in run:
         cells = rows[r.scenario]
         assert len(cells) == len(MODELS) + 1  # a cell per model, then the title
-        assert cells[MODELS.index(r.model)] == (r.verdict if r.passed else f"❌ {r.verdict}"), r.id
+        text = r.verdict + (" ⊘" if r.controls_off else "")
+        assert cells[MODELS.index(r.model)] == (text if r.passed else f"❌ {text}"), r.id
     assert rows[ODD][-1] == r"Wrong \<on\> purpose & \| piped\\x1b\[2J second line"
 
 
