@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-py313 sysdeps bench clean
+.PHONY: demo test test-py313 compose-test sysdeps bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "sni-lab needs Python >= 3.11")'
@@ -36,6 +36,10 @@ test: $(VENV)/.installed-test $(VENV)/.sysdeps
 
 test-py313:
 	sh scripts/py313.sh
+
+# docker-compose.yml brought up for real (root; installs Docker from Debian, see the script).
+compose-test: $(VENV)/.installed
+	PYTHON=$(BIN)/python sh scripts/compose-test.sh
 
 bench: $(VENV)/.installed-test $(VENV)/.sysdeps
 	$(BIN)/python -m bench

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from lab import __version__
+from lab.compose import ROLES as COMPOSE_ROLES
 from lab.remote import RemoteError
 from lab.schema import EVENTS_MAX
 from lab.topology import MODELS, VALIDATION_MODES, WorldError
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     origins = sub.add_parser("origins", help="run only the world's origins (the rest runs elsewhere)",
                              description="Run only the origins of the world, e.g. in their own process or container.")
     _add_common(origins)
+
+    compose = sub.add_parser("compose", help="print docker-compose.yml for this world; --role: run one of its services",
+                             description="Print the Compose file of the world (sni-lab compose > docker-compose.yml); "
+                                         "inside the stack's containers, --role runs one service.")
+    compose.add_argument("--role", choices=COMPOSE_ROLES,
+                         help="run this service of the stack (inside its container)")
+    compose.add_argument("name", nargs="?", metavar="ORIGIN", help="with --role origin: which origin")
+    compose.add_argument("--config", metavar="PATH", help="world file (default: the packaged lab.toml)")
 
     dig = sub.add_parser("dig", help="ask the running lab resolver", description="Ask the lab resolver NAME [TYPE].")
     dig.add_argument("name")
@@ -273,6 +282,19 @@ def cmd_origins(args) -> int:
     return origins(args)
 
 
+def cmd_compose(args) -> int:
+    if args.role is None:
+        from lab.compose import render
+
+        if args.name:
+            raise UserError("compose: ORIGIN goes with --role origin")
+        sys.stdout.write(render(load(args.config), args.config))
+        return 0
+    from lab.stack import serve
+
+    return serve(args)
+
+
 def cmd_dig(args) -> int:
     from lab.dns import dig_command
 
@@ -465,7 +487,7 @@ def cmd_browser(args) -> int:
     return browser_command(args)
 
 
-COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up, "origins": cmd_origins, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
+COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up, "origins": cmd_origins, "compose": cmd_compose, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
             "model": cmd_model, "validation": cmd_validation, "zones": cmd_zones, "events": cmd_events, "reset": cmd_reset, "browser": cmd_browser}
 
 

@@ -172,6 +172,18 @@ LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}
 
 
 @dataclass(frozen=True)
+class Compose:
+    """The docker-compose stack (the world file's `[compose]`, read by `lab.compose`).
+
+    Every actor keeps its number: 127.0.0.N is host N of `subnet` on the stack's bridge,
+    so the addresses of the stories stay recognisable. A private /24 that is unlikely to be
+    a real network; never 192.0.2.0/24, which is the host's own network on some machines."""
+    subnet: str = "10.213.37.0/24"
+    edge_port: int = 443   # where a real edge listens
+    dns_port: int = 53     # where a system resolver is asked
+
+
+@dataclass(frozen=True)
 class World:
     model: str
     tlds: tuple[str, ...]
@@ -192,6 +204,7 @@ class World:
     # name below it) is registered `blocked` and never verified.
     blocked_hostnames: tuple[str, ...] = ()
     limits: Limits = Limits()
+    compose: Compose = Compose()
 
     # Indexes, built once per snapshot: decide() runs on every request.
     @cached_property
@@ -373,7 +386,9 @@ class _Parser:
         world = World(model=model, tlds=tlds, listeners=listeners, origins=origins, zones=tuple(zones),
                       custom_hostnames=tuple(hostnames), records=records, dns_zones=dns_zones,
                       resolver=resolver, control=control, source=self.source, ttl=ttl,
-                      challenge_port=challenge_port, vantages=vantages, blocked_hostnames=blocked, limits=self.limits(self.get(data, "limits", "", dict, {})))
+                      challenge_port=challenge_port, vantages=vantages, blocked_hostnames=blocked,
+                      limits=self.limits(self.get(data, "limits", "", dict, {})),
+                      compose=self.compose(self.get(data, "compose", "", dict, {})))
         self.check_references(world)
         return world
 
@@ -412,6 +427,25 @@ class _Parser:
                 raise self.fail(f"limits.{key}", f"must be positive and finite, got {value!r}")
             values[key] = float(value) if field.type == "float" else value
         return Limits(**values)
+
+    def compose(self, t: dict) -> Compose:
+        known = [f.name for f in dataclasses.fields(Compose)]
+        unknown = set(t) - set(known)
+        if unknown:
+            raise self.fail(f"compose.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(known)})")
+        subnet = self.get(t, "subnet", "compose", str, Compose.subnet)
+        try:
+            net = ipaddress.ip_network(subnet)
+        except ValueError as e:
+            raise self.fail("compose.subnet", f"not a network: {e}") from None
+        if net.version != 4 or not net.is_private or net.prefixlen > 24 or net.overlaps(ipaddress.ip_network("127.0.0.0/8")):
+            raise self.fail("compose.subnet", f"{subnet}: expected a private IPv4 network of at least /24, not loopback")
+        ports = {}
+        for key in ("edge_port", "dns_port"):
+            ports[key] = self.get(t, key, "compose", int, getattr(Compose, key))
+            if not 0 < ports[key] <= 65535:
+                raise self.fail(f"compose.{key}", f"out of range: {ports[key]}")
+        return Compose(str(net), **ports)
 
     def check_unique(self, keys: list, labels: list[str], what: str = "address") -> None:
         seen: dict = {}

@@ -16,7 +16,7 @@ import pytest
 import lab
 
 ROOT = Path(lab.__file__).parent
-PURE = ("lab.policy", "lab.models", "lab.waf", "lab.hostnames", "lab.oracle", "lab.hostnorm", "lab.topology",
+PURE = ("lab.compose", "lab.policy", "lab.models", "lab.waf", "lab.hostnames", "lab.oracle", "lab.hostnorm", "lab.topology",
         "lab.resolver", "lab.strips", "lab.results", "lab.edge.hello")  # resolver: the DNS answer; strips: the live page's fold
 # Top-level modules that do I/O, read a clock or a random source, or carry bytes.
 FORBIDDEN = {"asyncio", "socket", "ssl", "select", "selectors", "subprocess", "sqlite3", "os", "shutil",

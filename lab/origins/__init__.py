@@ -81,10 +81,13 @@ class Origins:
     """Runs every origin of the world on its own address; the collector over https with a
     certificate from `ca` (issued into the lab's certs dir)."""
 
-    def __init__(self, world: World, events: Events | None = None, *, ca: LabCA) -> None:
+    def __init__(self, world: World, events: Events | None = None, *, ca: LabCA,
+                 only: tuple[str, ...] | None = None) -> None:
+        """`only`: serve just these origins of the world (one container each, in the compose stack)."""
         self.world = world
         self.events = events
         self.ca = ca
+        self.only = only
         self._runners: list[web.AppRunner] = []
         self._apps: list[web.Application] = []
 
@@ -95,7 +98,8 @@ class Origins:
         bound: dict[str, tuple[str, int]] = {}
         world = self.world
         # Collectors first: the payload page needs the collector's bound port (port 0).
-        for origin in sorted(world.origins, key=lambda o: o.kind != "collector"):
+        chosen = [o for o in world.origins if self.only is None or o.name in self.only]
+        for origin in sorted(chosen, key=lambda o: o.kind != "collector"):
             origin = world.origin_by_name[origin.name]  # with the ports bound so far
             app = build_app(origin, world, self.events, self.ca)
             try:
