@@ -12,7 +12,7 @@ from lab import __version__
 from lab.compose import ROLES as COMPOSE_ROLES
 from lab.remote import RemoteError
 from lab.schema import EVENTS_MAX
-from lab.topology import MODELS, WorldError
+from lab.topology import MODELS, VALIDATION_MODES, WorldError
 from lab.world import load
 
 
@@ -176,6 +176,26 @@ def _control_parsers(sub) -> None:
     model = _state_opts(sub.add_parser("model", help="show or switch the running edge's model"))
     model.add_argument("name", nargs="?", choices=MODELS)
 
+    validation = _state_opts(sub.add_parser(
+        "validation", help="show or switch how custom hostnames are validated",
+        description="multi (the default): from several vantage points that must agree, and DNS proof only for a "
+                    "name already on the edge. single: one lookup from the control plane's own address, which a "
+                    "targeted DNS poisoning fools (the lesson of validator-poisoned)."))
+    validation.add_argument("mode", nargs="?", choices=VALIDATION_MODES)
+
+    zones = sub.add_parser("zones", help="zones on the edge; add or remove zones at run time (via the control plane)")
+    zs = zones.add_subparsers(dest="action", metavar="ACTION")
+    zadd = _state_opts(zs.add_parser("add", help="put zone NAME on the edge"))
+    zadd.add_argument("name")
+    zadd.add_argument("--origin", required=True, help="the origin it routes to (a world origin, by name)")
+    zadd.add_argument("--saas", action="store_true", help="a SaaS zone (custom hostnames, a v1 address)")
+    zadd.add_argument("--v1-listener", metavar="LISTENER", help="its dedicated v1 address (refused under v1-waf)")
+    zadd.add_argument("--host", dest="hosts", action="append", metavar="HOST",
+                      help="a name the edge serves for it (repeat; default: NAME)")
+    zadd.add_argument("--cname-target", metavar="NAME", help="where its custom hostnames point (SaaS zones)")
+    _state_opts(zs.add_parser("list", help="every zone: from the world file, and added at run time"))
+    _state_opts(zs.add_parser("rm", help="remove a zone added at run time")).add_argument("name")
+
     events = _state_opts(sub.add_parser("events", help="the lab's events (DNS, TLS, decisions, origins, hostnames)",
                                         description="The newest events, oldest first (the last line is the latest)."))
     events.add_argument("--follow", "-f", action="store_true", help="then keep printing new events")
@@ -310,6 +330,8 @@ def _print(args, data, human) -> int:
 def _hostname_line(h: dict) -> None:
     print(f"{h['name']:<28} {h['status']:<8} {h['zone']:<16} {h['id']}")
     print(f"{'':<28} {h['reason']}")
+    if h.get("poisoned_by"):
+        print(f"{'':<28} the lab knows (the provider did not): its proof came from poisoned answers ({h['poisoned_by']})")
     if h.get("last_error"):
         retry = time.strftime("%H:%M:%S", time.localtime(h["next_check"])) if h.get("next_check") else "soon"
         print(f"{'':<28} last check failed ({h['failures']} in a row, not evidence; next at {retry}): {h['last_error']}")
@@ -376,6 +398,41 @@ def cmd_model(args) -> int:
     api = Api(args.state)
     data = api.call("PUT", "/model", {"model": args.name}) if args.name else api.call("GET", "/model")
     return _print(args, data, lambda d: print(d["model"]))
+
+
+def cmd_validation(args) -> int:
+    from lab.remote import Api
+
+    api = Api(args.state)
+    data = api.call("PUT", "/validation", {"mode": args.mode}) if args.mode else api.call("GET", "/validation")
+    return _print(args, data, lambda d: print(f"{d['mode']}: from {', '.join(d['vantages'])}"
+                                              + ("" if d["http_through_edge"] else "; DNS proof only for names on the edge")))
+
+
+def _zone_line(z: dict) -> None:
+    kind = "saas" if z["saas"] else "zone"
+    v1 = f" v1 {z['v1_listener']}" + (" (allowlisted)" if z["v1_allowlisted"] else "") if z["v1_listener"] else ""
+    print(f"{z['name']:<24} {kind:<5} -> {z['origin']:<10}{v1}{'  [added]' if z['added'] else ''}")
+    print(f"{'':<24} hosts: {', '.join(z['hosts'])}" + (f"; custom hostnames CNAME {z['cname_target']}"
+                                                       if z["cname_target"] else ""))
+
+
+def cmd_zones(args) -> int:
+    from urllib.parse import quote
+
+    from lab.remote import Api
+
+    if args.action is None:
+        raise UserError("zones: choose an action: add, list, rm")
+    api = Api(args.state)
+    if args.action == "add":
+        body = {"name": args.name, "origin": args.origin, "saas": args.saas}
+        body.update({k: v for k, v in (("v1_listener", args.v1_listener), ("hosts", args.hosts),
+                                       ("cname_target", args.cname_target)) if v})
+        return _print(args, api.call("POST", "/zones", body), _zone_line)
+    if args.action == "list":
+        return _print(args, api.call("GET", "/zones"), lambda zs: [_zone_line(z) for z in zs])
+    return _print(args, api.call("DELETE", f"/zones/{quote(args.name, safe='')}"), _zone_line)
 
 
 EVENTS_SHOWN = 50  # `sni-lab events` without --limit: a screenful or two
@@ -462,8 +519,8 @@ def cmd_browser(args) -> int:
 
 COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up,
             "origins": cmd_origins, "compose": cmd_compose, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
-            "model": cmd_model, "events": cmd_events, "reset": cmd_reset, "browser": cmd_browser,
-            "workshop": cmd_workshop, "waf": cmd_workshop, "demo": cmd_demo}
+            "model": cmd_model, "validation": cmd_validation, "zones": cmd_zones, "events": cmd_events,
+            "reset": cmd_reset, "browser": cmd_browser, "workshop": cmd_workshop, "waf": cmd_workshop, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

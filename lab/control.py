@@ -1,7 +1,12 @@
-"""The control plane: custom hostnames with real verification, DNS admin, model, events.
+"""The control plane: custom hostnames with real verification, DNS admin, zones, model,
+validation, events.
 
 A thin aiohttp adapter around the pure `hostnames` state machine: the verifier asks the
-lab resolver and fetches HTTP tokens for real, then `hostnames.verify` decides. Every
+lab resolver and fetches HTTP tokens for real, then `hostnames.verify` decides. How it
+asks is the validation mode: `single`, one lookup from the control plane's own address
+(what a targeted poisoning fools), or `multi` (the default), every lookup from each of the
+world's vantage points (distinct source addresses) that must agree, and for a name already
+on the edge DNS proof only, never an HTTP token fetched through the edge itself. Every
 change is saved in `State` first, then applied to the running lab (edge certificates,
 routing, resolver), then told as an event: a change the disk refuses (full, read-only)
 is a 503 that leaves the running lab as it was. A hostname's status and its
@@ -27,7 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from lab import hostnames as hn
-from lab import live, schema
+from lab import live, policy, schema
 from lab.binding import bind_error
 from lab.dns import query
 from lab.events import Events
@@ -35,7 +40,8 @@ from lab.hostnorm import HostError, normalize
 from lab.openapi import spec
 from lab.serverlog import server_logger
 from lab.state import State, StateError
-from lab.topology import MODELS, World
+from lab.strips import INTERNAL
+from lab.topology import MODELS, VALIDATION_MODES, World, WorldError, Zone
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +65,10 @@ def _no_constant(name: str) -> Any:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, code: str = ""):
         super().__init__(message)
         self.status = status
+        self.code = code  # a refusal's lab code, as in X-Lab-Decision (docs/design.md, "Refusal codes")
 
 
 class DnsAdmin(Protocol):
@@ -100,13 +107,22 @@ class Control:
         self._hosts: frozenset[str] = frozenset()
         self._worker: asyncio.Task | None = None
         self._verify_lock = asyncio.Lock()
-        self._http: aiohttp.ClientSession | None = None
+        self._http: dict[str | None, aiohttp.ClientSession] = {}  # one per source address
+        self.validation = VALIDATION_MODES[0]
         self._override_ids: dict[str, Any] = {}  # resolver id -> saved id (resolver ids restart with the process)
         self._streams: set[asyncio.Queue] = set()  # one per SSE client: stop() wakes each to end it
 
     # ---- state <-> running lab -------------------------------------------------
     def restore(self) -> None:
         """Seed the hostnames from the world file on first start, then push saved state into the lab."""
+        saved = self.state.get("validation")
+        self.validation = saved if saved in VALIDATION_MODES else VALIDATION_MODES[0]
+        added = tuple(Zone.from_dict(d) for d in self.state.zones())
+        if added:
+            try:
+                self.lab.set_world(self.lab.world.with_zones(added))
+            except WorldError as e:  # the world file changed under saved zones: keep the file's
+                log.warning("zones added at run time not restored: %s", e)
         world = self.lab.world
         if not self.state.hostnames() and not self.state.get("seeded"):
             now = self.clock()
@@ -144,41 +160,69 @@ class Control:
             self.lab.events.publish(event)
 
     # ---- verification (I/O: gathers evidence; hostnames.verify decides) ---------
+    def vantages(self) -> tuple[str, ...]:
+        """The source addresses the verifier asks from in the current mode."""
+        if self.validation == "single":
+            return (self.lab.world.control.host,)
+        return self.lab.world.vantages
+
     async def evidence(self, h: hn.Hostname) -> hn.Evidence:
-        target = self.lab.world.zone_by_name[h.zone].cname_target
+        world = self.lab.world
+        if self.validation == "single":
+            return await self._evidence(h, world.control.host, None)
+        refused = "its name is already served by the edge: DNS (TXT) proof only" if hn.served_by_edge(world, h) else None
+        views = await asyncio.gather(*(self._evidence(h, src, refused) for src in world.vantages))
+        return hn.agree(dict(zip(world.vantages, views)))
+
+    async def _evidence(self, h: hn.Hostname, source: str, http_refused: str | None) -> hn.Evidence:
+        """What one vantage point (`source`) sees of `h`."""
+        world = self.lab.world
+        target = world.zone_by_name[h.zone].cname_target
         errors: list[str] = []
+        poisoned: list[str] = []
         txt: tuple[str, ...] = ()
-        reply, error = await self._ask(hn.txt_name(h.name), "TXT")
+        reply, error = await self._ask(hn.txt_name(h.name), "TXT", source, poisoned)
         if error:
             errors.append(error)
         elif reply is not None:
             txt = tuple(b"".join(rr.rdata.data).decode("utf-8", "replace") for rr in reply.rr if rr.rtype == 16)
-        chain, addrs, desc, error = await self._resolve(h.name)
+        # A wildcard registration's own record (*.x): what the names it covers resolve by.
+        chain, addrs, desc, error = await self._resolve(h.name, source, poisoned)
         errors += [error] if error else []
         points = False
         if target:
-            _, target_addrs, _, error = await self._resolve(target)
+            _, target_addrs, _, error = await self._resolve(target, source, poisoned)
             errors += [error] if error else []
             points = target in chain or (bool(addrs) and set(addrs) == set(target_addrs))
-        return hn.Evidence(txt=txt, http=await self._http_token(h, addrs), points_to_target=points, dns=desc,
-                           error="; ".join(errors) or None)
+        edge = {l.host for l in world.listeners}
+        if self.validation == "multi" and http_refused is None and addrs and addrs[0] in edge:
+            http_refused = f"{h.name} resolves to the edge's own address {addrs[0]}: never fetched through the edge"
+        http = None if http_refused or h.name.startswith("*.") else await self._http_token(h, addrs, source)
+        return hn.Evidence(txt=txt, http=http, points_to_target=points, dns=desc, error="; ".join(errors) or None,
+                           http_refused=http_refused, poisoned=tuple(dict.fromkeys(poisoned)))
 
-    async def _ask(self, name: str, rtype: str):
-        """(reply, None) for a real answer (NOERROR or NXDOMAIN), else (None, why not)."""
+    async def _ask(self, name: str, rtype: str, source: str, poisoned: list[str]):
+        """(reply, None) for a real answer (NOERROR or NXDOMAIN), else (None, why not). The
+        resolver's event of the lookup says whether an override answered it (into `poisoned`)."""
         dns = self.lab.world.resolver
+        trace = f"{INTERNAL}verify-{secrets.token_hex(6)}"  # the live page hides the lab's own traffic
         try:
             # Over real DNS, as any client (a poisoned resolver misleads the verifier too), marked as
             # the lab's own so its lookups do not flood what the user watches.
-            reply = await query(name, rtype, dns.host, dns.port, mark=self.lab.resolver.internal_mark)
+            reply = await query(name, rtype, dns.host, dns.port, source=_source(source), trace=trace,
+                                mark=self.lab.resolver.internal_mark)
         except Exception as e:  # noqa: BLE001 - no answer is no answer, whatever the client library raised
-            return None, f"{rtype} {name}: no answer from the lab resolver at {dns.host}:{dns.port} ({type(e).__name__})"
+            return None, (f"{rtype} {name}: no answer from the lab resolver at {dns.host}:{dns.port} "
+                          f"asked from {source} ({type(e).__name__})")
+        poisoned += [e["override"] for e in self.lab.events.trace(trace)
+                     if e["kind"] == "dns.answer" and e.get("poisoned") and e.get("override")]
         rcode = reply.header.rcode
         if rcode not in (0, 3):
             return None, f"{rtype} {name}: the lab resolver answered {RCODES.get(rcode, f'rcode {rcode}')}"
         return reply, None
 
-    async def _resolve(self, name: str) -> tuple[list[str], list[str], str, str | None]:
-        reply, error = await self._ask(name, "A")
+    async def _resolve(self, name: str, source: str, poisoned: list[str]) -> tuple[list[str], list[str], str, str | None]:
+        reply, error = await self._ask(name, "A", source, poisoned)
         if reply is None:
             return [], [], "no answer", error
         chain = [str(rr.rdata).rstrip(".") for rr in reply.rr if rr.rtype == 5]
@@ -188,14 +232,17 @@ class Control:
         desc = " -> ".join(["CNAME " + c for c in chain] + (["A " + ",".join(addrs)] if addrs else ["no A record"]))
         return chain, addrs, desc, None
 
-    async def _http_token(self, h: hn.Hostname, addrs: list[str]) -> str | None:
+    async def _http_token(self, h: hn.Hostname, addrs: list[str], source: str) -> str | None:
         if not addrs:
             return None
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        session = self._http.get(source)
+        if session is None:
+            connector = aiohttp.TCPConnector(local_addr=(_source(source), 0) if _source(source) else None)
+            session = self._http[source] = aiohttp.ClientSession(connector=connector,
+                                                                 timeout=aiohttp.ClientTimeout(total=2))
         url = f"http://{addrs[0]}:{self.lab.world.challenge_port}{hn.http_path(h)}"
         try:
-            async with self._http.get(url, headers={"Host": h.name}, allow_redirects=False) as resp:
+            async with session.get(url, headers={"Host": h.name}, allow_redirects=False) as resp:
                 if resp.status != 200:
                     return None
                 return (await resp.content.read(1024)).decode("utf-8", "replace")
@@ -257,7 +304,7 @@ class Control:
         try:
             return await handler(request)
         except ApiError as e:
-            return _json({"error": str(e)}, e.status)
+            return _json({"error": str(e), **({"code": e.code} if e.code else {})}, e.status)
         except (hn.HostnameError, ValueError) as e:
             return _json({"error": str(e)}, 400)
         except StateError as e:
@@ -304,6 +351,11 @@ class Control:
         r.add_delete("/dns/overrides/{ref}", self.delete_override)
         r.add_get("/model", self.get_model)
         r.add_put("/model", self.set_model)
+        r.add_get("/validation", self.get_validation)
+        r.add_put("/validation", self.set_validation)
+        r.add_get("/zones", self.list_zones)
+        r.add_post("/zones", self.add_zone)
+        r.add_delete("/zones/{name}", self.delete_zone)
         r.add_get("/events", self.events)
         live.setup(app, self)  # the live page at /, and its cookie auth for the page's mutations
         from lab import rules
@@ -340,9 +392,9 @@ class Control:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        for session in self._http.values():
+            await session.close()
+        self._http.clear()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -464,6 +516,77 @@ class Control:
         self.lab.set_model(model)
         return _json({"model": model})
 
+    def _validation(self) -> dict:
+        return {"mode": self.validation, "modes": list(VALIDATION_MODES), "vantages": list(self.vantages()),
+                "http_through_edge": self.validation == "single"}
+
+    async def get_validation(self, request: web.Request) -> web.Response:
+        return _json(self._validation())
+
+    async def set_validation(self, request: web.Request) -> web.Response:
+        mode = (await self._body(request, schema.VALIDATION))["mode"]
+        self.state.set("validation", mode)
+        self.validation = mode
+        self.lab.events.emit("lab.validation", mode=mode, vantages=list(self.vantages()))
+        return _json(self._validation())
+
+    async def list_zones(self, request: web.Request) -> web.Response:
+        return _json([z.to_dict() for z in self.lab.world.zones])
+
+    async def add_zone(self, request: web.Request) -> web.Response:
+        body = await self._body(request, schema.NEW_ZONE)
+        world = self.lab.world
+        name = _name(body["name"])
+        if not any(name == t or name.endswith("." + t) for t in world.tlds):
+            raise ApiError(400, f"{name} is outside the lab's TLDs ({', '.join('.' + t for t in world.tlds)})")
+        hosts = tuple(dict.fromkeys(_name(h) for h in (body["hosts"] or [name])))
+        outside = [h for h in hosts if h != name and not h.endswith("." + name)]
+        if outside:
+            raise ApiError(400, f"field 'hosts': {outside[0]} is not inside zone {name}")
+        if body["origin"] not in world.origin_by_name:
+            raise ApiError(400, f"field 'origin': unknown origin {schema.show(body['origin'])} "
+                                f"(choose from {', '.join(world.origin_by_name)})")
+        if (body["v1_listener"] or body["cname_target"]) and not body["saas"]:
+            raise ApiError(400, "only a SaaS zone (saas: true) has a v1_listener or a cname_target")
+        for other in world.zones:
+            if name == other.name or name.endswith("." + other.name) or other.name.endswith("." + name):
+                raise ApiError(409, f"zone {name} overlaps zone {other.name}, already on the edge")
+        zone = Zone(name, body["origin"], hosts, body["saas"], _name(body["cname_target"]) if body["cname_target"] else None,
+                    body["v1_listener"], added=True)
+        refused = policy.admit_zone(world, zone)
+        if refused is not None:
+            self.lab.events.emit("zone.refused", zone=name, code=refused.code, reason=refused.reason, model=world.model)
+            raise ApiError(refused.status, refused.reason, refused.code)
+        added = tuple(z for z in world.zones if z.added) + (zone,)
+        try:
+            new = world.with_zones(added)
+        except WorldError as e:
+            raise ApiError(400, str(e).split(": ", 1)[-1]) from None
+        self.state.save_zone(zone.to_dict())
+        self.lab.set_world(new)
+        self.lab.events.emit("zone.added", zone=name, origin=zone.origin, saas=zone.saas, v1_listener=zone.v1_listener)
+        return _json(new.zone_by_name[name].to_dict(), 201)
+
+    async def delete_zone(self, request: web.Request) -> web.Response:
+        world = self.lab.world
+        try:
+            name = normalize(request.match_info["name"])
+        except HostError:
+            name = None
+        zone = world.zone_by_name.get(name) if name else None
+        if zone is None:
+            raise ApiError(404, f"no zone {schema.show(request.match_info['name'])}")
+        if not zone.added:
+            raise ApiError(400, f"zone {name} is from the world file; only zones added at run time can be removed")
+        live = [h.name for h in self.state.hostnames(include_deleted=False) if h.zone == name]
+        if live:
+            raise ApiError(409, f"zone {name} still has custom hostnames ({', '.join(live[:3])}): delete them first")
+        new = world.with_zones(tuple(z for z in world.zones if z.added and z.name != name))
+        self.state.delete_zone(name)
+        self.lab.set_world(new)
+        self.lab.events.emit("zone.removed", zone=name)
+        return _json(zone.to_dict())
+
     async def events(self, request: web.Request) -> web.StreamResponse:
         params = dict(request.query)
         if "since" not in params and "Last-Event-ID" in request.headers:
@@ -560,6 +683,11 @@ def _name(value: str) -> str:
         return normalize(value, allow_wildcard=True)
     except HostError as e:
         raise ApiError(400, f"field 'name': {e}") from None
+
+
+def _source(address: str) -> str | None:
+    """A source address to bind to; None for an unspecified one (0.0.0.0 with --allow-remote)."""
+    return None if ipaddress.ip_address(address).is_unspecified else address
 
 
 def _new_id() -> str:

@@ -29,7 +29,7 @@ from aiohttp import web
 from lab.control import Control
 from lab.dns import Resolver
 from lab.events import KINDS, Events
-from lab.topology import CustomHostname, World
+from lab.topology import CustomHostname, World, Zone
 
 log = logging.getLogger("lab.follow")
 
@@ -133,6 +133,7 @@ class Hub:
         overrides = self.resolver.overrides()  # first: dropping the expired ones is a change too
         return {"generation": self.generations.current, "model": self.world.model,
                 "hostnames": [{"name": c.name, "zone": c.zone, "status": c.status} for c in self.world.custom_hostnames],
+                "zones": [z.to_dict() for z in self.world.zones if z.added],
                 "records": self.resolver.records(), "overrides": overrides}
 
     def told(self, events: list) -> int:
@@ -225,9 +226,11 @@ class HubControl(Control):
 # ---- the followers' side --------------------------------------------------------------
 
 def world_of(base: World, snapshot: dict) -> World:
-    """The base world (the file, on the bridge) with the control plane's model and hostnames."""
+    """The base world (the file, on the bridge) with the control plane's model, zones added at
+    run time and hostnames."""
     hostnames = tuple(CustomHostname(h["name"], h["zone"], h["status"]) for h in snapshot["hostnames"])
-    return base.with_model(snapshot["model"]).with_hostnames(hostnames)
+    zones = tuple(Zone.from_dict(z) for z in snapshot.get("zones", ()))
+    return base.with_model(snapshot["model"]).with_zones(zones).with_hostnames(hostnames)
 
 
 class DnsFollower:

@@ -4,6 +4,7 @@
     active  --(DNS no longer points at the target, N answers in a row)--> moved
     moved   --(points again + ownership proven again)---------------> active
     any     --(delete)----------------------------------------------> deleted (terminal)
+    (new)   --(the name is on the provider's block list)--------------> blocked (only delete leaves it)
 
 v1 routed a registration as soon as it existed, which is the whole flaw: anyone could
 claim www.victim.example. v2 routes only `active` hostnames, and `active` needs proof of
@@ -18,6 +19,11 @@ the first and the last at least `moved_span` seconds apart, so one bad minute of
 (or a client flooding the lab until its lookups fail) never de-activates a customer. An
 explicit "verify now" by the operator passes `CONCLUSIVE`: one real answer decides.
 
+Evidence is only as good as where it was gathered: `agree` folds what several vantage
+points saw into one round, and anything they disagree on is no evidence at all (a poisoned
+path to one of them must neither activate nor move a name). A wildcard registration
+(`*.customer.example`) is proven at its base name, by TXT only, as CAs require for wildcards.
+
 Pure: no I/O, no clock, no randomness. The control plane passes in time, ids and tokens,
 and the verifier (I/O) condenses what it saw into `Evidence`.
 """
@@ -27,7 +33,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from lab import topology
+from lab import hostnorm, topology
 from lab.hostnorm import HostError, is_ip, normalize
 
 TXT_PREFIX = "_sni-lab-custom-hostname"
@@ -61,7 +67,12 @@ class HostnameError(ValueError):
 
 
 def txt_name(hostname: str) -> str:
-    return f"{TXT_PREFIX}.{hostname}"
+    return f"{TXT_PREFIX}.{base_name(hostname)}"
+
+
+def base_name(hostname: str) -> str:
+    """The name DNS is asked about: a wildcard registration's base (`*.x` -> `x`)."""
+    return hostname.removeprefix("*.")
 
 
 def http_path(record: "Hostname | str") -> str:
@@ -81,6 +92,9 @@ class Hostname:
     created: float
     updated: float
     ownership: str | None = None  # "txt" | "http" once proven ("world" when seeded active)
+    # The lab's knowledge, never the provider's: overrides that answered the round that made it
+    # active (its proof was forged). Recorded for the oracle; verify() never reads it.
+    poisoned_by: str | None = None
     # The verifier's bookkeeping: failed lookups in a row, the last one's error and when to
     # ask again; real negative answers in a row for an active hostname, since when.
     failures: int = 0
@@ -102,7 +116,7 @@ class Hostname:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def as_custom_hostname(self) -> topology.CustomHostname:
-        return topology.CustomHostname(self.name, self.zone, self.status)
+        return topology.CustomHostname(self.name, self.zone, self.status, self.poisoned_by)
 
 
 @dataclass(frozen=True)
@@ -110,15 +124,38 @@ class Evidence:
     """What the verifier found, once, for one hostname.
 
     Trust note for the verifier: the evidence is only as good as where it was fetched
-    from. Resolve through the lab resolver *without* client-targeted overrides, and do
-    not fetch the HTTP token through the SaaS edge itself (a name poisoned to the SaaS
-    address would reach the SaaS origin, where the attacker is a tenant).
+    from. One lookup from one address is what a targeted poisoning fools (validation
+    `single`); `multi` asks from several vantage points that must agree (`agree`), and never
+    fetches an HTTP token through the edge itself (a name poisoned to the SaaS address would
+    reach the SaaS origin, where the attacker is a tenant).
     """
     txt: tuple[str, ...]      # TXT strings at txt_name(hostname); () if none / NXDOMAIN
     http: str | None          # body served at http_path; None when unreachable / not 200
     points_to_target: bool    # resolves (CNAME chain or same addresses) to the zone's cname_target
     dns: str                  # short description for reasons: "CNAME customers.saas.example", "NXDOMAIN"
     error: str | None = None  # a lookup got no real answer (unreachable, timeout, SERVFAIL): not evidence
+    http_refused: str | None = None  # why no HTTP token was fetched at all (the validation's rule)
+    poisoned: tuple[str, ...] = ()   # overrides that answered these lookups (the lab's knowledge)
+
+
+def agree(seen: "dict[str, Evidence]") -> Evidence:
+    """One round from what several vantage points (by source address) saw: what they all
+    agree on, else no evidence (`error` says who saw what)."""
+    views = list(seen.values())
+    first = views[0]
+    poisoned = tuple(dict.fromkeys(p for v in views for p in v.poisoned))
+    errors = [f"{src}: {v.error}" for src, v in seen.items() if v.error]
+    if errors:
+        return dataclasses.replace(first, error="; ".join(errors), poisoned=poisoned)
+    differ = [what for what, key in (("TXT", lambda v: sorted(set(v.txt))), ("HTTP token", lambda v: v.http),
+                                     ("DNS target", lambda v: v.points_to_target))
+              if len({repr(key(v)) for v in views}) > 1]
+    if differ:
+        told = "; ".join(f"{src}: {_show(v.dns, 60, quote=False)}, TXT {len(v.txt)} string(s)"
+                         for src, v in seen.items())
+        return dataclasses.replace(first, poisoned=poisoned, error=(
+            f"not evidence: the vantage points disagree on {', '.join(differ)} ({told})"))
+    return dataclasses.replace(first, poisoned=poisoned)
 
 
 @dataclass(frozen=True)
@@ -154,8 +191,11 @@ def create(name: str, zone: str, *, world: topology.World, existing: Iterable[Ho
     for other, other_zone, status in claims:
         if other == host and status != "deleted":
             raise HostnameError(f"{host} is already registered as a custom hostname of {other_zone} ({status})")
-    reason = (f"add TXT {txt_name(host)} = {txt_token} or serve {http_token} at {http_path(id)}; "
-              f"point {host} at {z.cname_target}")
+    if world.blocked(host):
+        return Hostname(id, host, z.name, "blocked", txt_token, http_token,
+                        f"{host} is on the provider's block list: never verified, never routed", now, now)
+    http = "" if host.startswith("*.") else f" or serve {http_token} at {http_path(id)}"
+    reason = f"add TXT {txt_name(host)} = {txt_token}{http}; point {host} at {z.cname_target}"
     return Hostname(id, host, z.name, "pending", txt_token, http_token, reason, now, now)
 
 
@@ -170,7 +210,7 @@ def from_world(c: topology.CustomHostname, *, id: str, txt_token: str, http_toke
 def verify(h: Hostname, ev: Evidence, *, target: str, now: float,
            recheck: Recheck = Recheck()) -> tuple[Hostname, Transition | None]:
     """Apply one round of evidence. Returns `h` itself when nothing changed (nothing to save)."""
-    if h.status == "deleted":
+    if h.status in ("deleted", "blocked"):
         return h, None
     if ev.error is not None:
         failures = h.failures + 1
@@ -183,7 +223,7 @@ def verify(h: Hostname, ev: Evidence, *, target: str, now: float,
     if h.status == "pending":
         if via and ev.points_to_target:
             return _move(h, "active", f"ownership proven by {via.upper()}; {h.name} points at {target} ({dns})",
-                         now, ownership=via)
+                         now, ownership=via, poisoned_by=",".join(ev.poisoned) or None)
         if via:
             return _note(h, f"ownership proven by {via.upper()}; {h.name} does not point at {target} yet ({dns})",
                          now), None
@@ -208,7 +248,7 @@ def verify(h: Hostname, ev: Evidence, *, target: str, now: float,
         return _note(h, f"DNS still does not point at {target} ({dns})", now), None
     if via:
         return _move(h, "active", f"{h.name} points at {target} again ({dns}); ownership proven by {via.upper()}",
-                     now, ownership=via)
+                     now, ownership=via, poisoned_by=",".join(ev.poisoned) or None)
     return _note(h, f"{h.name} points at {target} again ({dns}) but " + _not_owned(h, ev), now), None
 
 
@@ -216,6 +256,15 @@ def delete(h: Hostname, *, now: float) -> tuple[Hostname, Transition]:
     if h.status == "deleted":
         raise HostnameError(f"{h.name} is already deleted")
     return _move(h, "deleted", f"deleted (was {h.status})", now)
+
+
+def served_by_edge(world: topology.World, h: Hostname) -> bool:
+    """Is `h`'s name already on the edge (a zone's own host, or another active registration)?
+    Then an HTTP token would be fetched through the edge itself: DNS proof only."""
+    name = base_name(h.name)
+    wildcard = hostnorm.wildcard_of(name)
+    return (name in world.zone_by_host or (wildcard is not None and wildcard in world.zone_by_host)
+            or any(c.name == h.name and c.status == "active" for c in world.custom_hostnames))
 
 
 def routable(h: Hostname) -> bool:
@@ -229,12 +278,12 @@ def _hostname(name: str) -> str:
     if not isinstance(name, str):
         raise HostnameError(f"expected a host name, got {name!r}")
     try:
-        host = normalize(name)  # no wildcards: one registration proves one name
+        host = normalize(name, allow_wildcard=True)
     except HostError as e:
         raise HostnameError(str(e)) from None
     if is_ip(host):
         raise HostnameError(f"{host} is an IP address, not a host name")
-    if "." not in host:
+    if "." not in base_name(host):
         raise HostnameError(f"{host} is not a fully qualified name")
     if "_" in host:
         # Not a valid host name for a certificate, and keeps the TXT_PREFIX namespace ours.
@@ -262,7 +311,7 @@ def _ownership(h: Hostname, ev: Evidence) -> str | None:
     # Exact matches only, and never an empty token (create() refuses them; seeds could not).
     if h.txt_token and h.txt_token in ev.txt:
         return "txt"
-    if h.http_token and ev.http is not None and ev.http.strip() == h.http_token:
+    if h.http_token and ev.http is not None and ev.http.strip() == h.http_token and not h.name.startswith("*."):
         return "http"
     return None
 
@@ -270,8 +319,10 @@ def _ownership(h: Hostname, ev: Evidence) -> str | None:
 def _not_owned(h: Hostname, ev: Evidence) -> str:
     found_txt = ", ".join(_show(t) for t in ev.txt[:3]) + (f" (+{len(ev.txt) - 3} more)" if len(ev.txt) > 3 else "")
     found_http = "nothing" if ev.http is None else _show(ev.http)
+    http = (f"HTTP proof not accepted: {ev.http_refused}" if ev.http_refused
+            else f"looked for {h.http_token} at {http_path(h)}, found {found_http}")
     return (f"ownership not proven: looked for TXT {txt_name(h.name)} = {h.txt_token}, found {found_txt or 'none'}; "
-            f"looked for {h.http_token} at {http_path(h)}, found {found_http}")
+            + http)
 
 
 def _show(s: str, limit: int = 40, quote: bool = True) -> str:

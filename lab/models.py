@@ -15,11 +15,14 @@ A row says how a SaaS zone is routed and which controls apply:
   registration is never trusted: it is history, not a claim.
 - `sni_must_match_host`: Host/:authority must equal the SNI, else 421.
 
-In every model a zone's own hosts win over a custom hostname of the same name: a name
-already on the edge is already claimed, and what the measured CDNs failed to check is the
-proof for a name *not yet* on the edge. If a registration beat a zone's own host under
-`host`, any tenant could take www.victim.example with one API call; that is not what those
-CDNs do, and it would make `host` a strawman instead of the baseline.
+Every model shares Cloudflare's hostname priority (`PRIORITY`): among names that match
+exactly, an *active* custom hostname beats the zone's own record; among wildcard matches
+the zone wins. So a zone owner can hand www.victim.example to a SaaS by proving it (as
+Cloudflare's O2O does), and a registration that proved nothing (pending, moved, blocked)
+never takes a name another zone serves: if it did under `host`, any tenant could take
+www.victim.example with one API call; that is not what the measured CDNs do, and it would
+make `host` a strawman instead of the baseline. The price: v2 is only as strong as the
+validation behind `active` (the control plane's multi-vantage validation, lab.control).
 
 The certificate is the same in every model: chosen by SNI among one per zone (apex and
 wildcard) and one per active custom hostname (`policy.certificate_names`). A registration
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 
 VERIFIED = ("active",)
 REGISTERED = ("pending", "active", "moved")
+PRIORITY = ("an exact active custom hostname", "the zone's own host (exact, then its wildcard)",
+            "a custom hostname the model trusts, exact or wildcard")
 
 
 @dataclass(frozen=True)
@@ -97,4 +102,6 @@ def markdown() -> str:
              for m in TABLE]
     rows.append("")
     rows += [f"- `{m.name}`: {m.description}" for m in TABLE]
+    rows += ["", "Every model, routing by Host, tries in order: " + "; ".join(f"({i}) {p}" for i, p in
+                                                                    enumerate(PRIORITY, 1)) + "."]
     return "\n".join(rows) + "\n"

@@ -5,7 +5,7 @@ validates with, so the document cannot drift from what is accepted."""
 from __future__ import annotations
 
 from lab import __version__, schema
-from lab.topology import HOSTNAME_STATUSES
+from lab.topology import HOSTNAME_STATUSES, VALIDATION_MODES
 
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _AUTH = [{"bearer": []}]
@@ -42,8 +42,8 @@ def spec() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "sni-lab control plane", "version": __version__,
-                 "description": "Custom hostnames, DNS admin (records and poisoning overrides), the edge's model, "
-                                "and the lab's events. Requests that change something need a Bearer token."},
+                 "description": "Custom hostnames, DNS admin (records and poisoning overrides), zones, the edge's "
+                                "model, the validation mode, and the lab's events. Requests that change something need a Bearer token."},
         "paths": {
             "/health": {"get": _op("liveness, model and engine")},
             "/openapi.json": {"get": _op("this document")},
@@ -67,6 +67,15 @@ def spec() -> dict:
                                                    params=[_q("ref", where="path")])},
             "/model": {"get": _op("the edge's model"),
                        "put": _op("switch the model at run time", body="Model", auth=True)},
+            "/validation": {"get": _op("how custom hostnames are validated", schema=ref("ValidationState")),
+                            "put": _op("switch the validation mode (saved, then applied)", schema=ref("ValidationState"),
+                                       body="Validation", auth=True)},
+            "/zones": {"get": _op("every zone on the edge (the world file's and those added at run time)",
+                                  schema=listof("Zone")),
+                       "post": {**_op("put a zone on the edge (403 code v1-closed: a v1 address under v1-waf)",
+                                      "201", ref("Zone"), "NewZone", True)}},
+            "/zones/{name}": {"delete": _op("remove a zone added at run time (409 while it has custom hostnames)",
+                                            schema=ref("Zone"), auth=True, params=[_q("name", where="path")])},
             "/events": {"get": {**_op("events as JSON, or as Server-Sent Events with Accept: text/event-stream",
                                       schema=listof("Event"),
                                       params=_params(schema.EVENTS)),
@@ -77,7 +86,10 @@ def spec() -> dict:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
-                "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
+                "Error": {"type": "object", "properties": {
+                    "error": {"type": "string"},
+                    "code": {"type": "string", "description": "a refusal's lab code (docs/design.md)"}},
+                    "required": ["error"]},
                 "NewHostname": schema.json_schema(schema.NEW_HOSTNAME),
                 "Hostname": {"type": "object", "properties": {
                     "id": {"type": "string"}, "name": {"type": "string"}, "zone": {"type": "string"},
@@ -89,7 +101,22 @@ def spec() -> dict:
                     "last_error": {"type": ["string", "null"]},
                     "next_check": {"type": ["number", "null"], "description": "the verifier's retry, after failures"},
                     "negatives": {"type": "integer", "description": "negative DNS answers in a row while active"},
-                    "negative_since": {"type": ["number", "null"]}}},
+                    "negative_since": {"type": ["number", "null"]},
+                    "poisoned_by": {"type": ["string", "null"],
+                                    "description": "the lab's knowledge, never the provider's: overrides that answered "
+                                                   "the verification that made it active (a forged proof)"}}},
+                "Validation": schema.json_schema(schema.VALIDATION),
+                "ValidationState": {"type": "object", "properties": {
+                    "mode": {"enum": list(VALIDATION_MODES)}, "modes": {"type": "array", "items": {"type": "string"}},
+                    "vantages": {"type": "array", "items": {"type": "string"},
+                                 "description": "the source addresses the verifier asks from"},
+                    "http_through_edge": {"type": "boolean"}}},
+                "NewZone": schema.json_schema(schema.NEW_ZONE),
+                "Zone": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "origin": {"type": "string"}, "saas": {"type": "boolean"},
+                    "hosts": {"type": "array", "items": {"type": "string"}},
+                    "cname_target": {"type": ["string", "null"]}, "v1_listener": {"type": ["string", "null"]},
+                    "v1_allowlisted": {"type": "boolean"}, "added": {"type": "boolean"}}},
                 "Record": schema.json_schema(schema.RECORD),
                 "NewOverride": schema.json_schema(schema.NEW_OVERRIDE),
                 "Override": {"type": "object", "properties": {

@@ -8,7 +8,7 @@ REFUSED when nothing reached an origin.
 """
 from __future__ import annotations
 
-from lab.hostnorm import HostError, normalize
+from lab.hostnorm import HostError, normalize, wildcard_of
 from lab.topology import World
 
 MISROUTED, SAFE, REFUSED = "MISROUTED", "SAFE", "REFUSED"
@@ -36,14 +36,17 @@ def owning_zone(world: World, name: str):
 
 
 def authorized_origins(world: World, name: str) -> set[str]:
-    """Origins N's owner sends N to: its zone's, and a SaaS zone's for an ACTIVE custom hostname."""
+    """Origins N's owner sends N to: its zone's, and a SaaS zone's for an ACTIVE custom hostname
+    covering N (exact or wildcard) whose proof was not forged: a poisoned validator's "active"
+    is the attacker's word, not the owner's."""
     origins = set()
     zone = owning_zone(world, name)
     if zone is not None:
         origins.add(zone.origin)
-    custom = world.hostname_by_name.get(name)
-    if custom is not None and custom.status == "active":
-        origins.add(world.zone_by_name[custom.zone].origin)
+    wildcard = wildcard_of(name)
+    for custom in (world.hostname_by_name.get(name), world.hostname_by_name.get(wildcard) if wildcard else None):
+        if custom is not None and custom.status == "active" and not custom.poisoned_by:
+            origins.add(world.zone_by_name[custom.zone].origin)
     return origins
 
 

@@ -102,7 +102,11 @@ def zone_for_host(world: World, host: str) -> Zone | None:
 
 def _waf(world: World, zone: Zone, host: str | None, sni: str | None, listener: Listener, path: str,
          allowlist: bool) -> waf.RuleHit | None:
-    return waf.evaluate(zone.rules, zone=zone.name, authorized=world.authorized_hosts(zone), host=host or "",
+    authorized = world.authorized_hosts(zone)
+    wildcard = wildcard_of(host) if host else None
+    if wildcard in authorized:  # an active wildcard custom hostname authorizes the names it covers
+        authorized += (host,)
+    return waf.evaluate(zone.rules, zone=zone.name, authorized=authorized, host=host or "",
                         sni=sni or "", dst=listener.host, path=path, include_allowlist=allowlist)
 
 
@@ -141,6 +145,9 @@ def decide(listener: Listener, sni: str | None, target: Target, world: World, mo
         except HostError:
             sni = sni.lower()
 
+    # The listener's zone as this world says: a zone added at run time takes a listener the
+    # engine bound before it existed.
+    listener = world.listener_by_name.get(listener.name, listener)
     dedicated = world.zone_by_name.get(listener.zone) if listener.zone else None
     if _by_listener(m, dedicated):
         where = f"listener {listener.name} ({listener.host}) belongs to zone {dedicated.name}"
@@ -162,24 +169,49 @@ def decide(listener: Listener, sni: str | None, target: Target, world: World, mo
     if m.sni_must_match_host and host is not None and sni is not None and host != sni:
         return refused(model, 421, "sni-host-mismatch",
                        f"{model}: host {host} differs from SNI {sni}; Misdirected Request", host)
+    # Cloudflare's hostname priority: among exact matches an active custom hostname beats the
+    # zone's own record; among wildcards the zone wins (lab.models).
+    exact = world.hostname_by_name.get(name)
+    if exact is not None and exact.status == "active":
+        return _custom(world, m, exact, name, sni, listener, target.path)
     zone = zone_for_host(world, name)
-    if zone is not None:  # a zone's own host wins over any custom hostname (lab.models)
+    if zone is not None:
         return _route(world, zone, model, "zone-host", f"{model}: host {name} belongs to zone {zone.name}", name, sni,
                       listener, target.path)
-    custom = world.hostname_by_name.get(name)
+    wildcard = wildcard_of(name)
+    custom = exact or (world.hostname_by_name.get(wildcard) if wildcard else None)
     if custom is not None:
-        saas = world.zone_by_name[custom.zone]
         if custom.status in m.trusts:
-            how = "an active" if custom.status == "active" else f"a {custom.status}"
-            proof = "" if custom.status == "active" else ", routed on its registration alone (no ownership proof)"
-            return _route(world, saas, model, "custom-hostname",
-                          f"{model}: host {name} is {how} custom hostname of {saas.name}{proof}",
-                          name, sni, listener, target.path)
+            return _custom(world, m, custom, name, sni, listener, target.path)
+        saas = world.zone_by_name[custom.zone]
         return refused(model, 421, "hostname-not-active",
-                       f"{model}: custom hostname {name} of {saas.name} is {custom.status}; only "
+                       f"{model}: custom hostname {custom.name} of {saas.name} is {custom.status}; only "
                        f"{' or '.join(m.trusts)} hostnames are routed", name)
     trusted = "active" if m.trusts == models.VERIFIED else "registered"
     return refused(model, 421, "unknown-host", f"{model}: no zone or {trusted} custom hostname for host {name}", name)
+
+
+def _custom(world: World, m: Model, custom, name: str, sni: str | None, listener: Listener, path: str) -> Decision:
+    saas = world.zone_by_name[custom.zone]
+    how = "an active" if custom.status == "active" else f"a {custom.status}"
+    proof = "" if custom.status == "active" else ", routed on its registration alone (no ownership proof)"
+    covered = f" (by {custom.name})" if custom.name != name else ""
+    zone = zone_for_host(world, name)
+    beats = f"; an exact custom hostname beats zone {zone.name}'s own host" if zone is not None else ""
+    return _route(world, saas, m.name, "custom-hostname",
+                  f"{m.name}: host {name} is {how} custom hostname of {saas.name}{covered}{proof}{beats}",
+                  name, sni, listener, path)
+
+
+def admit_zone(world: World, zone: Zone) -> Decision | None:
+    """The refusal of putting `zone` on the edge as it asks, or None: the write-up's third
+    compensating control. Under a model with a v1 allowlist no new zone gets a v1 address
+    (zones already on the allowlist keep theirs); elsewhere nothing refuses it."""
+    m = models.get(world.model)
+    if zone.v1_listener and m.v1_allowlist:
+        return refused(m.name, 403, "v1-closed", f"{m.name}: no new zone goes on v1 (the v1 allowlist is closed): add "
+                       f"{zone.name} without a v1_listener, as a v2 zone", zone.name)
+    return None
 
 
 def check_world(world: World) -> None:
@@ -196,7 +228,7 @@ def check_world(world: World) -> None:
 def certificate_names(world: World) -> list[tuple[str, ...]]:
     """The certificates the edge may hold: one per zone (apex and wildcard), one per active custom hostname.
 
-    A pending, moved or deleted hostname has proven nothing, so it gets no certificate in any model.
+    A pending, moved, deleted or blocked hostname has proven nothing, so it gets no certificate in any model.
     """
     certs = [(z.name, f"*.{z.name}") for z in world.zones]
     certs += [(c.name,) for c in world.custom_hostnames if c.status == "active"]

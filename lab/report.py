@@ -85,7 +85,7 @@ def verdict_style(verdict: str, failed: bool) -> str | None:
 
 # ---- terminal table -----------------------------------------------------------------------
 
-FAIL_MARK, MISMATCH_MARK, MISSING = "✗", "≠", "-"
+FAIL_MARK, MISMATCH_MARK, MISSING, OFF_MARK = "✗", "≠", "-", "⊘"
 
 Segments = list[tuple[str, str | None]]  # (text, style)
 
@@ -118,6 +118,8 @@ def _cell(by_engine: dict[str, list[CaseResult]] | None, engines: list[str]) -> 
     else:
         verdict = next(iter(seen.values()))
         segs.append((clean(verdict), verdict_style(verdict, failed)))
+    if any(r.controls_off for rs in by_engine.values() for r in rs):
+        segs.append((" " + OFF_MARK, "flag"))
     if failed:
         segs.append((" " + FAIL_MARK, "fail"))
     return segs
@@ -192,6 +194,8 @@ def table(results: list[CaseResult], *, color: bool, engines: list[str] | None =
                               [(MISSING, "dim"), (" not run", None)]]
     if several:
         legend.append([("A|B ", None), (MISMATCH_MARK, "flag"), (f" engines differ ({'|'.join(eng)})", None)])
+    if any(r.controls_off for r in results):
+        legend.append([(OFF_MARK, "flag"), (" a control turned off by the scenario", None)])
     lines += _wrap_items(legend, width, color)
 
     s = summary(results)
@@ -203,6 +207,10 @@ def table(results: list[CaseResult], *, color: bool, engines: list[str] | None =
         lines += ["", paint("failed:", "fail", color)]
         for case_id, why in s["failures"].items():
             lines += wrap(f"{clean(case_id)}  {clean(why)}", width, "  ")
+    if s["controls_off"]:
+        lines += ["", paint("controls off (a protected model may be MISROUTED here):", "flag", color)]
+        for case_id, off in s["controls_off"].items():
+            lines += wrap(f"{clean(case_id)}  {clean(', '.join(off))}", width, "  ")
     if s["engine_mismatches"]:
         lines += ["", paint("engine mismatches:", "flag", color)]
         for m in s["engine_mismatches"]:
@@ -247,6 +255,9 @@ def _request_lines(q: RequestResult, i: int, total: int) -> list[str]:
 
 def _story(r: CaseResult) -> str:
     lines = [f"{r.id} on {r.engine}: {r.verdict} ({'passed' if r.passed else 'FAILED'})"]
+    if r.controls_off:
+        lines.append(f"controls off: {', '.join(r.controls_off)}")
+    lines += [f"setup: {note}" for note in r.setup]
     for i, q in enumerate(r.requests, 1):
         lines += _request_lines(q, i, len(r.requests))
     return "\n".join(lines) + "\n"
@@ -273,6 +284,9 @@ def junit(results: list[CaseResult], suite_name: str = "sni-lab") -> str:
         case = ET.SubElement(suite, "testcase", {"classname": _x(f"scenarios.{r.scenario}"),
                                                  "name": _x(case_id(r, several)),
                                                  "time": f"{r.ms / 1000:.3f}"})
+        if r.controls_off:
+            case_props = ET.SubElement(case, "properties")
+            ET.SubElement(case_props, "property", {"name": "controls_off", "value": _x(",".join(r.controls_off))})
         if not r.passed:
             message = r.failure or f"failed with verdict {r.verdict}"
             kind = MISROUTED if r.verdict == MISROUTED and r.model in PROTECTED else "expectation"
@@ -366,12 +380,21 @@ def markdown(results: list[CaseResult]) -> str:
                 text = " / ".join(f"{_md(seen[e])} ({_md(e)})" for e in eng if e in seen) + " ⚠️"
             else:
                 text = _md(next(iter(seen.values())))
+            if any(r.controls_off for rs in by_engine.values() for r in rs):
+                text += " ⊘"
             row.append(f"❌ {text}" if failed else text)
         row.append(_md(titles[sc]))
         out.append("| " + " | ".join(row) + " |")
     out += ["", "MISROUTED: a certificate valid for the name, and an origin not authorized for it answered · "
                 "SAFE: an authorized origin answered (or the certificate was not valid for the name) · "
-                "REFUSED: no origin reached · ❌ failed case" + (" · ⚠️ engines disagree" if several else ""), ""]
+                "REFUSED: no origin reached · ❌ failed case" + (" · ⚠️ engines disagree" if several else "")
+            + (" · ⊘ a control turned off by the scenario" if s["controls_off"] else ""), ""]
+    if s["controls_off"]:
+        out += ["## Cases with a control off", "",
+                "A protected model may be MISROUTED in these: the scenario turned the control off to show what it "
+                "prevents.", ""]
+        out += [f"- {_code(i)}: {', '.join(_code(c) for c in off)}" for i, off in s["controls_off"].items()]
+        out.append("")
 
     if s["engine_mismatches"]:
         out += ["## Engine mismatches", "", "| case | " + " | ".join(_code(e) for e in eng) + " |",

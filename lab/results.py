@@ -61,6 +61,10 @@ class CaseResult:
     failure: str | None
     ms: float
     requests: list[RequestResult] = field(default_factory=list)
+    # The controls its scenario turned off ("validation=single"): a protected model may be
+    # MISROUTED here without failing, and every format says so.
+    controls_off: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)  # what its per-case setup did ("zone x refused: ...")
 
     @property
     def id(self) -> str:
@@ -132,7 +136,8 @@ def summary(results: list[CaseResult]) -> dict:
     """Counts and lists a user or CI checks first. Keys (in this order):
     cases, passed, failed, ms, models, engines, verdicts {model: {verdict: n}}, totals
     {verdict: n}, failed_ids, failures {id: text}, misrouted {model: [ids]},
-    protected_misrouted [ids], engine_mismatches [{id, scenario, model, verdicts {engine: v}}].
+    protected_misrouted [ids] (cases whose controls are at their defaults), controls_off {id: [controls]},
+    engine_mismatches [{id, scenario, model, verdicts {engine: v}}].
     Ids carry an `[engine]` suffix when the results span several engines."""
     results = list(results)
     engines = engines_of(results)
@@ -143,11 +148,14 @@ def summary(results: list[CaseResult]) -> dict:
     verdicts = {m: dict.fromkeys(kinds, 0) for m in models}
     totals = dict.fromkeys(kinds, 0)
     misrouted: dict[str, list[str]] = {m: [] for m in models}
+    protected: list[str] = []
     for r in results:
         verdicts[r.model][r.verdict] += 1
         totals[r.verdict] += 1
         if r.verdict == MISROUTED:
             misrouted[r.model].append(case_id(r, several))
+            if r.model in PROTECTED and not r.controls_off:
+                protected.append(case_id(r, several))
     failed = [r for r in results if not r.passed]
     mismatches = []
     if several:
@@ -168,23 +176,30 @@ def summary(results: list[CaseResult]) -> dict:
         "failed_ids": [case_id(r, several) for r in failed],
         "failures": {case_id(r, several): r.failure or "failed" for r in failed},
         "misrouted": misrouted,
-        "protected_misrouted": [i for m in models if m in PROTECTED for i in misrouted[m]],
+        "protected_misrouted": [i for m in models if m in PROTECTED for i in misrouted[m] if i in protected],
+        "controls_off": {case_id(r, several): list(r.controls_off) for r in results if r.controls_off},
         "engine_mismatches": mismatches,
     }
 
 
 def summary_line(results_or_summary: list[CaseResult] | dict) -> str:
-    """`N cases, P passed, F failed; MISROUTED: k under v1, 0 under protected models`."""
+    """`N cases, P passed, F failed; MISROUTED: k under v1, 0 under protected models`, and how many
+    cases ran with a control off (their MISROUTED under a protected model is not counted there)."""
     s = results_or_summary if isinstance(results_or_summary, dict) else summary(results_or_summary)
     line = f"{s['cases']} cases, {s['passed']} passed, {s['failed']} failed"
     parts = [f"{len(s['misrouted'][m])} under {m}" for m in s["models"]
              if m not in PROTECTED and (m == "v1" or s["misrouted"][m])]
     if any(m in PROTECTED for m in s["models"]):
-        bad = {m: len(s["misrouted"][m]) for m in s["models"] if m in PROTECTED and s["misrouted"][m]}
+        counted = set(s["protected_misrouted"])
+        bad = {m: n for m in s["models"] if m in PROTECTED
+               for n in [sum(i in counted for i in s["misrouted"][m])] if n}
         detail = f" ({', '.join(f'{m}: {n}' for m, n in bad.items())})" if bad else ""
         parts.append(f"{len(s['protected_misrouted'])} under protected models{detail}")
     if parts:
         line += "; MISROUTED: " + ", ".join(parts)
+    off = s.get("controls_off", {})
+    if off:
+        line += f"; {len(off)} case{'s' if len(off) != 1 else ''} with a control off"
     if len(s["engines"]) > 1:
         n = len(s["engine_mismatches"])
         line += (f"; engines {' vs '.join(s['engines'])}: {n} mismatch{'es' if n != 1 else ''}")

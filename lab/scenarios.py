@@ -2,6 +2,11 @@
 
 Setup goes through the control plane's API (real hostname verification, real DNS
 admin), so a scenario runs the same against an in-process lab or a running `sni-lab up`.
+
+`[setup] validation = "single"` turns a control off for the scenario (the validation mode
+is undone after it): its cases say so (`controls_off`), and only for them is a protected
+model allowed to be MISROUTED. `[[setup.zone]]` puts a zone on the edge for each case, under
+that case's model, since whether a zone is accepted depends on the model (`v1-closed`).
 """
 from __future__ import annotations
 
@@ -20,12 +25,13 @@ from lab import oracle
 from lab.client import Outcome, probe
 from lab.dns import query
 from lab.results import CaseResult, RequestResult, matches, parse_decision
-from lab.topology import HOSTNAME_STATUSES, MODELS, PROTECTED, World
+from lab.topology import HOSTNAME_STATUSES, MODELS, PROTECTED, VALIDATION_MODES, CustomHostname, World, Zone
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 _REQUEST_KEYS = {"resolve", "listener", "address", "client", "sni", "host", "path", "method", "headers", "http2",
                  "raw", "also"}
 _TOP_KEYS = {"title", "story", "lesson", "tags", "setup", "request", "expect"}
+_SETUP_KEYS = {"override", "record", "hostname", "zone", "validation"}
 
 
 class ScenarioError(ValueError):
@@ -61,6 +67,15 @@ class Scenario:
     hostnames: tuple[dict, ...]
     requests: tuple[Request, ...]
     expect: dict[str, tuple[str, ...]]  # model -> one expectation per request on the connection
+    validation: str | None = None  # the validation mode its setup asks for (None: leave it)
+    zones: tuple[dict, ...] = ()  # POST /zones bodies, applied per case
+
+    @property
+    def controls_off(self) -> tuple[str, ...]:
+        """The controls this scenario turns off (a default changed by its setup)."""
+        if self.validation is not None and self.validation != VALIDATION_MODES[0]:
+            return (f"validation={self.validation}",)
+        return ()
 
 
 # ---- loading ------------------------------------------------------------------------
@@ -85,12 +100,24 @@ def parse(data: dict, path: Path, world: World | None = None, root: Path | None 
         if not isinstance(data.get(key), str) or not data[key].strip():
             raise fail(key, "missing (a non-empty string)")
     setup = data.get("setup", {})
-    overrides, records, hostnames = (tuple(setup.get(k, ())) for k in ("override", "record", "hostname"))
+    unknown = set(setup) - _SETUP_KEYS
+    if unknown:
+        raise fail(f"setup.{sorted(unknown)[0]}", f"unknown key (expected one of {', '.join(sorted(_SETUP_KEYS))})")
+    overrides, records, hostnames, zones = (tuple(setup.get(k, ())) for k in ("override", "record", "hostname", "zone"))
+    validation = setup.get("validation")
+    if validation is not None and validation not in VALIDATION_MODES:
+        raise fail("setup.validation", f"unknown mode {validation!r} (choose from {', '.join(VALIDATION_MODES)})")
     for i, h in enumerate(hostnames):
         if h.get("status", "active") not in HOSTNAME_STATUSES:
             raise fail(f"setup.hostname[{i}].status", f"unknown status {h.get('status')!r}")
         if "name" not in h:
             raise fail(f"setup.hostname[{i}].name", "missing")
+        if h.get("proof", "real") not in ("real", "poisoned"):
+            raise fail(f"setup.hostname[{i}].proof", "expected \"real\" or \"poisoned\"")
+    for i, z in enumerate(zones):
+        for key in ("name", "origin"):
+            if key not in z:
+                raise fail(f"setup.zone[{i}].{key}", "missing")
     for kind, items in (("override", overrides), ("record", records)):
         for i, item in enumerate(items):
             for key in ("name", "value") + (("type",) if kind == "record" else ()):
@@ -126,7 +153,8 @@ def parse(data: dict, path: Path, world: World | None = None, root: Path | None 
     name = str(path.relative_to(root)) if root and path.is_relative_to(root) else path.name
     return Scenario(name=name.removesuffix(".toml"), path=path, title=data["title"], story=data["story"].strip(),
                     lesson=data["lesson"].strip(), tags=tuple(data.get("tags", ())), overrides=overrides,
-                    records=records, hostnames=hostnames, requests=requests, expect=expect)
+                    records=records, hostnames=hostnames, requests=requests, expect=expect, validation=validation,
+                    zones=zones)
 
 
 def _request(r: Any, key: str, fail, world: World | None) -> Request:
@@ -185,7 +213,8 @@ class LabApi:
         async with self.session.request(method, self.url + path, json=body, headers=self.headers) as resp:
             data = await resp.json()
             if resp.status >= 400:
-                raise ScenarioError(f"control plane: {method} {path}: {resp.status} {data.get('error')}")
+                code = f"{data['code']}: " if data.get("code") else ""
+                raise ScenarioError(f"control plane: {method} {path}: {resp.status} {code}{data.get('error')}")
             return data
 
 
@@ -206,10 +235,12 @@ class Runner:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
             api = LabApi(self.ep, s)
             before = (await api.call("GET", "/model"))["model"]
+            validation = (await api.call("GET", "/validation"))["mode"]
             try:
                 yield api
             finally:
                 await api.call("PUT", "/model", {"model": before})
+                await api.call("PUT", "/validation", {"mode": validation})
 
     async def run(self, scenarios: list[Scenario], models: tuple[str, ...] = MODELS,
                   progress: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
@@ -227,24 +258,53 @@ class Runner:
         self.api = api
         try:
             await self._setup(api, sc, undo)
-            hostnames = await api.call("GET", "/hostnames")
-            world = self.world.with_hostnames(tuple(
-                _custom(h) for h in hostnames if h["status"] != "deleted"))
             out = []
             for model in models:
                 await api.call("PUT", "/model", {"model": model})
-                out.append(await self.run_case(sc, model, world))
+                gone: list[tuple[str, str]] = []
+                try:
+                    notes = await self._zones(api, sc, gone)
+                    out.append(await self.run_case(sc, model, await self._world(api), notes))
+                finally:
+                    await self._undo(api, gone)
             return out
         finally:
-            for method, path in reversed(undo):
-                with contextlib.suppress(ScenarioError, aiohttp.ClientError):
-                    await api.call(method, path)
+            await self._undo(api, undo)
+
+    async def _undo(self, api: LabApi, undo: list[tuple[str, str]]) -> None:
+        for method, path, *body in reversed(undo):
+            with contextlib.suppress(ScenarioError, aiohttp.ClientError):
+                await api.call(method, path, *body)
+
+    async def _world(self, api: LabApi) -> World:
+        """The running lab's world as the oracle judges it: zones added at run time, live hostnames."""
+        zones = tuple(Zone.from_dict(z) for z in await api.call("GET", "/zones") if z["added"])
+        hostnames = await api.call("GET", "/hostnames")
+        return self.world.with_zones(zones).with_hostnames(tuple(
+            CustomHostname(h["name"], h["zone"], h["status"], h.get("poisoned_by"))
+            for h in hostnames if h["status"] != "deleted"))
+
+    async def _zones(self, api: LabApi, sc: Scenario, undo: list) -> list[str]:
+        """Put the scenario's zones on the edge under the current model; a refusal is told, not fatal."""
+        notes = []
+        for z in sc.zones:
+            try:
+                made = await api.call("POST", "/zones", dict(z))
+            except ScenarioError as e:
+                notes.append(f"zone {z['name']} refused: {str(e).split(': ', 2)[-1]}")
+                continue
+            undo.append(("DELETE", f"/zones/{made['name']}"))
+            notes.append(f"zone {made['name']} added" + (f" on v1 listener {made['v1_listener']}"
+                                                         if made["v1_listener"] else ""))
+        return notes
 
     async def _setup(self, api: LabApi, sc: Scenario, undo: list) -> None:
+        if sc.validation is not None:
+            before = (await api.call("GET", "/validation"))["mode"]
+            await api.call("PUT", "/validation", {"mode": sc.validation})
+            undo.append(("PUT", "/validation", {"mode": before}))
         for r in sc.records:
-            await api.call("POST", "/dns/records", {"name": r["name"], "type": r["type"], "value": r["value"],
-                                                    **({"ttl": r["ttl"]} if "ttl" in r else {})})
-            undo.append(("DELETE", f"/dns/records?name={r['name']}&type={r['type']}"))
+            await self._record(api, r["name"], r["type"], r["value"], undo, r.get("ttl"))
         for h in sc.hostnames:
             await self._hostname(api, h, undo)
         for o in sc.overrides:
@@ -262,15 +322,18 @@ class Runner:
         made = await api.call("POST", "/hostnames", {"hostname": h["name"], "zone": zone})
         # Undo means gone: purged, not left behind in `hostnames list` as a deleted row.
         undo.append(("DELETE", f"/hostnames/{made['id']}?purge=1"))
+        if (made["status"] == "blocked") != (status == "blocked"):
+            raise ScenarioError(f"setup: {h['name']} was registered {made['status']}, not {status}: {made['reason']}")
         if status == "deleted":
             await api.call("DELETE", f"/hostnames/{made['id']}")
             return
-        if status == "pending":
+        if h.get("proof") == "poisoned":
+            return await self._forge(api, made, status, undo)
+        if status in ("pending", "blocked"):
             return
         target = self.world.zone_by_name[zone].cname_target
         for rtype, name, value in (("TXT", made["txt_name"], made["txt_token"]), ("CNAME", made["name"], target)):
-            await api.call("POST", "/dns/records", {"name": name, "type": rtype, "value": value})
-            undo.insert(0, ("DELETE", f"/dns/records?name={name}&type={rtype}"))
+            await self._record(api, name, rtype, value, undo, first=True)
         verified = await api.call("POST", f"/hostnames/{made['id']}/verify")
         if verified["status"] != "active":
             raise ScenarioError(f"setup: {h['name']} did not become active: {verified['reason']}")
@@ -280,7 +343,44 @@ class Runner:
             if verified["status"] != "moved":
                 raise ScenarioError(f"setup: {h['name']} did not become moved: {verified['reason']}")
 
-    async def run_case(self, sc: Scenario, model: str, world: World) -> CaseResult:
+    async def _record(self, api: LabApi, name: str, rtype: str, value, undo: list, ttl: int | None = None,
+                      first: bool = False) -> None:
+        """Set a record; its undo deletes it and puts back what it replaced (a CNAME replaces a
+        name's A record: the victim's own www must come back after the scenario)."""
+        before = [r for r in await api.call("GET", "/dns/records") if r["name"] == name]
+        await api.call("POST", "/dns/records", {"name": name, "type": rtype, "value": value,
+                                                **({"ttl": ttl} if ttl is not None else {})})
+        steps = [("DELETE", f"/dns/records?name={name}&type={rtype}")]
+        for t in dict.fromkeys(r["type"] for r in before):
+            rrs = [r for r in before if r["type"] == t]
+            steps.append(("POST", "/dns/records", {"name": name, "type": t, "value": [r["value"] for r in rrs],
+                                                   "ttl": rrs[0]["ttl"]}))
+        # Undo runs last to first, so the delete comes before the restores. `first`: undone after
+        # everything else (a hostname's records outlive its purge).
+        if first:
+            for step in steps:
+                undo.insert(0, step)
+        else:
+            undo.extend(reversed(steps))
+
+    async def _forge(self, api: LabApi, made: dict, status: str, undo: list) -> None:
+        """The attacker proves a name it does not own: targeted overrides, for the addresses it
+        knows the validator asks from (the control plane's, and one vantage point), answer the
+        ownership TXT with its token and point the name at the SaaS target. Then "verify now";
+        the hostname must end `status` (active when validation is single, pending when multi)."""
+        target = self.world.zone_by_name[made["zone"]].cname_target
+        name = made["name"].removeprefix("*.")
+        for client in (self.world.control.host, self.world.vantages[0]):
+            for rtype, owner, value in (("TXT", made["txt_name"], made["txt_token"]), ("CNAME", name, target)):
+                o = await api.call("POST", "/dns/overrides", {"name": owner, "type": rtype, "value": value,
+                                                              "client": client, "ttl": 1})
+                undo.insert(0, ("DELETE", f"/dns/overrides/{o['id']}"))
+        verified = await api.call("POST", f"/hostnames/{made['id']}/verify")
+        if verified["status"] != status:
+            raise ScenarioError(f"setup: {made['name']} is {verified['status']}, not {status}, after the forged "
+                                f"proof: {verified.get('last_error') or verified['reason']}")
+
+    async def run_case(self, sc: Scenario, model: str, world: World, setup: list[str] = ()) -> CaseResult:
         world = world.with_model(model)
         started = time.perf_counter()
         results: list[RequestResult] = []
@@ -291,11 +391,12 @@ class Runner:
         verdict = oracle.worst(r.verdict for r in results)
         failures = [f"request {i + 1}: expected {r.expected}, got {r.outcome}" for i, r in enumerate(results)
                     if not matches(r.expected, r.outcome)]
-        if model in PROTECTED:
+        if model in PROTECTED and not sc.controls_off:  # a control turned off may let it through: that is the lesson
             failures += [f"MISROUTED under protected model {model}: {r.why}" for r in results if r.verdict == oracle.MISROUTED]
         return CaseResult(scenario=sc.name, title=sc.title, model=model, engine=self.engine, verdict=verdict,
                           passed=not failures, failure="; ".join(failures) or None,
-                          ms=round((time.perf_counter() - started) * 1000, 1), requests=results)
+                          ms=round((time.perf_counter() - started) * 1000, 1), requests=results,
+                          controls_off=list(sc.controls_off), setup=list(setup))
 
     async def _request(self, req: Request, world: World, trace: str, expectations) -> list[RequestResult]:
         dns_text = None
@@ -374,9 +475,3 @@ class Runner:
 def _raw_host(raw: str) -> str | None:
     m = re.search(r"(?im)^host:[ \t]*([^\r\n]*)", raw)
     return m.group(1).strip() if m else None
-
-
-def _custom(h: dict):
-    from lab.topology import CustomHostname
-
-    return CustomHostname(h["name"], h["zone"], h["status"])

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lab.topology import MODELS
+from lab.topology import MODELS, VALIDATION_MODES
 
 RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT")
 NAME_MAX = 253           # a DNS name in text form
@@ -31,7 +31,7 @@ class SchemaError(ValueError):
 @dataclass(frozen=True)
 class Field:
     name: str
-    type: str                      # "string", "strings" (one or a list), "integer", "number", "ip"
+    type: str                      # "string", "strings" (one or a list), "integer", "number", "ip", "boolean"
     required: bool = False
     minimum: float | None = None   # numbers: inclusive; strings: shortest length; strings: fewest items
     maximum: float | None = None   # numbers: inclusive; strings: longest length
@@ -75,6 +75,10 @@ def check_field(f: Field, v: Any) -> Any:
         item = Field(f.name, "string", minimum=1, maximum=VALUE_MAX)
         return [_text(item, x, f"{what} value" if not isinstance(v, list) else f"{what}[{i}]")
                 for i, x in enumerate(items)]
+    if f.type == "boolean":
+        if not isinstance(v, bool):
+            raise SchemaError(f"{what}: expected true or false, got {_kind(v)}")
+        return v
     if f.type in ("integer", "number"):
         # bool is an int to Python, never to a user; 5.0 is not an integer either.
         ok = (int,) if f.type == "integer" else (int, float)
@@ -189,6 +193,18 @@ NEW_OVERRIDE = (
     Field("ttl", "integer", minimum=0, maximum=TTL_MAX, default=5),
 )
 MODEL = (Field("model", "string", required=True, enum=MODELS),)
+VALIDATION = (Field("mode", "string", required=True, enum=VALIDATION_MODES,
+                    doc="multi: several vantage points that must agree, DNS proof only for a name on the edge; "
+                        "single: one lookup from the control plane's address (what a targeted poisoning fools)"),)
+NEW_ZONE = (
+    Field("name", **_NAME, doc="the zone's domain"),
+    Field("origin", "string", required=True, minimum=1, maximum=64, doc="a world origin, by name"),
+    Field("saas", "boolean", default=False, doc="a SaaS zone: it may have custom hostnames and a v1 address"),
+    Field("v1_listener", "string", minimum=1, maximum=64,
+          doc="its dedicated v1 address, a listener of the world (refused under v1-waf: v1-closed)"),
+    Field("hosts", "strings", minimum=1, max_items=VALUES_MAX, doc="the names the edge serves (default: the zone's name)"),
+    Field("cname_target", "string", minimum=1, maximum=NAME_MAX, doc="where custom hostnames point (SaaS zones)"),
+)
 DELETE_RECORD = (Field("name", **_NAME), Field("type", "string", enum=RECORD_TYPES))
 EVENTS_MAX = 10000
 EVENTS = (

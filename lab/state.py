@@ -1,7 +1,8 @@
 """Durable state of a running lab, in one SQLite file: `<state dir>/state.db`.
 
 Keeps what a restart must not lose: custom hostnames, DNS records and overrides set
-through the admin, settings (e.g. the model) and the event log. stdlib sqlite3 in WAL
+through the admin, zones added at run time, settings (the model, the validation mode) and
+the event log. stdlib sqlite3 in WAL
 mode: readers never block the writer, and a commit is an append to the WAL (fsync only
 at checkpoints with synchronous=NORMAL), cheap enough for batched event writes.
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
 LOCK_NAME = "state.lock"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # PRAGMA application_id marks the file as ours ("SNIL"), so a foreign SQLite file is refused.
 APPLICATION_ID = 0x534E494C
 
@@ -63,9 +64,27 @@ ALTER TABLE hostnames ADD COLUMN next_check REAL;
 ALTER TABLE hostnames ADD COLUMN negatives INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE hostnames ADD COLUMN negative_since REAL
 """
-TABLES = ("hostnames", "records", "overrides", "settings", "events")
+_HOSTNAME_COLUMNS_2 = ("id, name, zone, status, txt_token, http_token, reason, created, updated, ownership, "
+                      "failures, last_error, next_check, negatives, negative_since")
+# Schema 3: status `blocked` (SQLite changes a CHECK only by copying the table), the lab's
+# record of a forged proof, and zones added at run time.
+MIGRATE_3 = f"""
+CREATE TABLE hostnames_3 (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, zone TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'active', 'moved', 'deleted', 'blocked')),
+    txt_token TEXT NOT NULL, http_token TEXT NOT NULL, reason TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL, ownership TEXT,
+    failures INTEGER NOT NULL DEFAULT 0, last_error TEXT, next_check REAL,
+    negatives INTEGER NOT NULL DEFAULT 0, negative_since REAL, poisoned_by TEXT);
+INSERT INTO hostnames_3 ({_HOSTNAME_COLUMNS_2}) SELECT {_HOSTNAME_COLUMNS_2} FROM hostnames;
+DROP TABLE hostnames;
+ALTER TABLE hostnames_3 RENAME TO hostnames;
+CREATE UNIQUE INDEX hostnames_live_name ON hostnames (name) WHERE status != 'deleted';
+CREATE TABLE zones (name TEXT PRIMARY KEY, data TEXT NOT NULL)
+"""
+TABLES = ("hostnames", "records", "overrides", "settings", "events", "zones")
 HOSTNAME_FIELDS = ("id", "name", "zone", "status", "txt_token", "http_token", "reason", "created", "updated",
-                   "ownership", "failures", "last_error", "next_check", "negatives", "negative_since")
+                   "ownership", "failures", "last_error", "next_check", "negatives", "negative_since", "poisoned_by")
 OVERRIDE_FIELDS = ("id", "name", "type", "value", "client", "expires", "ttl")
 OVERRIDE_TTL = 60
 PRUNE_EVERY = 20  # event-sink flushes between prunings (sooner when a budget's eighth was written)
@@ -146,7 +165,7 @@ class State:
                 # Re-read under the write lock: another process may have migrated it meanwhile.
                 # Statement by statement: executescript() would COMMIT on its own, mid-transaction.
                 version = c.execute("PRAGMA user_version").fetchone()[0]
-                steps = [(1, SCHEMA), (2, MIGRATE_2)]
+                steps = [(1, SCHEMA), (2, MIGRATE_2), (3, MIGRATE_3)]
                 for _, script in (step for step in steps if step[0] > version):
                     for stmt in filter(str.strip, script.split(";")):
                         c.execute(stmt)
@@ -308,6 +327,19 @@ class State:
     def purge_expired(self, now: float) -> int:
         with self._tx() as db:
             return db.execute("DELETE FROM overrides WHERE expires IS NOT NULL AND expires <= ?", (now,)).rowcount
+
+    # -- zones added at run time ---------------------------------------------------
+
+    def zones(self) -> list[dict[str, Any]]:
+        return [json.loads(r[0]) for r in self._read("SELECT data FROM zones ORDER BY rowid")]
+
+    def save_zone(self, d: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO zones (name, data) VALUES (?, ?)", (d["name"], json.dumps(d)))
+
+    def delete_zone(self, name: str) -> int:
+        with self._tx() as db:
+            return db.execute("DELETE FROM zones WHERE name = ?", (name,)).rowcount
 
     # -- settings ------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from typing import Any
 from lab.hostnorm import HostError, normalize
 from lab.models import MODELS, PROTECTED  # re-exported: the names callers know them by
 
-HOSTNAME_STATUSES = ("pending", "active", "moved", "deleted")
+HOSTNAME_STATUSES = ("pending", "active", "moved", "deleted", "blocked")
+VALIDATION_MODES = ("multi", "single")  # the first is the default: the control on
 ORIGIN_KINDS = ("victim", "saas", "collector")
 RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT")
 
@@ -75,6 +76,9 @@ class CustomHostname:
     name: str
     zone: str
     status: str = "pending"
+    # The lab's knowledge, never the edge's: the overrides that answered the verifier when it
+    # activated this name (its proof was forged). The oracle reads it; policy never does.
+    poisoned_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,19 @@ class Zone:
     v1_listener: str | None = None
     v1_allowlisted: bool = False
     rules: tuple[WafRule, ...] = ()
+    added: bool = False  # put on the edge at run time (POST /zones), not by the world file
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the control plane's /zones tells it (WAF rules are the world file's business)."""
+        return {"name": self.name, "origin": self.origin, "saas": self.saas, "hosts": list(self.hosts),
+                "cname_target": self.cname_target, "v1_listener": self.v1_listener,
+                "v1_allowlisted": self.v1_allowlisted, "added": self.added}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Zone":
+        """A zone added at run time, from `to_dict` (never allowlisted for v1, no WAF rules)."""
+        return cls(d["name"], d["origin"], tuple(d["hosts"]), bool(d["saas"]), d.get("cname_target"),
+                   d.get("v1_listener"), added=True)
 
 
 @dataclass(frozen=True)
@@ -182,6 +199,11 @@ class World:
     source: str = "<memory>"
     ttl: int = 60
     challenge_port: int = 80  # where the verifier fetches HTTP ownership tokens
+    # Where the multi-vantage verifier asks from: distinct source addresses that must agree.
+    vantages: tuple[str, ...] = ("127.0.0.41", "127.0.0.42", "127.0.0.43")
+    # The provider's block list: a custom hostname matching one (exact, or `*.suffix` for any
+    # name below it) is registered `blocked` and never verified.
+    blocked_hostnames: tuple[str, ...] = ()
     limits: Limits = Limits()
     compose: Compose = Compose()
 
@@ -222,6 +244,29 @@ class World:
     def with_hostnames(self, hostnames: tuple[CustomHostname, ...]) -> "World":
         return dataclasses.replace(self, custom_hostnames=tuple(hostnames))
 
+    def with_zones(self, added: tuple[Zone, ...]) -> "World":
+        """The world file's zones plus `added` (zones put on the edge at run time), checked as the
+        loader checks a file; the listeners' v1 zones and the resolver's zones follow."""
+        parser = _Parser(f"{self.source} (zones added at run time)")
+        zones = [z for z in self.zones if not z.added] + [dataclasses.replace(z, added=True) for z in added]
+        parser.check_unique([z.name for z in zones], [f"zone {z.name}" for z in zones], what="name")
+        parser.check_unique([h for z in zones for h in z.hosts], [f"zone {z.name}" for z in zones for _ in z.hosts],
+                            what="host")
+        names = {h.name for h in self.custom_hostnames}
+        for z in added:
+            taken = sorted(names & set(z.hosts))
+            if taken:
+                raise WorldError(f"zone {z.name}: {taken[0]} is already a custom hostname on the edge")
+        listeners = parser.v1_addresses(tuple(dataclasses.replace(l, zone=None) for l in self.listeners), zones)
+        dns_zones = self.dns_zones + tuple(z.name for z in added if not _covered(z.name, self.dns_zones))
+        world = dataclasses.replace(self, zones=tuple(zones), listeners=listeners, dns_zones=dns_zones)
+        parser.check_references(world)
+        return world
+
+    def blocked(self, name: str) -> bool:
+        """Is `name` on the provider's block list?"""
+        return any(name == b or (b.startswith("*.") and name.endswith(b[1:])) for b in self.blocked_hostnames)
+
     def with_ports(self, ports: dict[str, int]) -> "World":
         """Rebind actors (by listener/origin name, or 'resolver'/'control'/'proxy') to other ports."""
         listeners = tuple(dataclasses.replace(l, port=ports.get(l.name, l.port)) for l in self.listeners)
@@ -245,6 +290,10 @@ class World:
         if kind == "origin" and name in self.origin_by_name:
             return self.origin_by_name[name].host
         return ref
+
+
+def _covered(name: str, zones: tuple[str, ...]) -> bool:
+    return any(name == z or name.endswith("." + z) for z in zones)
 
 
 def default_path() -> Path:
@@ -275,11 +324,13 @@ class _Parser:
         return value
 
     def ip(self, table: dict, where: str) -> str:
-        value = self.get(table, "host", where, str)
+        return self.address(self.get(table, "host", where, str), f"{where}.host")
+
+    def address(self, value: Any, key: str) -> str:
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:
-            raise self.fail(f"{where}.host", f"not an IP address: {value!r}") from None
+            raise self.fail(key, f"not an IP address: {value!r}") from None
 
     def port(self, table: dict, where: str) -> int:
         value = self.get(table, "port", where, int)
@@ -309,6 +360,11 @@ class _Parser:
         proxy = Endpoint(self.ip(proxy_t, "proxy"), self.port(proxy_t, "proxy"))
         ttl = self.get(resolver_t, "ttl", "resolver", int, 60)
         challenge_port = self.get(control_t, "challenge_port", "control", int, 80)
+        vantages = tuple(self.address(v, f"control.vantages[{i}]")
+                         for i, v in enumerate(self.get(control_t, "vantages", "control", list, list(World.vantages))))
+        if len(set(vantages)) < 2:
+            raise self.fail("control.vantages", "multi-vantage validation needs at least 2 distinct addresses")
+        blocked = tuple(self.name(b, "lab.blocked_hostnames") for b in self.get(lab, "blocked_hostnames", "lab", list, []))
 
         listeners = tuple(self.listener(t, f"listener[{i}]") for i, t in enumerate(self.get(data, "listener", "", list)))
         origins = tuple(
@@ -335,7 +391,8 @@ class _Parser:
         world = World(model=model, tlds=tlds, listeners=listeners, origins=origins, zones=tuple(zones),
                       custom_hostnames=tuple(hostnames), records=records, dns_zones=dns_zones,
                       resolver=resolver, control=control, proxy=proxy, source=self.source, ttl=ttl,
-                      challenge_port=challenge_port, limits=self.limits(self.get(data, "limits", "", dict, {})),
+                      challenge_port=challenge_port, vantages=vantages, blocked_hostnames=blocked,
+                      limits=self.limits(self.get(data, "limits", "", dict, {})),
                       compose=self.compose(self.get(data, "compose", "", dict, {})))
         self.check_references(world)
         return world

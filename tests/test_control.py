@@ -346,3 +346,143 @@ def test_run_against_a_running_lab_leaves_no_hostname_behind(tmp_path):
             await asyncio.wait_for(lab.proc.wait(), 5)
 
     asyncio.run(scenario())
+
+
+async def test_validation_mode_saved_applied_and_restored(up):
+    status, v = await up.api("GET", "/validation")
+    assert status == 200 and v["mode"] == "multi" and v["vantages"] == ["127.0.0.41", "127.0.0.42", "127.0.0.43"]
+    assert not v["http_through_edge"]
+    status, _ = await up.api("PUT", "/validation", {"mode": "single"}, token=False)
+    assert status == 401
+    status, err = await up.api("PUT", "/validation", {"mode": "none"})
+    assert status == 400 and "mode" in err["error"]
+    assert (await up.api("GET", "/validation"))[1]["mode"] == "multi"  # an error changes nothing
+    status, v = await up.api("PUT", "/validation", {"mode": "single"})
+    assert status == 200 and v["mode"] == "single" and v["vantages"] == ["127.0.0.1"] and v["http_through_edge"]
+    status, events = await up.api("GET", "/events?kind=lab.validation")
+    assert [e["mode"] for e in events] == ["single"]
+    await up.restart()
+    assert (await up.api("GET", "/validation"))[1]["mode"] == "single"
+
+
+async def poison_validator(up, h, clients):
+    """The attacker's forged proof: the TXT token and a CNAME to the target, for `clients` only."""
+    for client in clients:
+        for rtype, name, value in (("TXT", h["txt_name"], h["txt_token"]),
+                                   ("CNAME", "www.victim.example", "customers.saas.example")):
+            status, _ = await up.api("POST", "/dns/overrides", {"name": name, "type": rtype, "value": value,
+                                                                "client": client})
+            assert status == 201
+
+
+async def test_a_poisoned_single_validator_activates_the_victims_name_and_v2_sends_it_to_the_saas(up):
+    await up.api("PUT", "/validation", {"mode": "single"})
+    _, h = await up.api("POST", "/hostnames", {"hostname": "www.victim.example", "zone": "saas.example"})
+    await poison_validator(up, h, ["127.0.0.1"])
+    _, h = await up.api("POST", f"/hostnames/{h['id']}/verify")
+    assert h["status"] == "active" and h["ownership"] == "txt", h["reason"]
+    assert h["poisoned_by"]  # the lab knows; the provider did not
+    # the victim's own DNS never changed, but an exact active custom hostname beats the zone (v2)
+    out = await up.get("anycast", "www.victim.example")
+    assert out.cert_valid_for("www.victim.example") and out.response.origin == "saas"
+    assert "an exact custom hostname beats zone victim.example's own host" in out.response.decision
+
+
+async def test_multi_vantage_validation_is_not_fooled_by_poisoning_one_vantage(up):
+    _, h = await up.api("POST", "/hostnames", {"hostname": "www.victim.example", "zone": "saas.example"})
+    await poison_validator(up, h, ["127.0.0.1", "127.0.0.41"])
+    _, h = await up.api("POST", f"/hostnames/{h['id']}/verify")
+    assert h["status"] == "pending"
+    assert "vantage points disagree" in h["last_error"] and "not evidence" in h["last_error"]
+    out = await up.get("anycast", "www.victim.example")
+    assert out.response.origin == "victim"
+    # the poisoning gone, the vantage points agree: nothing proven, and HTTP proof is never
+    # taken for a name the edge already serves (the reason says so)
+    for name in (h["txt_name"], "www.victim.example"):
+        assert (await up.api("DELETE", "/dns/overrides/" + name))[0] == 200
+    _, h = await up.api("POST", f"/hostnames/{h['id']}/verify")
+    assert h["last_error"] is None
+    assert h["status"] == "pending" and "HTTP proof not accepted: its name is already served by the edge" in h["reason"]
+
+
+async def test_zones_added_listed_refused_under_v1_waf_restored_and_removed(up):
+    body = {"name": "saas3.example", "origin": "saas2", "saas": True, "v1_listener": "spare-v1",
+            "hosts": ["saas3.example", "app.saas3.example"], "cname_target": "app.saas3.example"}
+    await up.api("PUT", "/model", {"model": "v1-waf"})
+    status, err = await up.api("POST", "/zones", body)
+    assert status == 403 and err["code"] == "v1-closed" and "no new zone goes on v1" in err["error"]
+    status, zones = await up.api("GET", "/zones")
+    assert "saas3.example" not in {z["name"] for z in zones}
+    # the zone already on the allowlist keeps v1 routing (its WAF allowlist blocks the victim's name)
+    out = await up.get("saas-v1", "www.victim.example")
+    assert out.response.status == 403
+    # a v2 zone is welcome under v1-waf; then removed
+    status, z = await up.api("POST", "/zones", {k: v for k, v in body.items() if k != "v1_listener"})
+    assert status == 201 and z["added"] and not z["v1_listener"]
+    assert (await up.api("DELETE", "/zones/saas3.example"))[0] == 200
+
+    await up.api("PUT", "/model", {"model": "v1"})
+    status, z = await up.api("POST", "/zones", body)
+    assert status == 201 and z["v1_listener"] == "spare-v1" and not z["v1_allowlisted"]
+    out = await up.get("spare-v1", "www.victim.example")  # v1: the new zone's address ignores Host
+    assert out.cert_valid_for("www.victim.example") and out.response.origin == "saas2"
+    await up.restart()
+    status, zones = await up.api("GET", "/zones")
+    assert {z["name"]: z["added"] for z in zones}["saas3.example"] is True
+    out = await up.get("spare-v1", "app.saas3.example")
+    assert out.cert_valid_for("app.saas3.example") and out.response.origin == "saas2"
+    status, err = await up.api("DELETE", "/zones/victim.example")
+    assert status == 400 and "world file" in err["error"]
+    assert (await up.api("DELETE", "/zones/saas3.example"))[0] == 200
+    await up.restart()
+    assert "saas3.example" not in {z["name"] for z in (await up.api("GET", "/zones"))[1]}
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"name": "x.example", "origin": "nowhere"}, "unknown origin"),
+    ({"name": "x.example", "origin": "saas2", "v1_listener": "spare-v1"}, "only a SaaS zone"),
+    ({"name": "x.example", "origin": "saas2", "saas": True, "v1_listener": "saas-v1"}, "already the v1 address"),
+    ({"name": "x.example", "origin": "saas2", "saas": True, "v1_listener": "nope"}, "unknown listener"),
+    ({"name": "x.example", "origin": "saas2", "hosts": ["www.other.example"]}, "not inside zone"),
+    ({"name": "login.victim.example", "origin": "saas2"}, "overlaps zone victim.example"),
+    ({"name": "x.com", "origin": "saas2"}, "outside the lab's TLDs"),
+    ({"name": "x.example", "origin": "saas2", "saas": "yes"}, "expected true or false"),
+    ({"name": "x.example"}, "missing field"),
+])
+async def test_a_bad_zone_is_a_clear_error_and_changes_nothing(up, body, message):
+    await up.api("PUT", "/model", {"model": "v1"})
+    before = await up.api("GET", "/zones")
+    status, err = await up.api("POST", "/zones", body)
+    assert status in (400, 409) and message in err["error"], err
+    assert await up.api("GET", "/zones") == before
+
+
+def test_cli_validation_and_zones(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lab", *a, "--state", str(tmp_path / "state")],
+                                    capture_output=True, text=True, timeout=30)
+
+    async def scenario():
+        lab = UpProcess(tmp_path, model="v1-waf")
+        await lab.start()
+        try:
+            res = await asyncio.to_thread(run, "validation")
+            assert res.returncode == 0 and res.stdout.startswith("multi: from 127.0.0.41, 127.0.0.42, 127.0.0.43")
+            res = await asyncio.to_thread(run, "validation", "single", "--json")
+            assert json.loads(res.stdout)["mode"] == "single"
+            res = await asyncio.to_thread(run, "zones", "add", "saas3.example", "--origin", "saas2", "--saas",
+                                          "--v1-listener", "spare-v1")
+            assert res.returncode == 1 and "no new zone goes on v1" in res.stderr and "Traceback" not in res.stderr
+            res = await asyncio.to_thread(run, "zones", "add", "saas3.example", "--origin", "saas2", "--saas",
+                                          "--host", "app.saas3.example")
+            assert res.returncode == 0 and "[added]" in res.stdout
+            listed = json.loads((await asyncio.to_thread(run, "zones", "list", "--json")).stdout)
+            assert {z["name"]: z["added"] for z in listed} == {"victim.example": False, "saas.example": False,
+                                                               "saas2.example": False, "saas3.example": True}
+            assert (await asyncio.to_thread(run, "zones", "rm", "saas3.example")).returncode == 0
+            res = await asyncio.to_thread(run, "zones", "rm", "saas.example")
+            assert res.returncode == 2 and "world file" in res.stderr
+        finally:
+            lab.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(lab.proc.wait(), 5)
+
+    asyncio.run(scenario())

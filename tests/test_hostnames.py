@@ -221,7 +221,9 @@ def test_zone_names_are_normalised(world):
     ("   ", "empty host"),
     ("bad host.example", "bad host"),
     ("-x.example", "bad host"),
-    ("*.newshop.test", "bad host"),
+    ("*.*.newshop.test", "bad host"),
+    ("www.*.newshop.test", "bad host"),
+    ("*.test", "not a fully qualified name"),
     ("127.0.0.11", "IP address"),
     ("::1", "IP address"),
     ("localhost", "not a fully qualified name"),
@@ -287,3 +289,58 @@ def test_no_failed_lookup_ever_changes_a_status(world, start, evidence):
     for i, ev in enumerate(evidence):
         h, t = verify(h, ev, target=TARGET, now=float(i + 1), recheck=CONCLUSIVE)
         assert t is None and h.status == start and "\n" not in h.last_error
+
+
+def test_vantage_points_that_disagree_are_no_evidence(world):
+    from lab.hostnames import agree
+
+    h = new(world, "www.victim.example")
+    forged = dataclasses.replace(owned_txt(h), poisoned=("ovr-1", "ovr-2"))
+    honest = Evidence(txt=(), http=None, points_to_target=False, dns="A 127.0.0.10")
+    ev = agree({"127.0.0.41": forged, "127.0.0.42": honest, "127.0.0.43": honest})
+    assert ev.error.startswith("not evidence: the vantage points disagree on TXT, DNS target")
+    assert ev.poisoned == ("ovr-1", "ovr-2")
+    h2, t = verify(h, ev, target=TARGET, now=200.0)
+    assert t is None and h2.status == "pending" and h2.failures == 1
+    # an active name is not moved by one poisoned vantage point either
+    active, _ = verify(h, owned_txt(h), target=TARGET, now=200.0, recheck=CONCLUSIVE)
+    gone = agree({"a": Evidence(txt=(), http=None, points_to_target=False, dns="A 127.0.0.66"), "b": owned_txt(h)})
+    assert verify(active, gone, target=TARGET, now=300.0, recheck=CONCLUSIVE)[0].status == "active"
+    # agreement is evidence, whatever order the TXT strings came in
+    same = agree({"a": owned_txt(h), "b": dataclasses.replace(owned_txt(h), txt=tuple(reversed(owned_txt(h).txt)))})
+    assert same.error is None and verify(h, same, target=TARGET, now=400.0)[0].status == "active"
+
+
+def test_a_forged_activation_is_recorded_for_the_oracle_only(world):
+    h = new(world, "www.victim.example")
+    h, t = verify(h, dataclasses.replace(owned_txt(h), poisoned=("ovr-7",)), target=TARGET, now=200.0)
+    assert h.status == "active" and t.new == "active" and h.poisoned_by == "ovr-7"
+    assert h.as_custom_hostname().poisoned_by == "ovr-7"
+    honest, _ = verify(new(world), owned_txt(new(world)), target=TARGET, now=200.0)
+    assert honest.poisoned_by is None
+
+
+def test_a_blocked_name_is_registered_blocked_and_stays_blocked(world):
+    h = new(world, "www.bank.test")
+    assert h.status == "blocked" and "block list" in h.reason and not routable(h)
+    assert verify(h, owned_txt(h), target=TARGET, now=200.0) == (h, None)
+    h, t = delete(h, now=300.0)
+    assert (t.old, t.new) == ("blocked", "deleted")
+    assert new(world, "bank.test").status == "blocked" and new(world, "notbank.test").status == "pending"
+
+
+def test_a_wildcard_is_proven_at_its_base_by_txt_only(world):
+    h = new(world, "*.newshop.test")
+    assert txt_name(h.name) == "_sni-lab-custom-hostname.newshop.test"
+    assert h.http_token not in h.reason and h.reason.endswith(f"point *.newshop.test at {TARGET}")
+    by_http = Evidence(txt=(), http=h.http_token, points_to_target=True, dns="CNAME customers.saas.example")
+    assert verify(h, by_http, target=TARGET, now=200.0)[0].status == "pending"
+    assert verify(h, owned_txt(h), target=TARGET, now=200.0)[0].status == "active"
+
+
+def test_served_by_edge(world):
+    from lab.hostnames import served_by_edge
+
+    assert served_by_edge(world, new(world, "www.victim.example"))
+    assert served_by_edge(world, new(world, "*.victim.example"))  # its base is a zone's own host
+    assert not served_by_edge(world, new(world, "www.newshop.test"))

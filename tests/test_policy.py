@@ -104,12 +104,43 @@ def test_host_forgets_a_deleted_registration(world):
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("status", ["pending", "active"])
-def test_a_zone_own_host_wins_over_a_registration(world, model, status):
-    # www.victim.example registered on the SaaS zone (the attacker's claim, or even an
-    # active one): by Host, the victim's zone keeps its own name.
+@pytest.mark.parametrize("status", ["pending", "moved", "blocked"])
+def test_a_zone_own_host_wins_over_a_registration_that_proved_nothing(world, model, status):
+    # www.victim.example registered on the SaaS zone (the attacker's claim): by Host, the
+    # victim's zone keeps its own name, even under `host`, which trusts registrations.
     w = registered(world, "www.victim.example", status)
     d = decide(w.listener_by_name[ANY], "www.victim.example", Target(("www.victim.example",)), w, model)
+    assert (d.origin, d.rule) == ("victim", "zone-host")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_an_exact_active_custom_hostname_beats_the_zone(world, model):
+    # Cloudflare's hostname priority: among exact matches the custom hostname wins, so the
+    # owner of www.victim.example can hand it to a SaaS by proving it (and so can a poisoned validator).
+    w = registered(world, "www.victim.example", "active")
+    d = decide(w.listener_by_name[ANY], "www.victim.example", Target(("www.victim.example",)), w, model)
+    assert (d.origin, d.rule) == ("saas", "custom-hostname")
+    assert "an exact custom hostname beats zone victim.example's own host" in d.reason
+    # the zone's other names stay the zone's
+    d = decide(w.listener_by_name[ANY], "victim.example", Target(("victim.example",)), w, model)
+    assert (d.origin, d.rule) == ("victim", "zone-host")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_for_wildcards_the_zone_wins(world, model):
+    w = registered(world, "*.victim.example", "active")
+    anycast = w.listener_by_name[ANY]
+    d = decide(anycast, "www.victim.example", Target(("www.victim.example",)), w, model)
+    assert (d.origin, d.rule) == ("victim", "zone-host")
+    # a name the zone does not serve is the wildcard custom hostname's
+    d = decide(anycast, "login.victim.example", Target(("login.victim.example",)), w, model)
+    assert (d.origin, d.rule) == ("saas", "custom-hostname")
+    assert "(by *.victim.example)" in d.reason
+    # and a zone's own wildcard beats a wildcard custom hostname
+    zones = tuple(dataclasses.replace(z, hosts=z.hosts + ("*.victim.example",)) if z.name == "victim.example" else z
+                  for z in w.zones)
+    d = decide(anycast, "login.victim.example", Target(("login.victim.example",)), dataclasses.replace(w, zones=zones),
+               model)
     assert (d.origin, d.rule) == ("victim", "zone-host")
 
 
@@ -191,3 +222,23 @@ def test_every_model_differs_from_every_other_on_some_scenario():
     same = [(a, b) for a, b in itertools.combinations(MODELS, 2)
             if all(sc.expect[a] == sc.expect[b] for sc in catalog)]
     assert not same, f"models with identical expectations on all {len(catalog)} scenarios: {same}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_new_zone_on_v1_is_refused_only_by_the_v1_allowlist_control(world, model):
+    from lab.policy import admit_zone
+    from lab.topology import Zone
+
+    new = Zone("saas3.example", "saas2", ("saas3.example",), saas=True, v1_listener="spare-v1", added=True)
+    d = admit_zone(world.with_model(model), new)
+    if models.get(model).v1_allowlist:
+        assert (d.status, d.code) == (403, "v1-closed") and "no new zone goes on v1" in d.reason
+    else:
+        assert d is None
+    assert admit_zone(world.with_model(model), dataclasses.replace(new, v1_listener=None)) is None
+    # once added (where allowed), the listener is the zone's, though the engine bound it before
+    w = world.with_model(model).with_zones((new,))
+    bound = world.listener_by_name["spare-v1"]
+    assert bound.zone is None and w.listener_by_name["spare-v1"].zone == "saas3.example"
+    d = decide(bound, "www.victim.example", Target(("www.victim.example",)), w, model)
+    assert d.origin == ("saas2" if model == "v1" else "victim")

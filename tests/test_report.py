@@ -98,7 +98,7 @@ def _grid(text: str) -> dict[str, dict[str, str]]:
 
 
 def _cell(r: CaseResult) -> str:
-    return r.verdict + ("" if r.passed else " ✗")
+    return r.verdict + (" ⊘" if r.controls_off else "") + ("" if r.passed else " ✗")
 
 
 # ---- results: what the run recorded --------------------------------------------------------
@@ -123,7 +123,8 @@ def test_summary_names_the_failed_case_and_the_v1_misroutes(run):
     host, v1 = (sum(r.verdict == "MISROUTED" for r in run if r.model == m) for m in ("host", "v1"))
     assert host and v1  # the unverified baseline and the write-up's model both misroute somewhere
     assert summary_line(s) == (f"{len(run)} cases, {len(run) - 1} passed, 1 failed; "
-                               f"MISROUTED: {host} under host, {v1} under v1, 0 under protected models")
+                               f"MISROUTED: {host} under host, {v1} under v1, 0 under protected models; "
+                               f"{len(MODELS)} cases with a control off")
 
 
 def test_a_saved_run_loads_back_and_renders_the_same(run, two_engines):
@@ -247,7 +248,8 @@ def test_markdown_has_a_row_per_scenario_with_its_verdicts(run):
     for r in run:
         cells = rows[r.scenario]
         assert len(cells) == len(MODELS) + 1  # a cell per model, then the title
-        assert cells[MODELS.index(r.model)] == (r.verdict if r.passed else f"❌ {r.verdict}"), r.id
+        text = r.verdict + (" ⊘" if r.controls_off else "")
+        assert cells[MODELS.index(r.model)] == (text if r.passed else f"❌ {text}"), r.id
     assert rows[ODD][-1] == r"Wrong \<on\> purpose & \| piped\\x1b\[2J second line"
 
 
@@ -316,3 +318,39 @@ def test_explain_a_failed_case_says_why(run):
     text = explain(r)
     assert "\x1b" not in text.splitlines()[0] and "\\x1b[2J second line" in text.splitlines()[0]
     _in_order(text, "5. Verdict: SAFE", "expected nobody, got victim ✗ (mismatch)", f"FAILED: {ODD_FAILURE}")
+
+
+def test_a_case_that_turns_a_control_off_is_reported_as_such(run):
+    off = [r for r in run if r.scenario == "validator-poisoned-single"]
+    assert {r.model for r in off} == set(MODELS)
+    assert all(r.controls_off == ["validation=single"] and r.verdict == "MISROUTED" and r.passed for r in off)
+    # every other case runs with its controls at their defaults, and no protected model is MISROUTED there
+    assert not [r.id for r in run if r.controls_off and r.scenario != "validator-poisoned-single"]
+    s = summary(run)
+    assert "validator-poisoned-single[v2]" in s["misrouted"]["v2"]
+    assert not any(i.startswith("validator-poisoned-single") for i in s["protected_misrouted"])
+    assert s["controls_off"]["validator-poisoned-single[v2]"] == ["validation=single"]
+    assert "5 cases with a control off" in summary_line(s)
+    # the same case with its controls at their defaults would count (and its runner would fail it)
+    on = [dataclasses.replace(r, controls_off=[]) for r in off]
+    assert {i for i in summary(on)["protected_misrouted"]} == {f"validator-poisoned-single[{m}]"
+                                                                for m in ("v1-waf", "v2", "v2-strict")}
+    text = ANSI.sub("", table(run, color=False, width=160))
+    row = next(line for line in text.splitlines() if line.startswith("validator-poisoned-single"))
+    assert row.count("MISROUTED ⊘") == len(MODELS)
+    assert "⊘ a control turned off by the scenario" in text and "validator-poisoned-single[v2]  validation=single" in text
+    root = ET.fromstring(junit(run))
+    case = root.find(".//testcase[@name='validator-poisoned-single[v2]']")
+    assert case.find("properties/property[@name='controls_off']").get("value") == "validation=single"
+    assert case.find("failure") is None and "controls off: validation=single" in case.find("system-out").text
+    md = markdown(run)
+    assert "## Cases with a control off" in md and "MISROUTED ⊘" in md
+    assert {r.id: r.controls_off for r in from_json(to_json(run))} == {r.id: r.controls_off for r in run}
+
+
+def test_a_refused_zone_is_told_in_its_case(run):
+    cases = {r.model: r for r in run if r.scenario == "new-v1-zone-refused"}
+    assert cases["v1-waf"].setup[0].startswith("zone saas3.example refused: 403 v1-closed: ")
+    assert "no new zone goes on v1" in cases["v1-waf"].setup[0]
+    assert cases["v1"].setup == ["zone saas3.example added on v1 listener spare-v1"]
+    assert cases["v1"].verdict == "MISROUTED"

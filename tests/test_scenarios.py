@@ -77,7 +77,9 @@ async def test_broken_edge_makes_the_catalog_fail(fresh_lab, world, monkeypatch)
     results = await runner.run(discover(None, DEFAULT_DIR, world), ("v2",))
     misrouted = [r for r in results if r.verdict == "MISROUTED"]
     assert misrouted, "a v1-routing edge under v2 must misroute the attack"
-    assert all(not r.passed and "MISROUTED under protected model v2" in r.failure for r in misrouted)
+    assert all(not r.passed and "MISROUTED under protected model v2" in r.failure for r in misrouted if not r.controls_off)
+    # only a case that turned a control off itself may be MISROUTED under v2 and pass
+    assert [r.id for r in misrouted if r.passed] == ["validator-poisoned-single[v2]"]
     assert any(r.scenario.startswith("dns-poison") or "attack" in r.scenario for r in misrouted), \
         [r.scenario for r in misrouted]
 
@@ -85,7 +87,9 @@ async def test_broken_edge_makes_the_catalog_fail(fresh_lab, world, monkeypatch)
 async def test_unbroken_edge_passes_the_catalog_under_v2(fresh_lab, world):
     results = await Runner(fresh_lab.endpoints, fresh_lab.world).run(discover(None, DEFAULT_DIR, world), ("v2",))
     assert [r.failure for r in results if not r.passed] == []
-    assert not any(r.verdict == "MISROUTED" for r in results)
+    # with its controls at their defaults, v2 misroutes nothing
+    assert [r.id for r in results if r.verdict == "MISROUTED"] == ["validator-poisoned-single[v2]"]
+    assert [r.id for r in results if r.controls_off] == ["validator-poisoned-single[v2]"]
 
 
 def test_matrix_cli_json_junit_and_markdown_tell_the_same_run(tmp_path):

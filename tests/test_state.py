@@ -411,7 +411,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_hostnames(tmp_path):
                                   negative_since=3.0))
         assert st.hostname("h2").to_dict() == hostname("h2", failures=2, last_error="no answer", next_check=9.0,
                                                        negatives=1, negative_since=3.0).to_dict()
-    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_newest_events_filtered_in_the_database(tmp_path):
@@ -439,3 +439,32 @@ def test_purge_removes_the_row_and_stores_its_event(tmp_path):
         assert [h.id for h in st.hostnames()] == ["h2"] and st.hostname("www.newshop.test") is None
         assert st.events()[-1] == event
         assert st.purge_hostname("h1") == 0
+
+
+def test_a_schema_2_database_is_migrated_keeps_its_hostnames_and_takes_blocked_and_zones(tmp_path):
+    from lab.state import APPLICATION_ID, MIGRATE_2, SCHEMA
+
+    db = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+    for stmt in filter(str.strip, (SCHEMA + ";" + MIGRATE_2).split(";")):
+        db.execute(stmt)
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    db.execute("PRAGMA user_version=2")
+    db.execute("INSERT INTO hostnames VALUES ('h1', 'shop.customer.example', 'saas.example', 'active', 't', 'h', "
+               "'declared active', 1.0, 2.0, 'world', 1, 'no answer', 5.0, 0, NULL)")
+    with pytest.raises(sqlite3.IntegrityError):  # schema 2 knew no blocked status
+        db.execute("INSERT INTO hostnames VALUES ('h9', 'x.bank.test', 'saas.example', 'blocked', 't', 'h', "
+                   "'r', 1.0, 2.0, NULL, 0, NULL, NULL, 0, NULL)")
+    db.close()
+    with State(tmp_path) as st:
+        (h,) = st.hostnames()
+        assert (h.name, h.status, h.failures, h.last_error, h.poisoned_by) == \
+               ("shop.customer.example", "active", 1, "no answer", None)
+        st.save_hostname(hostname("h2", status="blocked", poisoned_by=None))
+        st.save_hostname(hostname("h3", name="www.victim.example", status="active", poisoned_by="ovr-1"))
+        assert st.hostname("h2").status == "blocked" and st.hostname("h3").poisoned_by == "ovr-1"
+        with pytest.raises(HostnameError):  # the live-name index came back with the table
+            st.save_hostname(hostname("h4", name="www.victim.example"))
+        st.save_zone({"name": "saas3.example", "origin": "saas2", "saas": True, "hosts": ["saas3.example"]})
+        assert [z["name"] for z in st.zones()] == ["saas3.example"]
+        assert st.delete_zone("saas3.example") == 1 and st.zones() == []
+    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 3

@@ -80,6 +80,7 @@ async def s_client(lab, listener: str, sni: bytes | str | None, *args: str, requ
 SNI_FORMS = [
     # every SNI of the catalog (test_every_catalog_sni_is_covered keeps this list whole)
     ("www.victim.example", VICTIM, "www.victim.example"),
+    ("victim.example", VICTIM, "victim.example"),
     ("other.victim.example", VICTIM, "other.victim.example"),
     ("shop.victim.example", VICTIM, "shop.victim.example"),
     ("app.saas.example", SAAS, "app.saas.example"),
@@ -87,6 +88,7 @@ SNI_FORMS = [
     ("shop.customer.example", ["shop.customer.example"], "shop.customer.example"),
     ("nothing.example", None, None),
     ("www.newshop.test", None, None),  # pending in its scenarios: no certificate in the default world
+    ("app.saas3.example", None, None),  # a zone only added at run time (new-v1-zone-refused)
     (None, None, None),  # no SNI (the catalog's sni = "")
     # forms the policy normalises: case, one trailing dot, an IDN's A-label
     ("WWW.Victim.EXAMPLE", VICTIM, "www.victim.example"),

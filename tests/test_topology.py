@@ -12,12 +12,12 @@ from lab.world import load
 def test_default_world(world):
     assert world.model == "v1"
     assert {l.name: l.host for l in world.listeners} == {"anycast": "127.0.0.10", "saas-v1": "127.0.0.11",
-                                                          "saas2-v1": "127.0.0.12"}
+                                                          "saas2-v1": "127.0.0.12", "spare-v1": "127.0.0.13"}
     saas = world.zone_by_name["saas.example"]
     assert saas.saas and saas.v1_allowlisted and saas.v1_listener == "saas-v1"
     # the file states the dedicated address once, on the zone; the listener's side is derived
     assert {l.name: l.zone for l in world.listeners} == {"anycast": None, "saas-v1": "saas.example",
-                                                          "saas2-v1": "saas2.example"}
+                                                          "saas2-v1": "saas2.example", "spare-v1": None}
     assert not world.zone_by_name["saas2.example"].v1_allowlisted
     assert world.authorized_hosts(saas)[-1] == "shop.customer.example"
     assert world.address_of("listener:saas-v1") == "127.0.0.11"
@@ -135,3 +135,37 @@ def test_rule_that_does_not_compile_is_rejected_at_load(tmp_path):
         load(path)
     assert "zone saas.example rule 'broken'" in str(e.value) and str(path) in str(e.value)
     assert "Syntax error" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_with_zones_checks_as_the_loader_does_and_keeps_the_file_zones(world):
+    import dataclasses
+
+    from lab.topology import Zone
+
+    new = Zone("saas3.example", "saas2", ("saas3.example", "app.saas3.example"), saas=True, v1_listener="spare-v1")
+    w = world.with_zones((new,))
+    assert [z.name for z in w.zones][-1] == "saas3.example" and w.zone_by_name["saas3.example"].added
+    assert "saas3.example" in w.dns_zones and w.listener_by_name["spare-v1"].zone == "saas3.example"
+    assert w.with_zones(()).zones == world.zones and w.with_zones(()).listener_by_name["spare-v1"].zone is None
+    for bad, message in [(dataclasses.replace(new, name="victim.example"), "duplicate name"),
+                         (dataclasses.replace(new, hosts=("app.saas.example",)), "duplicate host"),
+                         (dataclasses.replace(new, v1_listener="saas-v1"), "already the v1 address"),
+                         (dataclasses.replace(new, origin="nowhere"), "unknown origin")]:
+        with pytest.raises(WorldError, match=message):
+            world.with_zones((bad,))
+
+
+def test_vantages_and_block_list(world):
+    import tomllib
+
+    from lab.topology import default_path, parse
+
+    assert world.vantages == ("127.0.0.41", "127.0.0.42", "127.0.0.43")
+    assert world.blocked("www.bank.test") and world.blocked("bank.test") and not world.blocked("notbank.test")
+    for vantages, message in [(["127.0.0.41"], "control.vantages: multi-vantage validation needs at least 2"),
+                              (["127.0.0.41", "nope"], "control.vantages[1]: not an IP address")]:
+        data = tomllib.loads(default_path().read_text())
+        data["control"]["vantages"] = vantages
+        with pytest.raises(WorldError) as e:
+            parse(data, "w.toml")
+        assert str(e.value).startswith(f"w.toml: {message}")
