@@ -60,10 +60,13 @@ def bridge_world(world: World) -> World:
                     for o in world.origins)
     resolver = Endpoint(bridge_address(world, world.resolver.host, "resolver.host"), c.dns_port)
     control = Endpoint(bridge_address(world, world.control.host, "control.host"), world.control.port)
-    moved = dataclasses.replace(world, listeners=listeners, origins=origins, resolver=resolver, control=control)
+    vantages = tuple(bridge_address(world, v, f"control.vantages[{i}]") for i, v in enumerate(world.vantages))
+    moved = dataclasses.replace(world, listeners=listeners, origins=origins, resolver=resolver, control=control,
+                                vantages=vantages)
     seen: dict[str, str] = {}
     for label, host in [*((f"listener {l.name}", l.host) for l in listeners), *((f"origin.{o.name}", o.host) for o in origins),
-                        ("resolver", resolver.host), ("control", control.host)]:
+                        ("resolver", resolver.host), ("control", control.host),
+                        *((f"control vantage {i}", v) for i, v in enumerate(vantages))]:
         if host in seen:
             raise WorldError(f"{world.source}: {label}: bridge address {host} is also {seen[host]}'s; on the bridge "
                              f"every actor (and every listener, all on port {c.edge_port}) needs an address of its own")
@@ -103,11 +106,14 @@ def services(world: World, config: str | None = None) -> dict:
     svcs = {
         "init": _service(role("init"), None, [f"certs:{CERTS}", f"secret:{SECRET}", f"trust:{TRUST}", *world_mount],
                          [], {}, build={"context": ".", "args": {"BASE": "${SNI_LAB_BASE:-python:3.12-slim}"}}),
+        # The verifier asks from several vantage addresses that must agree: aliases of the control
+        # container, added by its entrypoint as the edge's listener addresses are.
         "control": _service(role("control"), bw.control.host,
                             [f"secret:{SECRET}:ro", f"trust:{TRUST}:ro", f"state:{STATE}", *world_mount],
                             ["CMD", "curl", "-sf", "-o", "/dev/null", f"http://{bw.control.host}:{bw.control.port}/health"],
                             {"init": "service_completed_successfully"},
-                            ports=[f"127.0.0.1:{world.control.port}:{bw.control.port}"]),
+                            ports=[f"127.0.0.1:{world.control.port}:{bw.control.port}"],
+                            user="0", cap_add=["NET_ADMIN"], environment={"LAB_ADDRESSES": " ".join(bw.vantages)}),
         "resolver": _service(role("resolver"), bw.resolver.host, [f"secret:{SECRET}:ro", *world_mount], ready,
                              after_control, sysctls={"net.ipv4.ip_unprivileged_port_start": 0}),
         # The collector serves https (a lab leaf) and verifies the victim's edge on replay: it needs the certs.
@@ -132,7 +138,8 @@ def services(world: World, config: str | None = None) -> dict:
             "ipam": {"config": [{"subnet": world.compose.subnet, "ip_range": dynamic_range(world),
                                  "gateway": gateway(world),
                                  # the edge's extra listener addresses: Docker must never give them away
-                                 "aux_addresses": {l.name: l.host for l in bw.listeners if l.host in aliases}}]},
+                                 "aux_addresses": {**{l.name: l.host for l in bw.listeners if l.host in aliases},
+                                                   **{f"vantage-{i}": v for i, v in enumerate(bw.vantages)}}}]},
         }},
         "volumes": {"certs": {}, "secret": {}, "trust": {}, "state": {}},
     }

@@ -158,6 +158,18 @@ def main() -> int:
             if model == "v1":
                 expect("the SaaS origin's page is the attacker tenant's", "attacker" in got[2], got[2][:200])
 
+        # A custom hostname proven by TXT goes active on the stack: every vantage point of the
+        # control container reaches the resolver over the bridge, and they agree.
+        status, body = host_api("POST", "/hostnames", token, {"hostname": "www.newshop.test", "zone": "saas.example"})
+        h = json.loads(body)
+        expect("a custom hostname registered through the control plane", status == 201, (status, h))
+        for record in ({"name": "www.newshop.test", "type": "CNAME", "value": "customers.saas.example"},
+                       {"name": h["txt_name"], "type": "TXT", "value": h["txt_token"]}):
+            host_api("POST", "/dns/records", token, record)
+        status, body = host_api("POST", "/hostnames/www.newshop.test/verify", token)
+        h = json.loads(body)
+        expect("a hostname proven by TXT is verified active from every vantage point", h.get("status") == "active", h)
+
         out = compose("run", "--rm", "-T", "client", "sni-lab", "matrix", check=False, timeout=900)
         expect("sni-lab matrix in the client passes", out.returncode == 0, out.stdout[-1500:] + out.stderr[-1500:])
 

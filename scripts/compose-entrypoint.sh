@@ -2,7 +2,8 @@
 # The image's entrypoint. Services that need root for one step start as root (`user: "0"`
 # in docker-compose.yml), do only that step here, and run the lab as the `lab` user with
 # no capability left:
-#   LAB_ADDRESSES  the edge: its other listener addresses, added to its interface (NET_ADMIN)
+#   LAB_ADDRESSES  extra addresses of this container, added to its interface (NET_ADMIN): the
+#                  edge's other listeners, the control plane's validation vantage points
 #   LAB_TRUST      the client: this CA certificate into the system trust store
 set -eu
 if [ "$(id -u)" = 0 ]; then
