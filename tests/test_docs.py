@@ -39,3 +39,11 @@ def test_no_project_document_cites_a_design_file_users_do_not_have():
         if path.is_file() and re.search(r"\.\./shared|(^|[^/])DESIGN\.md", path.read_text(errors="replace")):
             cited.append(str(path.relative_to(ROOT)))
     assert cited == [], "point these at docs/design.md"
+
+
+def test_the_model_tables_are_the_code_s():
+    from lab import models
+
+    table = models.markdown().split("\n\n")[0].strip()
+    for doc in ("README.md", "docs/design.md"):
+        assert table in (ROOT / doc).read_text(), f"{doc}: the models table differs from lab/models.py"
