@@ -64,11 +64,15 @@ def test_fixed_addresses_stay_out_of_dockers_range_and_the_edge_holds_every_list
     fixed = [s["networks"]["lab"]["ipv4_address"] for s in data["services"].values() if isinstance(s.get("networks"), dict)]
     edge = data["services"]["edge"]
     aliases = edge["environment"]["LAB_ADDRESSES"].split()
-    assert not any(ipaddress.ip_address(a) in dynamic for a in fixed + aliases)
-    assert len(set(fixed + aliases)) == len(fixed + aliases)
+    extra = aliases + data["services"]["control"]["environment"]["LAB_ADDRESSES"].split()
+    assert not any(ipaddress.ip_address(a) in dynamic for a in fixed + extra)
+    assert len(set(fixed + extra)) == len(fixed + extra)
     bw = compose.bridge_world(world)
     assert {edge["networks"]["lab"]["ipv4_address"], *aliases} == {l.host for l in bw.listeners}
-    assert set(pool["aux_addresses"].values()) == set(aliases)  # Docker never hands them out
+    control = data["services"]["control"]
+    vantages = control["environment"]["LAB_ADDRESSES"].split()
+    assert vantages == list(bw.vantages) and "NET_ADMIN" in control["cap_add"]  # the verifier's vantage points
+    assert set(pool["aux_addresses"].values()) == set(aliases) | set(vantages)  # Docker never hands them out
     assert "NET_ADMIN" in edge["cap_add"]
 
 

@@ -162,16 +162,21 @@ def _zone(check: dict, facts: Facts) -> tuple[bool, str]:
 
 
 def _catalog(check: dict, facts: Facts) -> tuple[bool, str]:
-    """No case MISROUTED; every case of a scenario tagged `legit` answered as its file expects."""
+    """No case MISROUTED; every case of a scenario tagged `legit` answered as its file expects.
+
+    `skip_tags`: scenarios the exercise's lesson cannot reach (a control turned off, a zone
+    added at run time that no rule of the attendee's zones covers)."""
     if not facts.catalog:
         return False, f"the catalog did not run: {facts.catalog_error or 'no scenario'}"
     legit_tag = check.get("legit", "legit")
-    bad = [f"{c['scenario']}: MISROUTED" for c in facts.catalog if c["verdict"] == "MISROUTED"]
+    skip = set(check.get("skip_tags", ()))
+    cases = [c for c in facts.catalog if not skip & set(c["tags"])]
+    bad = [f"{c['scenario']}: MISROUTED" for c in cases if c["verdict"] == "MISROUTED"]
     bad += [f"{c['scenario']}: a legitimate request got {c['outcome']} (expected {c['expected']})"
-            for c in facts.catalog if legit_tag in c["tags"] and not c["passed"] and c["verdict"] != "MISROUTED"]
+            for c in cases if legit_tag in c["tags"] and not c["passed"] and c["verdict"] != "MISROUTED"]
     if not bad:
-        legit = sum(legit_tag in c["tags"] for c in facts.catalog)
-        return True, f"{len(facts.catalog)} cases under {check['model']}: none MISROUTED, {legit} legitimate ones answered"
+        legit = sum(legit_tag in c["tags"] for c in cases)
+        return True, f"{len(cases)} cases under {check['model']}: none MISROUTED, {legit} legitimate ones answered"
     more = f" (and {len(bad) - SHOWN} more)" if len(bad) > SHOWN else ""
     return False, f"{len(bad)} problem(s) under {check['model']}: " + "; ".join(bad[:SHOWN]) + more
 
