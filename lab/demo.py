@@ -44,8 +44,9 @@ import aiohttp
 
 from lab.browser import attached, manual_settings, proxy_url, victim_url
 from lab.events import new_trace
+from lab.matrix import running_lab
 from lab.origins.bank import read_account
-from lab.remote import RemoteError, endpoints
+from lab.remote import RemoteError
 from lab.strips import INTERNAL
 
 VICTIM = "www.victim.example"
@@ -614,20 +615,6 @@ def _intro(ep: dict, say) -> None:
         say("   " + line)
 
 
-async def _running(state: str | Path) -> dict | None:
-    """The endpoints of the lab running for `state`, if its control plane answers."""
-    try:
-        ep = endpoints(state)
-    except RemoteError:
-        return None
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
-            async with s.get(ep["control"]["url"] + "/health") as r:
-                return ep if r.status == 200 else None
-    except (aiohttp.ClientError, OSError, TimeoutError, KeyError, TypeError):
-        return None
-
-
 async def _client(ep: dict, state: str | Path, say):
     found = attached(state)
     if found is None:
@@ -702,7 +689,7 @@ async def _demo(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     lab = None
-    ep = await _running(args.state)
+    ep = await running_lab(args.state, timeout=2.0)
     if ep is not None:
         say(f"Using the lab running for {args.state}/ ({ep['control']['url']})"
             + ("; --config is ignored" if args.config else ""))

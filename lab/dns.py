@@ -34,6 +34,7 @@ from typing import Callable
 from dnslib import QTYPE, RCODE, RR, DNSLabel, DNSRecord, EDNS0, EDNSOption
 
 from lab.binding import bind_error
+from lab.caps import Caps
 from lab.events import Events
 from lab.hostnorm import HostError, is_ip, normalize
 from lab.resolver import (EDNS_SIZE, MARK_OPTION, MAX_QUERY, TRACE_CHARS, TRACE_OPTION, Override, Zones,
@@ -85,7 +86,7 @@ class Resolver:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._tcp_tasks: set[asyncio.Task] = set()
-        self._tcp_by_client: dict[str, int] = {}
+        self._tcp_caps = Caps()
         self.address: tuple[str, int] | None = None
         # Queries carrying this (MARK_OPTION) are the lab's own: their events say internal. It is
         # never in an event, so a client cannot learn it to hide its lookups from the page.
@@ -296,9 +297,10 @@ class Resolver:
         lim = self.world.limits
         total = lim.dns_tcp_max_connections
         per_client = max(1, min(lim.dns_tcp_per_client, total - 1))  # below the total: room for others
-        if len(self._tcp_tasks) >= total:
+        met = self._tcp_caps.admit(client, total, per_client)
+        if met == "total":
             return f"{total} TCP connections open, the limit"
-        if self._tcp_by_client.get(client, 0) >= per_client:
+        if met == "client":
             return f"more than {per_client} TCP connections from one client"
         return None
 
@@ -312,7 +314,6 @@ class Resolver:
             return
         task = asyncio.current_task()
         self._tcp_tasks.add(task)
-        self._tcp_by_client[client] = self._tcp_by_client.get(client, 0) + 1
         timeout, served = self.world.limits.dns_tcp_idle_timeout, 0
         try:
             while True:
@@ -348,9 +349,7 @@ class Resolver:
             pass
         finally:
             self._tcp_tasks.discard(task)
-            left = self._tcp_by_client.pop(client) - 1
-            if left:
-                self._tcp_by_client[client] = left
+            self._tcp_caps.release(client)
             writer.transport.abort()
 
 

@@ -27,8 +27,8 @@ def parse_list(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[
     return items
 
 
-async def _running_lab(state: str) -> dict | None:
-    """The endpoints of a lab that answers its health check, or None."""
+async def running_lab(state: str | Path, timeout: float = 1.0) -> dict | None:
+    """The endpoints of the lab running for `state`, if its control plane answers its health check."""
     try:
         ep = read_endpoints(state)
     except RemoteError:
@@ -36,10 +36,10 @@ async def _running_lab(state: str) -> dict | None:
     import aiohttp
 
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as s:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
             async with s.get(ep["control"]["url"] + "/health") as r:
                 return ep if r.status == 200 else None
-    except (aiohttp.ClientError, OSError, KeyError, TimeoutError):
+    except (aiohttp.ClientError, OSError, KeyError, TypeError, TimeoutError):  # TypeError: an odd endpoints file
         return None
 
 
@@ -72,7 +72,7 @@ async def execute(args, scenarios: list[Scenario], models: tuple[str, ...], engi
     """Run against the running lab when it fits, else a fresh in-process lab per engine.
     With `events` given, the edge's and origins' events of every request are appended to it."""
     world = load(args.config)
-    running = None if args.fresh or len(engines) > 1 else await _running_lab(args.state)
+    running = None if args.fresh or len(engines) > 1 else await running_lab(args.state)
     if running and (not engines or running.get("engine") in engines):
         results = await Runner(running, world).run(scenarios, models, progress)
         if events is not None:

@@ -32,6 +32,7 @@ from typing import Callable
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from lab.binding import bind_error
+from lab.caps import Caps
 from lab.dns import query
 from lab.events import Events, new_trace
 from lab.hostnorm import HostError, is_ip, normalize
@@ -192,7 +193,7 @@ class Proxy:
         self._checker: asyncio.Task | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._by_client: dict[str, int] = {}
+        self._caps = Caps()
         self._tunnels: set[Tunnel] = set()
         self._asked: dict[str, dict | None] = {}  # trace -> its dns.answer event, while the query runs
 
@@ -287,14 +288,14 @@ class Proxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         client = peer[0]
-        if len(self._tasks) >= self.max_tunnels or self._by_client.get(client, 0) >= self.max_per_client:
-            over = (Refusal(503, f"{self.max_tunnels} connections open, the limit") if len(self._tasks) >= self.max_tunnels
+        met = self._caps.admit(client, self.max_tunnels, self.max_per_client)
+        if met is not None:
+            over = (Refusal(503, f"{self.max_tunnels} connections open, the limit") if met == "total"
                     else Refusal(429, f"{self.max_per_client} connections open from {client}, the limit"))
             self._refuse(writer, client, over)
             return writer.close()  # no lingering: this connection holds no slot
         task = asyncio.current_task()
         self._tasks.add(task)
-        self._by_client[client] = self._by_client.get(client, 0) + 1
         target = trace = upstream = None
         try:
             try:
@@ -319,9 +320,7 @@ class Proxy:
             pass  # cancelled: by stop() or _end(), which said why
         finally:
             self._tasks.discard(task)
-            left = self._by_client.pop(client) - 1
-            if left:
-                self._by_client[client] = left
+            self._caps.release(client)
             writer.transport.abort()
             if upstream is not None:
                 upstream[1].transport.abort()

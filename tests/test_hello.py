@@ -127,7 +127,7 @@ def test_caps_count_per_client_and_in_all():
     assert "max_connections 3" in caps.admit("c", limits)
     caps.release("a")
     assert caps.admit("c", limits) is None
-    assert (caps.refused, caps.total, caps.open) == (2, 3, {"a": 1, "b": 1, "c": 1})
+    assert (caps.count.refused, caps.count.total, caps.count.open) == (2, 3, {"a": 1, "b": 1, "c": 1})
     small = ConnectionCaps(descriptors=1)  # the descriptor cap wins when it is the smaller
     assert small.admit("a", limits) is None and "max_connections 1" in small.admit("b", limits)
 

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Callable
 
+from lab.caps import Caps
 from lab.events import Events
 from lab.topology import Limits
 
@@ -45,34 +46,25 @@ def descriptor_cap(reserve: int) -> int | None:
 
 
 class ConnectionCaps:
+    """The edge's caps: `Caps` with the edge's limits and wording, below the descriptor cap."""
+
     def __init__(self, descriptors: int | None = None) -> None:
         self.descriptors = descriptors
-        self.open: dict[str, int] = {}
-        self.total = 0
-        self.refused = 0  # since start, for anyone counting
+        self.count = Caps()
 
     def admit(self, client: str, limits: Limits) -> str | None:
         """Count a new connection from `client` in, or say why it is refused."""
         cap = limits.max_connections if self.descriptors is None else min(limits.max_connections, self.descriptors)
-        if self.total >= cap:
-            why = f"connection limit: the edge holds {self.total} connections (max_connections {cap})"
-        elif self.open.get(client, 0) >= limits.max_connections_per_client:
-            why = (f"connection limit: {client} holds {self.open[client]} connections "
-                   f"(max_connections_per_client {limits.max_connections_per_client})")
-        else:
-            self.open[client] = self.open.get(client, 0) + 1
-            self.total += 1
-            return None
-        self.refused += 1
-        return why
+        met = self.count.admit(client, cap, limits.max_connections_per_client)
+        if met == "total":
+            return f"connection limit: the edge holds {self.count.total} connections (max_connections {cap})"
+        if met == "client":
+            return (f"connection limit: {client} holds {self.count.open[client]} connections "
+                    f"(max_connections_per_client {limits.max_connections_per_client})")
+        return None
 
     def release(self, client: str) -> None:
-        n = self.open.get(client, 0) - 1
-        if n > 0:
-            self.open[client] = n
-        else:
-            self.open.pop(client, None)
-        self.total = max(self.total - 1, 0)
+        self.count.release(client)
 
 
 class Throttle:
