@@ -47,7 +47,16 @@ class Shots:
         self.n += 1
         path = self.dirs[0] / f"{self.prefix}-{self.n}-{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        await page.screenshot(path=str(path))
+        # An error interstitial may still be painting: settle, and try a bounded few times.
+        for attempt in range(3):
+            try:
+                await page.wait_for_load_state()
+                await page.screenshot(path=str(path))
+                break
+            except Exception:  # playwright's Error: "Unable to capture screenshot"
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.5)
         self.dirs[1].mkdir(parents=True, exist_ok=True)
         shutil.copy(path, self.dirs[1] / path.name)
         return path
