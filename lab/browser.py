@@ -138,7 +138,7 @@ def manual_settings(ep: dict) -> str:
         f"  proxy  HTTPS (CONNECT) proxy {proxy}; leave loopback addresses direct",
         f"  CA     import {ep['ca']} as an authority trusted to identify websites",
         f"  Firefox: Settings > Network Settings > Manual proxy configuration > HTTPS Proxy {host} Port {port};",
-        f"           Settings > Privacy & Security > Certificates > View Certificates > Authorities > Import",
+        "           Settings > Privacy & Security > Certificates > View Certificates > Authorities > Import",
         f"           {ep['ca']}, tick \"Trust this CA to identify websites\"",
         f"  then open {victim_url(ep)}",
     ])

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import aiohttp
 from aiohttp import web
@@ -79,7 +79,7 @@ class Generations:
     async def settled(self, generation: int, timeout: float) -> list[str]:
         """Wait until every live follower applied `generation`; returns those still behind."""
         deadline = self.clock() + timeout
-        while (late := self.behind(generation)) and (left := deadline - self.clock()) > 0:
+        while self.behind(generation) and (left := deadline - self.clock()) > 0:
             try:
                 await asyncio.wait_for(self._acked.wait(), left)
             except TimeoutError:

@@ -16,7 +16,6 @@ import pytest
 from lab.client import probe
 from lab.dns import query
 from lab.run import Lab
-from lab.topology import default_path
 
 SHOP = "shop.customer.example"  # declared active in the world file: CNAME customers.saas.example
 

@@ -211,15 +211,22 @@ def test_normalize_is_idempotent_and_case_and_trailing_dot_insensitive():
                               max_size=5).map(".".join)))
     def prop(value):
         seen.tick()
-        n = canonical(value)
+
+        def norm(v):  # the one normalisation itself, IDNs included (wire_host gates it to ASCII)
+            try:
+                return normalize(v)
+            except HostError:
+                return None
+
+        n = norm(value)
         if n is None:
             return
-        assert canonical(n) == n
+        assert norm(n) == n
         assert n == n.lower() and not n.endswith(".")
         bare = value.strip()  # surrounding whitespace is the carrier's (OWS), not the host's
         if bare.isascii() and ":" not in bare:
-            assert canonical(bare.swapcase()) == n
-            assert canonical(bare.rstrip(".").upper() + ".") == n, value
+            assert norm(bare.swapcase()) == n
+            assert norm(bare.rstrip(".").upper() + ".") == n, value
 
     prop()
     assert seen.n >= 1500
