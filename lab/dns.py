@@ -35,7 +35,7 @@ from dnslib import QTYPE, RCODE, RR, DNSLabel, DNSRecord, EDNS0, EDNSOption
 
 from lab.binding import bind_error
 from lab.caps import Caps
-from lab.events import Events
+from lab.events import Events, bounded
 from lab.hostnorm import HostError, is_ip, normalize
 from lab.resolver import (EDNS_SIZE, MARK_OPTION, MAX_QUERY, TRACE_CHARS, TRACE_OPTION, Override, Zones,
                           check_ttl, check_type, check_values, world_records)
@@ -216,8 +216,8 @@ class Resolver:
             self._expire(self.clock())
         cache = self._udp_cache if transport == "udp" else self._tcp_cache
         hit = cache.get((data[2:], client))
-        if hit is not None:
-            self.events.emit("dns.answer", hit[0], **hit[1])
+        if hit is not None:  # its fields were bounded once, when it was cached
+            self.events.publish(self.events.stamp("dns.answer", hit[0], hit[1]))
             return data[:2] + hit[2]
         wire, info = self.zones.answer(data, client, self.clock(), transport == "tcp")
         if "error" in info:
@@ -232,11 +232,13 @@ class Resolver:
         fields = {**info, "client": client, "transport": transport}
         if mark is not None and hmac.compare_digest(mark, self.internal_mark):
             fields["internal"] = True
+        fields = self.events.bound(fields)
+        trace = bounded(trace, self.events.field_limit)
         if len(data) <= CACHEABLE:
             if len(cache) >= CACHE_MAX:
                 cache.clear()
             cache[(data[2:], client)] = (trace, fields, wire[2:])
-        self.events.emit("dns.answer", trace, **fields)
+        self.events.publish(self.events.stamp("dns.answer", trace, fields))
         return wire
 
     # ---- errors -----------------------------------------------------------------------

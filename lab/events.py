@@ -60,11 +60,19 @@ class Events:
 
     def prepare(self, kind: str, trace: str | None = None, **data: Any) -> Event:
         """An event with its id and time, not yet told: to store it first (State.save_hostname)."""
+        return self.stamp(kind, bounded(trace, self.field_limit), self.bound(data))
+
+    def bound(self, data: dict[str, Any]) -> dict[str, Any]:
+        """`data` as events store it, each field bounded (`bounded`): done once, `stamp`ed many times."""
         limit = self.field_limit
         for k, v in data.items():
             if type(v) is not int and v is not None and type(v) is not bool:  # the common fields, fast
                 data[k] = bounded(v, limit)
-        return {"id": next(self._ids), "ts": time.time(), "kind": kind, "trace": bounded(trace, limit), **data}
+        return data
+
+    def stamp(self, kind: str, trace: str | None, data: dict[str, Any]) -> Event:
+        """An event of fields already bounded (`bound`): the resolver's cached answers tell theirs so."""
+        return {"id": next(self._ids), "ts": time.time(), "kind": kind, "trace": trace, **data}
 
     def publish(self, event: Event) -> Event:
         self._buf.append(event)
