@@ -1,3 +1,5 @@
+import contextlib
+import dataclasses
 import importlib.util
 import shutil
 from pathlib import Path
@@ -5,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lab.pki import LabCA
+from lab.run import Lab
 from lab.world import load
 
 MITMPROXY = importlib.util.find_spec("mitmproxy") is not None
@@ -39,3 +42,22 @@ def need(tool: str) -> str:
     if path is None:
         pytest.skip(f"{tool} is not installed (make test installs it via scripts/sysdeps.sh)")
     return path
+
+
+@contextlib.asynccontextmanager
+async def engine_lab(engine: str, world, certs):
+    """The world on free ports under `v2`, carried by `engine`: the edge test modules' `lab`."""
+    async with Lab(world.with_free_ports(), certs, engine=engine) as running:
+        running.set_model("v2")
+        yield running
+
+
+@contextlib.contextmanager
+def limits(lab, **changes):
+    """New connections get these limits; the world is restored afterwards."""
+    saved = lab.world
+    lab.set_world(dataclasses.replace(saved, limits=dataclasses.replace(saved.limits, **changes)))
+    try:
+        yield lab.world.limits
+    finally:
+        lab.set_world(saved)

@@ -8,15 +8,14 @@ import pytest
 import pytest_asyncio
 
 from lab.client import probe
-from lab.run import Lab
+from tests.conftest import engine_lab
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lab(engine, world, tmp_path_factory):
-    async with Lab(world.with_free_ports(), tmp_path_factory.mktemp("certs"), engine=engine) as running:
-        running.set_model("v2")
+    async with engine_lab(engine, world, tmp_path_factory.mktemp("certs")) as running:
         yield running
 
 

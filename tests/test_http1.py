@@ -4,8 +4,6 @@ Real sockets and real TLS verified against the lab CA; limits are made small thr
 world (`world.limits`), as a user would in the world file's `[limits]`, instead of waiting.
 """
 import asyncio
-import contextlib
-import dataclasses
 import socket
 import time
 
@@ -14,8 +12,7 @@ import pytest_asyncio
 
 from lab.client import client_context
 from lab.origins.bank import read_account
-from lab.run import Lab
-from tests.conftest import NATIVE_ONLY
+from tests.conftest import NATIVE_ONLY, engine_lab, limits
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -25,20 +22,8 @@ LOOP_LIMIT = 10.0  # seconds any wait loop below may take before the test fails
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lab(engine, world, tmp_path_factory):
-    async with Lab(world.with_free_ports(), tmp_path_factory.mktemp("certs"), engine=engine) as running:
-        running.set_model("v2")
+    async with engine_lab(engine, world, tmp_path_factory.mktemp("certs")) as running:
         yield running
-
-
-@contextlib.contextmanager
-def limits(lab, **changes):
-    """New connections get these limits; the world is restored afterwards."""
-    world = lab.world
-    lab.set_world(dataclasses.replace(world, limits=dataclasses.replace(world.limits, **changes)))
-    try:
-        yield lab.world.limits
-    finally:
-        lab.set_world(world)
 
 
 async def connect(lab, *, rcvbuf: int | None = None, limit: int = 1 << 20):

@@ -15,8 +15,7 @@ import pytest_asyncio
 
 from lab.edge.contract import h2_malformed as malformed
 from lab.edge.http2 import H2Protocol
-from lab.run import Lab
-from tests.conftest import NATIVE_ONLY
+from tests.conftest import NATIVE_ONLY, engine_lab, limits
 from tests.h2peer import Peer, get
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -24,19 +23,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lab(engine, world, tmp_path_factory):
-    async with Lab(world.with_free_ports(), tmp_path_factory.mktemp("certs"), engine=engine) as running:
-        running.set_model("v2")
+    async with engine_lab(engine, world, tmp_path_factory.mktemp("certs")) as running:
         yield running
-
-
-@contextlib.contextmanager
-def limits(lab, **changes):
-    saved = lab.world
-    lab.set_world(dataclasses.replace(saved, limits=dataclasses.replace(saved.limits, **changes)))
-    try:
-        yield
-    finally:
-        lab.set_world(saved)
 
 
 class Hung:
