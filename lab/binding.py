@@ -25,3 +25,13 @@ def bind_hint(e: OSError) -> str:
                     f"or run the lab with `docker compose up`")
         return f"{msg} (is that address on a local interface?)"
     return msg
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` now, for a process the lab starts but does not bind for (a
+    real edge): the OS picks it, and it is released at once for that process to take."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

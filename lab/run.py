@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab.binding import bind_hint
+from lab.binding import bind_hint, free_port
 from lab.events import Events
 from lab.pki import LabCA
 from lab.topology import World
@@ -36,10 +36,12 @@ class Lab:
                  events: Events | None = None, log=lambda msg: None, state_dir: str | Path | None = None,
                  model: str | None = None, verify_interval: float | None = None,
                  flows: str | Path | None = None, run_origins: bool = True, allow_remote: bool = False,
-                 verify_in_background: bool = True) -> None:
+                 verify_in_background: bool = True, run_edge: bool = True) -> None:
         """`state_dir` turns on the control plane and durable state; `model` (an explicit
         choice) wins over the saved one and is saved. `allow_remote`: the control plane may
-        listen on an address other machines reach (else that is a ValueError)."""
+        listen on an address other machines reach (else that is a ValueError). `run_edge=False`:
+        the world's listeners are another edge's (nginx, Caddy, ...), which the lab does not
+        start; its resolver, origins and control plane serve it as they serve the lab's own."""
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}")
         if flows and engine != "mitmproxy":
@@ -52,6 +54,9 @@ class Lab:
                 f"(its token changes the lab; its hostnames hold verification tokens): use a 127.0.0.0/8 "
                 f"address, or pass --allow-remote if that is what you want")
         self.run_origins = run_origins
+        self.run_edge = run_edge
+        if not run_edge and any(l.port == 0 for l in world.listeners):
+            raise ValueError("an edge the lab does not start must have its listeners' ports (not 0)")
         self.allow_remote = allow_remote
         self.verify_in_background = verify_in_background
         self._tmp: str | None = None  # Lab.ephemeral's directory, removed on stop
@@ -81,8 +86,11 @@ class Lab:
         """A lab for one run (tests, `matrix`, the pytest plugin): free ports, state in a
         temporary directory removed on stop, no background verifier (verify on demand)."""
         tmp = tempfile.mkdtemp(prefix="sni-lab-")
+        free = world.with_free_ports()
+        if not options.get("run_edge", True):  # another edge's listeners: where it is, or free ports for it to take
+            free = free.with_ports({l.name: l.port or free_port(l.host) for l in world.listeners})
         try:
-            lab = cls(world.with_free_ports(), certs_dir or Path(tmp) / "certs", state_dir=Path(tmp) / "state",
+            lab = cls(free, certs_dir or Path(tmp) / "certs", state_dir=Path(tmp) / "state",
                       verify_in_background=False, **options)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -109,10 +117,11 @@ class Lab:
                 self.control = Control(self, self.state, interval=self.verify_interval or VERIFY_INTERVAL,
                                        allow_remote=self.allow_remote)
                 self.control.restore()
-            self.edge = self._make_edge()
-            edge_bound = await self.edge.start()
-            self.world = self.world.with_ports({name: port for name, (_, port) in edge_bound.items()})
-            self.edge.set_world(self.world)
+            if self.run_edge:
+                self.edge = self._make_edge()
+                edge_bound = await self.edge.start()
+                self.world = self.world.with_ports({name: port for name, (_, port) in edge_bound.items()})
+                self.edge.set_world(self.world)
             self.resolver.update_world(self.world)
             if self.origins is not None:  # the collector's replay goes through the edge's bound port
                 self.origins.set_world(self.world)
@@ -124,7 +133,7 @@ class Lab:
             raise
         self.endpoints = {
             "model": self.world.model,
-            "engine": self.engine_name,
+            "engine": self.engine_name if self.run_edge else "external",
             "ca": str(self.ca.cert_path.resolve()),
             "edge": [{"name": l.name, "host": l.host, "port": l.port, "zone": l.zone} for l in self.world.listeners],
             "origins": {o.name: o.url for o in self.world.origins},
