@@ -61,8 +61,9 @@ def bridge_world(world: World) -> World:
     resolver = Endpoint(bridge_address(world, world.resolver.host, "resolver.host"), c.dns_port)
     control = Endpoint(bridge_address(world, world.control.host, "control.host"), world.control.port)
     vantages = tuple(bridge_address(world, v, f"control.vantages[{i}]") for i, v in enumerate(world.vantages))
+    clients = tuple((n, bridge_address(world, a, f"clients.{n}")) for n, a in world.clients)
     moved = dataclasses.replace(world, listeners=listeners, origins=origins, resolver=resolver, control=control,
-                                vantages=vantages)
+                                vantages=vantages, clients=clients)
     seen: dict[str, str] = {}
     for label, host in [*((f"listener {l.name}", l.host) for l in listeners), *((f"origin.{o.name}", o.host) for o in origins),
                         ("resolver", resolver.host), ("control", control.host),

@@ -15,9 +15,20 @@ MISROUTED, SAFE, REFUSED = "MISROUTED", "SAFE", "REFUSED"
 SEVERITY = {MISROUTED: 2, SAFE: 1, REFUSED: 0}
 
 
-def name_asked(sni: str | None, host: str | None) -> str | None:
-    """N: the request's host, or the SNI when the request carries none."""
-    for value in (host, sni):
+def authority_of(target: str | None) -> str | None:
+    """The authority of an absolute-form request target (`https://www.victim.example:443/`),
+    None for any other form (`/`, `*`, an authority-form CONNECT target)."""
+    if not target or "://" not in target:
+        return None
+    rest = target.split("://", 1)[1]
+    authority = rest.split("/", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1]
+    return authority or None
+
+
+def name_asked(sni: str | None, host: str | None, target: str | None = None) -> str | None:
+    """N: an absolute-form target's authority (RFC 9112 §3.2.2: a proxy or edge routes by it,
+    whatever the Host says), else the request's host, else the SNI when it carries neither."""
+    for value in (authority_of(target), host, sni):
         if value:
             try:
                 return normalize(value)

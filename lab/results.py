@@ -42,11 +42,12 @@ class RequestResult:
     outcome: str  # "saas", "refused:403:waf-block", "tls:unrecognized_name"
     expected: str
     trace: str | None = None
+    target: str | None = None  # the request target, when it is in absolute form (it names N)
 
     @property
     def name(self) -> str | None:
         """N, the name the client believes it is talking to."""
-        return name_asked(self.sni, self.host)
+        return name_asked(self.sni, self.host, self.target)
 
 
 @dataclass

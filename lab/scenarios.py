@@ -11,6 +11,7 @@ that case's model, since whether a zone is accepted depends on the model (`v1-cl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import time
@@ -123,6 +124,7 @@ def parse(data: dict, path: Path, world: World | None = None, root: Path | None 
             for key in ("name", "value") + (("type",) if kind == "record" else ()):
                 if key not in item:
                     raise fail(f"setup.{kind}[{i}].{key}", "missing")
+            _check_refs(item, f"setup.{kind}[{i}]", fail, world)
     raw_requests = data.get("request")
     if not isinstance(raw_requests, list) or not raw_requests:
         raise fail("request", "missing (at least one [[request]])")
@@ -151,10 +153,43 @@ def parse(data: dict, path: Path, world: World | None = None, root: Path | None 
     for key in set(expect_raw) - set(MODELS) - {"*"}:
         raise fail(f"expect.{key}", f"unknown model (choose from {', '.join(MODELS)})")
     name = str(path.relative_to(root)) if root and path.is_relative_to(root) else path.name
-    return Scenario(name=name.removesuffix(".toml"), path=path, title=data["title"], story=data["story"].strip(),
-                    lesson=data["lesson"].strip(), tags=tuple(data.get("tags", ())), overrides=overrides,
+    _check_refs([data["story"], data["lesson"]], "story", fail, world)
+    told = (lambda text: expand(text.strip(), world)) if world is not None else str.strip
+    return Scenario(name=name.removesuffix(".toml"), path=path, title=data["title"], story=told(data["story"]),
+                    lesson=told(data["lesson"]), tags=tuple(data.get("tags", ())), overrides=overrides,
                     records=records, hostnames=hostnames, requests=requests, expect=expect, validation=validation,
                     zones=zones)
+
+
+# A world-relative form: `{listener:anycast}` in any request string stands for that actor's
+# address, so a scenario that needs an address (an IP-literal Host) still fits any world.
+_ACTOR = re.compile(r"\{((?:listener|origin|client):[A-Za-z0-9_.-]+)\}")
+_REF = re.compile(r"(?:listener|origin|client):[A-Za-z0-9_.-]+")
+
+
+def expand(text: str, world: World) -> str:
+    """`text` with every `{kind:NAME}` replaced by that actor's address in `world`."""
+    return _ACTOR.sub(lambda m: world.address_of(m.group(1)), text)
+
+
+def _refs(value: Any) -> list[str]:
+    """The actor references a scenario value holds: bare (`client:victim`) or templated."""
+    if isinstance(value, str):
+        return [value] if _REF.fullmatch(value) else _ACTOR.findall(value)
+    if isinstance(value, dict):
+        return [ref for v in value.values() for ref in _refs(v)]
+    if isinstance(value, list):
+        return [ref for v in value for ref in _refs(v)]
+    return []
+
+
+def _check_refs(value: Any, key: str, fail, world: World | None) -> None:
+    for ref in _refs(value):
+        if world is not None and not world.knows(ref):
+            kind = ref.partition(":")[0]
+            known = {"listener": world.listener_by_name, "origin": world.origin_by_name,
+                     "client": world.client_by_name}[kind]
+            raise fail(key, f"unknown {kind} {ref.partition(':')[2]!r} (the world has {', '.join(known) or 'none'})")
 
 
 def _request(r: Any, key: str, fail, world: World | None) -> Request:
@@ -168,6 +203,8 @@ def _request(r: Any, key: str, fail, world: World | None) -> Request:
         raise fail(key, "give exactly one of resolve, listener, address")
     if world is not None and "listener" in r and r["listener"] not in world.listener_by_name:
         raise fail(f"{key}.listener", f"unknown listener {r['listener']!r}")
+    for field_ in sorted(r):
+        _check_refs(r[field_], f"{key}.{field_}", fail, world)
     headers = r.get("headers", [])
     if not all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in headers):
         raise fail(f"{key}.headers", "expected a list of [name, value] pairs")
@@ -315,7 +352,7 @@ class Runner:
             value = self.world.address_of(o["value"]) if o.get("type", "A") in ("A", "AAAA") else o["value"]
             body = {"name": o["name"], "type": o.get("type", "A"), "value": value, "ttl": o.get("ttl", 1)}
             if "client" in o:
-                body["client"] = o["client"]
+                body["client"] = self.world.address_of(o["client"])
             made = await api.call("POST", "/dns/overrides", body)
             undo.append(("DELETE", f"/dns/overrides/{made['id']}"))
 
@@ -402,7 +439,18 @@ class Runner:
                           ms=round((time.perf_counter() - started) * 1000, 1), requests=results,
                           controls_off=list(sc.controls_off), setup=list(setup))
 
+    def _expand(self, req: Request) -> Request:
+        """The request with its actor references made addresses of the running world."""
+        w = self.world
+        at = lambda v: expand(w.address_of(v), w) if isinstance(v, str) else v
+        return dataclasses.replace(
+            req, address=at(req.address), client=at(req.client), sni=at(req.sni), host=at(req.host), path=at(req.path),
+            headers=tuple((k, at(v)) for k, v in req.headers), raw=at(req.raw),
+            also=tuple({k: (at(v) if k != "headers" else [[hk, at(hv)] for hk, hv in v]) for k, v in a.items()}
+                       for a in req.also))
+
     async def _request(self, req: Request, world: World, trace: str, expectations) -> list[RequestResult]:
+        req = self._expand(req)
         dns_text = None
         if req.resolve:
             address, dns_text = await self._resolve(req.resolve, req.client, trace)
@@ -430,8 +478,10 @@ class Runner:
         out = []
         for j, w in enumerate(wanted):
             host = (w.get("host") or None) if req.raw is None or j else _raw_host(req.raw)
+            target = _raw_target(req.raw) if req.raw is not None and not j else w.get("path")
             out.append(self._judge(world, outcome, j, sni, host or None, address, listener, dns_text,
-                                   next(expectations, "?"), trace if j == 0 else f"{trace}-{j}"))
+                                   next(expectations, "?"), trace if j == 0 else f"{trace}-{j}",
+                                   target if oracle.authority_of(target) else None))
         return out
 
     async def _resolve(self, name: str, client: str | None, trace: str) -> tuple[str | None, str]:
@@ -450,8 +500,9 @@ class Runner:
         text += f" (poisoned by override {hit})" if hit else ""
         return (addrs[0] if addrs else None), text + (f" (asked from {client})" if client else "")
 
-    def _judge(self, world, outcome: Outcome, j: int, sni, host, address, listener, dns_text, expected, trace) -> RequestResult:
-        name = oracle.name_asked(sni, host)
+    def _judge(self, world, outcome: Outcome, j: int, sni, host, address, listener, dns_text, expected, trace,
+               target: str | None = None) -> RequestResult:
+        name = oracle.name_asked(sni, host, target)
         tls_failed = bool(outcome.tls_error)
         resp = outcome.responses[j] if j < len(outcome.responses) else None
         origin = resp.origin if resp else None
@@ -473,7 +524,13 @@ class Runner:
                              dns=dns_text, cert_names=outcome.cert_names, cert_valid=outcome.cert_valid_for(name),
                              tls_error=outcome.tls_error, status=resp.status if resp else None, origin=origin,
                              decision=resp.decision if resp else None, verdict=verdict, why=why, outcome=text,
-                             expected=expected, trace=trace)
+                             expected=expected, trace=trace, target=target)
+
+
+def _raw_target(raw: str) -> str | None:
+    """The request target of the request line of raw HTTP/1.x bytes."""
+    parts = raw.split("\r\n", 1)[0].split(" ")
+    return parts[1] if len(parts) >= 3 else None
 
 
 def _raw_host(raw: str) -> str | None:

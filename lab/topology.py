@@ -206,6 +206,9 @@ class World:
     blocked_hostnames: tuple[str, ...] = ()
     limits: Limits = Limits()
     compose: Compose = Compose()
+    # Named client addresses (`[clients]`: the victim's browser...), so a scenario says
+    # `client:victim`, not an address that only fits one world.
+    clients: tuple[tuple[str, str], ...] = ()
 
     # Indexes, built once per snapshot: decide() runs on every request.
     @cached_property
@@ -215,6 +218,10 @@ class World:
     @cached_property
     def origin_by_name(self) -> dict[str, Origin]:
         return {o.name: o for o in self.origins}
+
+    @cached_property
+    def client_by_name(self) -> dict[str, str]:
+        return dict(self.clients)
 
     @cached_property
     def zone_by_name(self) -> dict[str, Zone]:
@@ -283,13 +290,22 @@ class World:
         return self.with_ports({n: 0 for n in [*self.listener_by_name, *self.origin_by_name, "resolver", "control", "proxy"]})
 
     def address_of(self, ref: str) -> str:
-        """Resolve a DNS value `listener:NAME` / `origin:NAME` to an address."""
+        """Resolve an actor reference `listener:NAME` / `origin:NAME` / `client:NAME` to its
+        address; anything else (an address) is returned as it is."""
         kind, _, name = ref.partition(":")
         if kind == "listener" and name in self.listener_by_name:
             return self.listener_by_name[name].host
         if kind == "origin" and name in self.origin_by_name:
             return self.origin_by_name[name].host
+        if kind == "client" and name in self.client_by_name:
+            return self.client_by_name[name]
         return ref
+
+    def knows(self, ref: str) -> bool:
+        """Whether an actor reference names an actor of this world."""
+        kind, _, name = ref.partition(":")
+        return name in {"listener": self.listener_by_name, "origin": self.origin_by_name,
+                        "client": self.client_by_name}.get(kind, ())
 
 
 def _covered(name: str, zones: tuple[str, ...]) -> bool:
@@ -393,7 +409,9 @@ class _Parser:
                       resolver=resolver, control=control, proxy=proxy, source=self.source, ttl=ttl,
                       challenge_port=challenge_port, vantages=vantages, blocked_hostnames=blocked,
                       limits=self.limits(self.get(data, "limits", "", dict, {})),
-                      compose=self.compose(self.get(data, "compose", "", dict, {})))
+                      compose=self.compose(self.get(data, "compose", "", dict, {})),
+                      clients=tuple((str(n), self.address(a, f"clients.{n}"))
+                                    for n, a in self.get(data, "clients", "", dict, {}).items()))
         self.check_references(world)
         return world
 
