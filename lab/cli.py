@@ -12,6 +12,7 @@ from lab import __version__
 from lab.compose import ROLES as COMPOSE_ROLES
 from lab.remote import RemoteError
 from lab.schema import EVENTS_MAX
+from lab.models import FLAVOURS
 from lab.topology import MODELS, VALIDATION_MODES, WorldError
 from lab.world import load
 
@@ -120,7 +121,14 @@ def _scenario_parsers(sub) -> None:
         p.add_argument("--engine", metavar="E[,E]", help="engines: native, mitmproxy (several: compare verdicts)")
         p.add_argument("--scenarios", metavar="DIR", help="scenario directory (default: the project's scenarios/)")
         p.add_argument("--fresh", action="store_true", help="start a lab in-process even if one is running")
-        _state_opts(p)
+        p.add_argument("--edge", action="append", metavar="NAME=HOST:PORT",
+                       help="run against another edge: where the world's listener NAME is on it (repeatable); "
+                            "the lab's resolver, origins and control plane serve it")
+        p.add_argument("--flavour", choices=tuple(FLAVOURS),
+                       help="with --edge: what its config claims (default: deployed, judged as protected)")
+        p.add_argument("--state", metavar="DIR", help="the running lab's state directory (default: .lab/ if a lab "
+                                                     "runs there)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--config", metavar="PATH", help="world file (default: the packaged lab.toml)")
         # A lab started for this run gets a throwaway CA: nothing is written where the command runs.
         p.add_argument("--certs", metavar="DIR", help="certificates of a lab started for this run (default: throwaway)")
@@ -493,10 +501,14 @@ def cmd_scenarios(args) -> int:
     from lab.matrix import explain_command, run_command
     from lab.scenarios import ScenarioError
 
+    from lab.target import TargetError
+
     try:
         return explain_command(args) if args.command == "explain" else run_command(args)
     except ScenarioError as e:
         raise UserError(str(e)) from None
+    except TargetError as e:
+        raise UserError(str(e), e.code) from None
 
 
 def cmd_workshop(args) -> int:

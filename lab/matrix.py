@@ -13,6 +13,7 @@ from lab.remote import RemoteError, endpoints as read_endpoints
 from lab.results import to_json
 from lab.run import ENGINES, Lab, run_loop
 from lab.scenarios import DEFAULT_DIR, Runner, Scenario, ScenarioError, discover
+from lab.target import Target, TargetError, check_answers, from_endpoints, parse_edges
 from lab.topology import MODELS, World
 from lab.world import load
 
@@ -69,10 +70,23 @@ class Progress:
 
 async def execute(args, scenarios: list[Scenario], models: tuple[str, ...], engines: tuple[str, ...],
                   progress: Progress | None = None, events: list | None = None) -> list:
-    """Run against the running lab when it fits, else a fresh in-process lab per engine.
+    """Run against what was asked for: another edge (`--edge`, an edge-only endpoints file), the
+    running lab, or else a fresh in-process lab per engine. A target asked for that does not
+    answer is a TargetError, never a reason to test something else.
     With `events` given, the edge's and origins' events of every request are appended to it."""
     world = load(args.config)
-    running = None if args.fresh or len(engines) > 1 else await running_lab(args.state)
+    if getattr(args, "edge", None):
+        target = parse_edges(args.edge, world, flavour=getattr(args, "flavour", None) or "deployed")
+        return await against(target, world, args, scenarios, progress, events)
+    running = None if args.fresh or len(engines) > 1 else await asked_lab(args)
+    if running is not None and "control" not in running:  # an edge-only endpoints file: the lab serves it
+        return await against(from_endpoints(running, world), world, args, scenarios, progress, events)
+    if running is not None and running.get("engine") not in ENGINES:  # `sni-lab edges up`: another edge
+        target = from_endpoints(running, world)
+        results = await Runner(running, target.place(world), target=target).run(scenarios, models, progress)
+        if events is not None:
+            events += await _remote_events(running, results)
+        return results
     if running and (not engines or running.get("engine") in engines):
         results = await Runner(running, world).run(scenarios, models, progress)
         if events is not None:
@@ -86,6 +100,44 @@ async def execute(args, scenarios: list[Scenario], models: tuple[str, ...], engi
             if events is not None:
                 events += [e for r in batch for q in r.requests if q.trace for e in _story(lab.events.trace, q.trace)]
             results += batch
+    return results
+
+
+async def asked_lab(args) -> dict | None:
+    """The endpoints of the lab `--state` names, None when there is none to ask (no `--state`
+    and no endpoints file in .lab/). An endpoints file whose control plane does not answer, or
+    a `--state` with no lab in it, is a TargetError: it names something to test."""
+    state = args.state or ".lab"
+    try:
+        ep = read_endpoints(state)
+    except RemoteError as e:
+        if args.state is None and not (Path(state) / "endpoints.json").exists():
+            return None
+        raise TargetError(f"{e}; nothing was tested (--fresh runs a lab of its own)") from None
+    if not isinstance(ep, dict):
+        raise TargetError(f"{Path(state) / 'endpoints.json'}: not an endpoints file; nothing was tested")
+    if "control" not in ep:
+        return ep
+    if await running_lab(state) is None:
+        url = ep["control"].get("url") if isinstance(ep["control"], dict) else None
+        raise TargetError(f"the lab of {state} does not answer at {url} (stopped, with its endpoints.json left "
+                          f"behind?); nothing was tested: start it with `sni-lab up`, or pass --fresh")
+    return ep
+
+
+async def against(target: Target, world: World, args, scenarios: list[Scenario], progress=None,
+                  events: list | None = None) -> list:
+    """The catalog against another edge, with an in-process lab's resolver, origins and control
+    plane around it: the origins where the world file says (that edge's config points there)."""
+    await check_answers(target)
+    placed = target.place(world)
+    # The CA that edge's certificates come from: the lab's usual certs/ unless told (`--certs`).
+    async with Lab.ephemeral(placed, args.certs or "certs", run_edge=False, keep_origin_ports=True) as lab:
+        ep = {**lab.endpoints, "engine": target.name,
+              "edge": [e for e in lab.endpoints["edge"] if e["name"] in target.listeners]}
+        results = await Runner(ep, lab.world, target=target).run(scenarios, (target.flavour,), progress)
+        if events is not None:
+            events += [e for r in results for q in r.requests if q.trace for e in _story(lab.events.trace, q.trace)]
     return results
 
 

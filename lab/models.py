@@ -71,6 +71,19 @@ BY_NAME = {m.name: m for m in TABLE}
 MODELS = tuple(BY_NAME)
 PROTECTED = tuple(m.name for m in TABLE if m.protected)
 
+# A real edge (nginx, Caddy, HAProxy, yours) has no model to switch: it runs a config. Its
+# flavour names what that config claims, and the lab model it is compared with: `default`, a
+# typical multi-tenant config (the v1 shape); `fixed`, the edge's own mechanisms plus a
+# per-address host allowlist; `deployed`, an edge the lab did not configure (`--edge`),
+# judged as one that claims to close the gap.
+FLAVOURS = {"default": "v1", "fixed": "v2", "deployed": "v2"}
+PROTECTED_FLAVOURS = ("fixed", "deployed")
+
+
+def is_protected(model_or_flavour: str) -> bool:
+    """Whether a MISROUTED case under this model or edge flavour fails whatever the file expects."""
+    return model_or_flavour in PROTECTED or model_or_flavour in PROTECTED_FLAVOURS
+
 
 def get(name: str) -> Model:
     """The row of a model (the world loader and the control plane reject unknown names first)."""

@@ -80,4 +80,4 @@ def judge(world: World, name: str | None, *, reached_origin: str | None, cert_va
 
 
 def worst(verdicts) -> str:
-    return max(verdicts, key=SEVERITY.__getitem__, default=REFUSED)
+    return max(verdicts, key=lambda v: SEVERITY.get(v, -1), default=REFUSED)

@@ -18,7 +18,7 @@ from typing import Any
 from lab.oracle import MISROUTED
 from lab.results import (CaseResult, RequestResult, case_id, cell_verdicts, cells, engines_of, matches,
                          models_of, scenarios_of, summary, summary_line)
-from lab.topology import PROTECTED
+from lab.models import is_protected
 
 __all__ = ["table", "junit", "markdown", "clean", "paint", "verdict_style", "wrap"]
 
@@ -289,7 +289,7 @@ def junit(results: list[CaseResult], suite_name: str = "sni-lab") -> str:
             ET.SubElement(case_props, "property", {"name": "controls_off", "value": _x(",".join(r.controls_off))})
         if not r.passed:
             message = r.failure or f"failed with verdict {r.verdict}"
-            kind = MISROUTED if r.verdict == MISROUTED and r.model in PROTECTED else "expectation"
+            kind = MISROUTED if r.verdict == MISROUTED and is_protected(r.model) else "expectation"
             fail = ET.SubElement(case, "failure", {"message": _x(message), "type": kind})
             details = [message, ""] + [ln for i, q in enumerate(r.requests, 1)
                                        for ln in _request_lines(q, i, len(r.requests))]

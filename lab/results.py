@@ -18,9 +18,11 @@ from typing import Iterable
 
 from lab.oracle import MISROUTED, REFUSED, SAFE, name_asked, worst
 from lab.policy import Decision
-from lab.topology import MODELS, PROTECTED
+from lab.models import is_protected
+from lab.topology import MODELS
 
 VERDICTS = (MISROUTED, SAFE, REFUSED)
+NOT_APPLICABLE = "N/A"  # a case a static edge config cannot run (it needs the lab's control plane)
 
 
 @dataclass
@@ -43,6 +45,14 @@ class RequestResult:
     expected: str
     trace: str | None = None
     target: str | None = None  # the request target, when it is in absolute form (it names N)
+    # Every lab model sends it to the same origin: an honest request, which an edge that
+    # refuses it over-blocks.
+    legitimate: bool = False
+
+    @property
+    def over_blocked(self) -> bool:
+        """A legitimate request that reached no origin: the edge's control refused the innocent."""
+        return self.legitimate and self.origin is None
 
     @property
     def name(self) -> str | None:
@@ -66,6 +76,7 @@ class CaseResult:
     # MISROUTED here without failing, and every format says so.
     controls_off: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)  # what its per-case setup did ("zone x refused: ...")
+    not_applicable: str | None = None  # why this case cannot run on this edge (verdict N/A, not failed)
 
     @property
     def id(self) -> str:
@@ -75,6 +86,22 @@ class CaseResult:
 def matches(expected: str, outcome: str) -> bool:
     """A scenario's expectation against what happened: `refused` matches `refused:403:waf-block`."""
     return outcome == expected or outcome.startswith(expected + ":")
+
+
+def agrees(expected: str, outcome: str) -> bool:
+    """An outcome of a real edge against the lab's expectation, by kind and status only: the
+    same origin; a refusal with the same status (`refused:403` agrees with
+    `refused:403:waf-block`: the code is the lab's own); a failed handshake, whatever the alert."""
+    kind, _, rest = expected.partition(":")
+    got_kind, _, got_rest = outcome.partition(":")
+    if kind != got_kind:
+        return False
+    if kind == "refused":
+        status = rest.partition(":")[0]
+        return not status or got_rest.partition(":")[0] == status
+    if kind == "tls":
+        return True
+    return expected == outcome
 
 
 # The exact shape `Decision.header()` writes; the reason is last and may hold anything.
@@ -155,7 +182,7 @@ def summary(results: list[CaseResult]) -> dict:
         totals[r.verdict] += 1
         if r.verdict == MISROUTED:
             misrouted[r.model].append(case_id(r, several))
-            if r.model in PROTECTED and not r.controls_off:
+            if is_protected(r.model) and not r.controls_off:
                 protected.append(case_id(r, several))
     failed = [r for r in results if not r.passed]
     mismatches = []
@@ -177,7 +204,9 @@ def summary(results: list[CaseResult]) -> dict:
         "failed_ids": [case_id(r, several) for r in failed],
         "failures": {case_id(r, several): r.failure or "failed" for r in failed},
         "misrouted": misrouted,
-        "protected_misrouted": [i for m in models if m in PROTECTED for i in misrouted[m] if i in protected],
+        "protected_misrouted": [i for m in models if is_protected(m) for i in misrouted[m] if i in protected],
+        "not_applicable": {case_id(r, several): r.not_applicable for r in results if r.not_applicable},
+        "over_blocked": [case_id(r, several) for r in results if any(q.over_blocked for q in r.requests)],
         "controls_off": {case_id(r, several): list(r.controls_off) for r in results if r.controls_off},
         "engine_mismatches": mismatches,
     }
@@ -189,15 +218,19 @@ def summary_line(results_or_summary: list[CaseResult] | dict) -> str:
     s = results_or_summary if isinstance(results_or_summary, dict) else summary(results_or_summary)
     line = f"{s['cases']} cases, {s['passed']} passed, {s['failed']} failed"
     parts = [f"{len(s['misrouted'][m])} under {m}" for m in s["models"]
-             if m not in PROTECTED and (m == "v1" or s["misrouted"][m])]
-    if any(m in PROTECTED for m in s["models"]):
+             if not is_protected(m) and (m in ("v1", "default") or s["misrouted"][m])]
+    if any(is_protected(m) for m in s["models"]):
         counted = set(s["protected_misrouted"])
-        bad = {m: n for m in s["models"] if m in PROTECTED
+        bad = {m: n for m in s["models"] if is_protected(m)
                for n in [sum(i in counted for i in s["misrouted"][m])] if n}
         detail = f" ({', '.join(f'{m}: {n}' for m, n in bad.items())})" if bad else ""
         parts.append(f"{len(s['protected_misrouted'])} under protected models{detail}")
     if parts:
         line += "; MISROUTED: " + ", ".join(parts)
+    if s.get("over_blocked"):
+        line += f"; {len(s['over_blocked'])} over-blocked (a legitimate request refused)"
+    if s.get("not_applicable"):
+        line += f"; {len(s['not_applicable'])} not applicable"
     off = s.get("controls_off", {})
     if off:
         line += f"; {len(off)} case{'s' if len(off) != 1 else ''} with a control off"

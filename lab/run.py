@@ -82,13 +82,16 @@ class Lab:
         self.endpoints: dict = {}
 
     @classmethod
-    def ephemeral(cls, world: World, certs_dir: str | Path | None = None, **options) -> "Lab":
+    def ephemeral(cls, world: World, certs_dir: str | Path | None = None, keep_origin_ports: bool = False,
+                  **options) -> "Lab":
         """A lab for one run (tests, `matrix`, the pytest plugin): free ports, state in a
         temporary directory removed on stop, no background verifier (verify on demand)."""
         tmp = tempfile.mkdtemp(prefix="sni-lab-")
         free = world.with_free_ports()
         if not options.get("run_edge", True):  # another edge's listeners: where it is, or free ports for it to take
             free = free.with_ports({l.name: l.port or free_port(l.host) for l in world.listeners})
+        if keep_origin_ports:  # another edge's config points at the origins where the world file says
+            free = free.with_ports({o.name: o.port for o in world.origins})
         try:
             lab = cls(free, certs_dir or Path(tmp) / "certs", state_dir=Path(tmp) / "state",
                       verify_in_background=False, **options)

@@ -25,7 +25,8 @@ import aiohttp
 from lab import oracle
 from lab.client import Outcome, probe
 from lab.dns import query
-from lab.results import CaseResult, RequestResult, matches, parse_decision
+from lab.results import NOT_APPLICABLE, CaseResult, RequestResult, matches, parse_decision
+from lab.target import Target, needs_control_plane
 from lab.topology import HOSTNAME_STATUSES, MODELS, PROTECTED, VALIDATION_MODES, CustomHostname, World, Zone
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "scenarios"
@@ -255,14 +256,22 @@ class LabApi:
             return data
 
 
+class _NotApplicable(Exception):
+    """A case this edge cannot run (it lacks a listener the scenario connects to)."""
+
+
 class Runner:
-    def __init__(self, endpoints: dict, world: World, engine: str | None = None, trace_prefix: str = "") -> None:
+    def __init__(self, endpoints: dict, world: World, engine: str | None = None, trace_prefix: str = "",
+                 target: Target | None = None) -> None:
         """`world` is the running lab's (ports included); hostnames are read live from the API.
-        `trace_prefix` starts every trace (`strips.INTERNAL`: the lab's own run, kept off the live page)."""
+        `trace_prefix` starts every trace (`strips.INTERNAL`: the lab's own run, kept off the live page).
+        `target`: another edge, at the listeners of `endpoints["edge"]`; its cases run once, under its
+        flavour, and are judged verdict first (`_judge_edge`)."""
         self.trace_prefix = trace_prefix
         self.ep = endpoints
         self.world = world
-        self.engine = engine or endpoints.get("engine", "native")
+        self.target = target
+        self.engine = target.name if target else (engine or endpoints.get("engine", "native"))
         self.edge_by_addr = {l["host"]: l for l in endpoints["edge"]}
         self.edge_by_name = {l["name"]: l for l in endpoints["edge"]}
         self.api: LabApi | None = None  # the running scenario's: reads the resolver's event of each lookup
@@ -271,6 +280,15 @@ class Runner:
     async def session(self) -> AsyncIterator[LabApi]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
             api = LabApi(self.ep, s)
+            if self.target is not None:  # another edge: no model of the lab's to set or put back
+                validation = (await api.call("GET", "/validation"))["mode"]
+                if validation != VALIDATION_MODES[0]:
+                    await api.call("PUT", "/validation", {"mode": VALIDATION_MODES[0]})
+                try:
+                    yield api
+                finally:
+                    await api.call("PUT", "/validation", {"mode": validation})
+                return
             before = (await api.call("GET", "/model"))["model"]
             validation = (await api.call("GET", "/validation"))["mode"]
             try:
@@ -285,6 +303,8 @@ class Runner:
 
     async def run(self, scenarios: list[Scenario], models: tuple[str, ...] = MODELS,
                   progress: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+        if self.target is not None:
+            models = (self.target.flavour,)
         results = []
         async with self.session() as api:
             for sc in scenarios:
@@ -297,11 +317,16 @@ class Runner:
     async def run_scenario(self, api: LabApi, sc: Scenario, models: tuple[str, ...]) -> list[CaseResult]:
         undo: list[tuple[str, str]] = []
         self.api = api
+        if self.target is not None:
+            reason = needs_control_plane(sc)
+            if reason:
+                return [self._not_applicable(sc, self.target.flavour, reason)]
         try:
             await self._setup(api, sc, undo)
             out = []
             for model in models:
-                await api.call("PUT", "/model", {"model": model})
+                if self.target is None:
+                    await api.call("PUT", "/model", {"model": model})
                 gone: list[tuple[str, str]] = []
                 try:
                     notes = await self._zones(api, sc, gone)
@@ -421,19 +446,36 @@ class Runner:
             raise ScenarioError(f"setup: {made['name']} is {verified['status']}, not {status}, after the forged "
                                 f"proof: {verified.get('last_error') or verified['reason']}")
 
+    def _not_applicable(self, sc: Scenario, model: str, reason: str) -> CaseResult:
+        return CaseResult(scenario=sc.name, title=sc.title, model=model, engine=self.engine,
+                          verdict=NOT_APPLICABLE, passed=True, failure=None, ms=0.0,
+                          controls_off=list(sc.controls_off), not_applicable=reason)
+
     async def run_case(self, sc: Scenario, model: str, world: World, setup: list[str] = ()) -> CaseResult:
-        world = world.with_model(model)
+        if self.target is None:
+            world = world.with_model(model)
         started = time.perf_counter()
         results: list[RequestResult] = []
-        expectations = iter(sc.expect[model])
+        reference = self.target.reference if self.target else model
+        expectations = iter(sc.expect[reference])
+        honest = iter(legitimate(sc))
         for i, req in enumerate(sc.requests):
             trace = f"{self.trace_prefix}{re.sub(r'[^0-9a-zA-Z_-]', '-', sc.name)[:40]}-{model}-{i}-{os.urandom(3).hex()}"
-            results += await self._request(req, world, trace, expectations)
+            try:
+                results += await self._request(req, world, trace, expectations)
+            except _NotApplicable as e:
+                return self._not_applicable(sc, model, str(e))
+        for r in results:
+            r.legitimate = next(honest, None) is not None
         verdict = oracle.worst(r.verdict for r in results)
-        failures = [f"request {i + 1}: expected {r.expected}, got {r.outcome}" for i, r in enumerate(results)
-                    if not matches(r.expected, r.outcome)]
-        if model in PROTECTED and not sc.controls_off:  # a control turned off may let it through: that is the lesson
-            failures += [f"MISROUTED under protected model {model}: {r.why}" for r in results if r.verdict == oracle.MISROUTED]
+        if self.target is not None:
+            failures = self._judge_edge(sc, results)
+        else:
+            failures = [f"request {i + 1}: expected {r.expected}, got {r.outcome}" for i, r in enumerate(results)
+                        if not matches(r.expected, r.outcome)]
+            if model in PROTECTED and not sc.controls_off:  # a control turned off may let it through: that is the lesson
+                failures += [f"MISROUTED under protected model {model}: {r.why}" for r in results
+                             if r.verdict == oracle.MISROUTED]
         return CaseResult(scenario=sc.name, title=sc.title, model=model, engine=self.engine, verdict=verdict,
                           passed=not failures, failure="; ".join(failures) or None,
                           ms=round((time.perf_counter() - started) * 1000, 1), requests=results,
@@ -449,13 +491,29 @@ class Runner:
             also=tuple({k: (at(v) if k != "headers" else [[hk, at(hv)] for hk, hv in v]) for k, v in a.items()}
                        for a in req.also))
 
+    def _judge_edge(self, sc: Scenario, results: list[RequestResult]) -> list[str]:
+        """Verdict first, for an edge that is not the lab's: a case fails when a protected flavour
+        is MISROUTED, or when a legitimate request does not reach its origin (over-blocking). How
+        it refuses (its status, its alert) is told against the lab's reference model in the
+        report, never a failure: the lab's own refusal codes are not another edge's."""
+        failures = []
+        wanted = legitimate(sc)
+        for i, (r, want) in enumerate(zip(results, wanted)):
+            if r.verdict == oracle.MISROUTED and self.target.protected:
+                failures.append(f"request {i + 1}: MISROUTED under {self.target.flavour}: {r.why}")
+            elif want is not None and r.outcome != want:
+                failures.append(f"request {i + 1}: legitimate request for {r.name} got {r.outcome}, not origin {want}"
+                                + (" (over-blocking)" if r.origin is None else ""))
+        return failures
+
     async def _request(self, req: Request, world: World, trace: str, expectations) -> list[RequestResult]:
         req = self._expand(req)
         dns_text = None
         if req.resolve:
             address, dns_text = await self._resolve(req.resolve, req.client, trace)
         elif req.listener:
-            address = self.edge_by_name[req.listener]["host"]
+            on_edge = self.edge_by_name.get(req.listener)
+            address = on_edge["host"] if on_edge else self.world.listener_by_name[req.listener].host
         else:
             address = req.address
         sni = req.sni if req.sni is not None else (req.resolve or None)
@@ -470,6 +528,12 @@ class Runner:
                 for j, a in enumerate(req.also)]
         wanted = [first, *more]
         listener = self.edge_by_addr.get(address) if address else None
+        if listener is None and self.target is not None:
+            gone = next((l.name for l in self.world.listeners if l.name in self.target.missing
+                         and (l.host == address or l.name == req.listener)), None)
+            if gone:
+                raise _NotApplicable(f"connects to listener {gone}, which {self.target.name} does not have "
+                                     f"(give --edge {gone}=HOST:PORT)")
         if listener is None:
             outcome = Outcome(address or "", 0, sni, error=f"{address or 'nothing'} is not an edge address")
         else:
@@ -525,6 +589,18 @@ class Runner:
                              tls_error=outcome.tls_error, status=resp.status if resp else None, origin=origin,
                              decision=resp.decision if resp else None, verdict=verdict, why=why, outcome=text,
                              expected=expected, trace=trace, target=target)
+
+
+def legitimate(sc: Scenario) -> list[str | None]:
+    """Per request of a scenario: the origin every lab model sends it to, when they all agree
+    (an honest request: refusing it is over-blocking), else None."""
+    per_request = zip(*(sc.expect[m] for m in MODELS))
+    out = []
+    for values in per_request:
+        same = set(values)
+        value = same.pop() if len(same) == 1 else None
+        out.append(value if value and ":" not in value and value not in ("refused", "tls") else None)
+    return out
 
 
 def _raw_target(raw: str) -> str | None:

@@ -39,6 +39,9 @@ def write(tmp_path, text, name="case.toml"):
     ('[[request]]', '[[request]\n', "not valid TOML"),
     ('v1 = "saas"', 'v1 = "Saas!"', "expect.v1: bad expectation"),
     ('v1 = "saas"', 'v1 = ["saas", "victim"]', "expect.v1: 2 expectation(s) for 1 request(s)"),
+    ('sni = "www.victim.example"', 'sni = "www.victim.example"\nclient = "client:nobody"',
+     "request[0].client: unknown client 'nobody' (the world has victim)"),
+    ('sni = "www.victim.example"', 'host = "{listener:nowhere}"', "request[0].host: unknown listener 'nowhere'"),
 ])
 def test_broken_scenario_one_line(tmp_path, world, old, new, key):
     path = write(tmp_path, GOOD.replace(old, new))
