@@ -48,6 +48,7 @@ class RequestResult:
     # Every lab model sends it to the same origin: an honest request, which an edge that
     # refuses it over-blocks.
     legitimate: bool = False
+    listener: str | None = None  # the edge listener it connected to, by the world's name
 
     @property
     def over_blocked(self) -> bool:

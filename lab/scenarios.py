@@ -588,7 +588,8 @@ class Runner:
                              dns=dns_text, cert_names=outcome.cert_names, cert_valid=outcome.cert_valid_for(name),
                              tls_error=outcome.tls_error, status=resp.status if resp else None, origin=origin,
                              decision=resp.decision if resp else None, verdict=verdict, why=why, outcome=text,
-                             expected=expected, trace=trace, target=target)
+                             expected=expected, trace=trace, target=target,
+                             listener=listener.get("name") if listener else None)
 
 
 def legitimate(sc: Scenario) -> list[str | None]:
