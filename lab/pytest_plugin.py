@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from lab.models import FLAVOURS
 from lab.run import ENGINES, Lab
 from lab.scenarios import Runner, ScenarioError, load
+from lab.target import TargetError, check_answers, parse_edges
 from lab.topology import MODELS, WorldError
 from lab.world import load as load_world
 
@@ -28,6 +30,13 @@ def pytest_addoption(parser) -> None:
     group.addoption("--sni-lab-models", metavar="M[,M]", default=",".join(MODELS),
                     help="models to run scenarios under (default: all)")
     group.addoption("--sni-lab-config", metavar="PATH", help="world file (default: the packaged lab.toml)")
+    group.addoption("--sni-lab-edge", action="append", metavar="NAME=HOST:PORT", default=[],
+                    help="run the cases against another edge (yours): where the world's listener NAME is on it "
+                         "(repeatable); judged verdict first under --sni-lab-flavour")
+    group.addoption("--sni-lab-flavour", default="deployed", choices=tuple(FLAVOURS),
+                    help="with --sni-lab-edge: what its config claims (default: deployed)")
+    group.addoption("--sni-lab-certs", metavar="DIR", default="certs",
+                    help="with --sni-lab-edge: the lab CA its certificates come from (default: certs/)")
     parser.addini("sni_lab_scenarios", "directories of sni-lab scenario files", type="paths", default=[])
 
 
@@ -75,6 +84,10 @@ class ScenarioFile(pytest.File):
             scenario = load(self.path, labs.world, self.root)
         except ScenarioError as e:
             raise self.CollectError(str(e)) from None
+        if labs.target is not None:  # another edge: one case per scenario, under its flavour
+            yield ScenarioItem.from_parent(self, name=f"{scenario.name}[{labs.target.flavour}]", scenario=scenario,
+                                           model=labs.target.flavour, engine=labs.target.name)
+            return
         engines = _csv(self.config, "--sni-lab-engines", ENGINES)
         for engine in engines:
             for model in _csv(self.config, "--sni-lab-models", MODELS):
@@ -96,6 +109,8 @@ class ScenarioItem(pytest.Item):
     def runtest(self) -> None:
         result = self.config._sni_lab.run_case(self.scenario, self.model, self.engine)
         self.user_properties.append(("verdict", result.verdict))
+        if result.not_applicable:
+            pytest.skip(f"not applicable to {self.engine}: {result.not_applicable}")
         if not result.passed:
             raise ScenarioFailed(result)
 
@@ -114,13 +129,22 @@ class ScenarioItem(pytest.Item):
 class LabThread:
     """A Lab on free ports, serving from its own thread's event loop."""
 
-    def __init__(self, world, engine: str) -> None:
+    def __init__(self, world, engine: str, target=None, certs: str | None = None) -> None:
+        """`target`: another edge; the lab then runs no edge of its own, and its origins are where the
+        world file says (that edge's config points there)."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"sni-lab-{engine}", daemon=True)
         self.thread.start()
-        self.lab = Lab.ephemeral(world, engine=engine)
+        if target is None:
+            self.lab = Lab.ephemeral(world, engine=engine)
+        else:
+            self.call(check_answers(target))
+            self.lab = Lab.ephemeral(target.place(world), certs, run_edge=False, keep_origin_ports=True)
         self.call(self.lab.start())
-        self.runner = Runner({**self.lab.endpoints, "engine": engine}, self.lab.world, engine)
+        endpoints = {**self.lab.endpoints, "engine": engine}
+        if target is not None:
+            endpoints["edge"] = [e for e in endpoints["edge"] if e["name"] in target.listeners]
+        self.runner = Runner(endpoints, self.lab.world, engine, target=target)
 
     @property
     def endpoints(self) -> dict:
@@ -158,11 +182,25 @@ class _Labs:
             self.world = load_world(config.getoption("--sni-lab-config"))
         except WorldError as e:
             raise pytest.UsageError(str(e)) from None
+        self.target = None
+        self.certs = config.getoption("--sni-lab-certs")
+        if config.getoption("--sni-lab-edge"):
+            try:
+                self.target = parse_edges(config.getoption("--sni-lab-edge"), self.world,
+                                          flavour=config.getoption("--sni-lab-flavour"))
+            except TargetError as e:
+                raise pytest.UsageError(f"--sni-lab-edge: {e}") from None
         self.labs: dict[str, LabThread] = {}
 
     def get(self, engine: str = "native") -> LabThread:
         if engine not in self.labs:
-            self.labs[engine] = LabThread(self.world, engine)
+            if self.target is not None and engine == self.target.name:
+                try:
+                    self.labs[engine] = LabThread(self.world, engine, self.target, self.certs)
+                except TargetError as e:
+                    pytest.exit(str(e), returncode=1)
+            else:
+                self.labs[engine] = LabThread(self.world, engine)
         return self.labs[engine]
 
     def run_case(self, scenario, model: str, engine: str):

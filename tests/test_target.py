@@ -141,3 +141,14 @@ def test_the_catalog_passes_on_a_world_moved_to_another_24(tmp_path):
     data = json.loads(res.stdout)
     assert res.returncode == 0, data["summary"]["failures"]
     assert {c["requests"][0]["address"].rsplit(".", 1)[0] for c in data["cases"] if c["requests"]} == {"127.0.9"}
+
+
+def test_the_pytest_plugin_refuses_an_edge_that_does_not_answer(tmp_path):
+    port = free_port("127.0.0.1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                          "--sni-lab-scenarios", str(DEFAULT_DIR), f"--sni-lab-edge=anycast=127.0.0.1:{port}",
+                          str(DEFAULT_DIR / "legit-victim.toml")], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert res.returncode == 1, res.stdout[-2000:]
+    assert f"listener anycast at 127.0.0.1:{port} does not answer" in res.stdout + res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
