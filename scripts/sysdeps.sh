@@ -1,13 +1,14 @@
 #!/bin/sh
 # Debian tools the tests and benchmarks talk to: real clients no one here wrote
-# (openssl, curl, dig, kdig), the tools we compare against (nginx, dnsmasq) and load
-# generators (wrk, dnsperf), and a real browser for what a person looks at: Debian's
+# (openssl, curl, dig, kdig), the tools we compare against and run the catalog on (nginx,
+# Caddy, HAProxy, dnsmasq), load generators (wrk, dnsperf, h2load), and a real browser for what a person looks at: Debian's
 # chromium, driven by Playwright, trusting the lab CA through an NSS database (certutil).
 # Each is optional: what cannot be installed is skipped by the tests that need it, with a reason.
 set -u
 need=""
 for pair in openssl:openssl curl:curl dig:bind9-dnsutils kdig:knot-dnsutils "nginx:nginx-light|nginx" \
-            dnsmasq:dnsmasq-base wrk:wrk dnsperf:dnsperf chromium:chromium certutil:libnss3-tools; do
+            dnsmasq:dnsmasq-base wrk:wrk dnsperf:dnsperf chromium:chromium certutil:libnss3-tools \
+            caddy:caddy haproxy:haproxy h2load:nghttp2-client; do
     cmd=${pair%%:*}; pkgs=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need="$need $pkgs"
 done
