@@ -132,7 +132,11 @@ def _edges_parsers(sub) -> None:
         p.add_argument("--config", metavar="PATH", help="world file (default: the packaged lab.toml)")
         p.add_argument("--certs", metavar="DIR", default="certs", help="certificate directory (default: certs/)")
     es.choices["config"].add_argument("--out", metavar="DIR", help="write the config, its files and the bundles here")
-    es.choices["up"].add_argument("--state", metavar="DIR", default=".lab", help="state directory (default: .lab/)")
+    up = es.choices["up"]
+    up.add_argument("--state", metavar="DIR", default=".lab", help="state directory (default: .lab/)")
+    up.add_argument("--free-ports", action="store_true",
+                    help="every part on a free port (the world's addresses, any port); see endpoints.json")
+    up.add_argument("--json", action="store_true", help="the ready line as JSON")
 
 
 def _scenario_parsers(sub) -> None:

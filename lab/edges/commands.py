@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab.binding import bind_hint
+from lab.binding import bind_hint, free_port
 from lab.edges import EDGES, render
 from lab.edges.process import EdgeError, available, binary, cert_files, options, prepare, running, version
 from lab.world import load
@@ -74,6 +74,9 @@ def up_command(args) -> int:
     if reason:
         raise CommandError(reason)
     world = load(args.config)
+    if args.free_ports:  # the lab binds port 0; the edge, which the lab does not bind for, gets free ones
+        world = world.with_free_ports()
+        world = world.with_ports({l.name: free_port(l.host) for l in world.listeners})
     from lab.run import run_loop
 
     return run_loop(_serve(world, args))
@@ -102,7 +105,12 @@ async def _serve(world, args) -> int:
             async with running(args.edge, lab.world, args.flavour, lab.ca, workdir) as edge:
                 endpoints = {**endpoints, "engine": args.edge, "flavour": args.flavour}
                 write_endpoints(state, endpoints)
-                _announce(endpoints, edge, time.perf_counter() - started, state)
+                ready_ms = round((time.perf_counter() - started) * 1000, 1)
+                if args.json:
+                    print(json.dumps({"ready_ms": ready_ms, **endpoints, "pid": edge.pid,
+                                      "config": str(edge.directory / edge.rendered.main)}, allow_nan=False), flush=True)
+                else:
+                    _announce(endpoints, edge, ready_ms, state)
                 await stop.wait()
                 (state / "endpoints.json").unlink(missing_ok=True)
     except EdgeError as e:
@@ -113,9 +121,9 @@ async def _serve(world, args) -> int:
     return 0
 
 
-def _announce(endpoints: dict, edge, seconds: float, state: Path) -> None:
+def _announce(endpoints: dict, edge, ready_ms: float, state: Path) -> None:
     r = edge.rendered
-    print(f"sni-lab ready in {seconds * 1000:.0f} ms: {edge.edge} ({r.flavour} flavour, pid {edge.pid}), "
+    print(f"sni-lab ready in {ready_ms:.0f} ms: {edge.edge} ({r.flavour} flavour, pid {edge.pid}), "
           f"the lab's origins, resolver and control plane")
     for l in endpoints["edge"]:
         print(f"  edge     {l['name']:<10} https://{l['host']}:{l['port']}"

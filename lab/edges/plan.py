@@ -45,7 +45,11 @@ class Upstream:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return hostport(self.host, self.port)
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class ListenerPlan:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return hostport(self.host, self.port)
 
 
 @dataclass(frozen=True)
