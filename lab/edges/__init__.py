@@ -5,6 +5,7 @@ edge's files and command line; starting and stopping the edge is lab.edges.proce
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -37,9 +38,12 @@ class Rendered:
     added: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def _meaningful(line: str) -> bool:
-    """A line that says something (not a brace, bracket or blank of the config's structure)."""
-    return line.strip().strip("{}[](),;").strip() != ""
+def added_lines(before: list[str], after: list[str]) -> tuple[str, ...]:
+    """The lines of `after` that `before` lacks, in order (a line diff, the config's structure
+    left out: braces, brackets and blanks say nothing)."""
+    old, new = ([line.strip() for line in lines if line.strip().strip("{}[](),;").strip()] for lines in (before, after))
+    ops = difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes()
+    return tuple(line for op, _, _, j1, j2 in ops if op in ("insert", "replace") for line in new[j1:j2])
 
 
 def render(edge: str, world: World, flavour: str, certs: Mapping[tuple[str, ...], CertFiles],
@@ -59,7 +63,6 @@ def render(edge: str, world: World, flavour: str, certs: Mapping[tuple[str, ...]
     if flavour == "fixed":
         _, before = writer.write(make(world, "default"), certs, **options)
         for name, lines in sections.items():
-            old = {line.strip() for line in before.get(name, ())}
-            added[name] = tuple(line.strip() for line in lines if _meaningful(line) and line.strip() not in old)
+            added[name] = added_lines(before.get(name, []), lines)
     return Rendered(edge, flavour, plan, writer.MAIN, files, tuple(writer.command()),
                     tuple(writer.check()) if writer.check() else None, dict(writer.env()), added)

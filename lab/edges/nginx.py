@@ -42,7 +42,7 @@ def _listener(lp: ListenerPlan, plan: Plan, certs) -> list[str]:
     for var, pick in ((cert, lambda f: f.cert), (key, lambda f: f.key)):
         lines.append(f"map $ssl_server_name {var} {{")
         lines.append("    hostnames;")
-        if first is not None:
+        if first is not None and not lp.strict:  # strict: an SNI no server_name matches gets no handshake
             lines.append(f"    default {pick(first)};")
         for name in offered(lp):
             lines.append(f"    {name} {pick(certs[certificate_for(lp.certificates, name)])};")

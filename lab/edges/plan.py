@@ -82,9 +82,6 @@ class Plan:
     origins: dict[str, Upstream]  # the origins some listener sends to
     certificates: tuple[tuple[str, ...], ...]  # every certificate of the world
 
-    def certificate_for(self, name: str) -> tuple[str, ...] | None:
-        return certificate_for(self.certificates, name)
-
 
 def routes(world: World, zones) -> tuple[tuple[str, str], ...]:
     """The authorized names of `zones` (their hosts and active custom hostnames), each with the

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab.edges import EDGES, CertFiles, Rendered, render
-from lab.edges.plan import ListenerPlan, offered
+from lab.edges.plan import ListenerPlan, certificate_for, offered
 from lab.pki import LabCA, file_stem
 from lab.policy import certificate_names
 from lab.topology import World
@@ -149,8 +149,7 @@ def _tail(directory: Path, lines: int = 5) -> str:
 def _probe_name(lp: ListenerPlan) -> str | None:
     """An SNI the listener serves under either flavour (an exact name with a certificate), if any."""
     names = [n for n in (*lp.names, *offered(lp)) if not n.startswith("*.")]
-    with_cert = [n for n in names if n in offered(lp) or ("*." + n.partition(".")[2]) in offered(lp)]
-    return (with_cert or names or [None])[0]
+    return next((n for n in names if certificate_for(lp.certificates, n)), names[0] if names else None)
 
 
 async def _handshake(host: str, port: int, sni: str | None, timeout: float) -> bool:
