@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import stat
+import tomllib
 
 import pytest
 import pytest_asyncio
@@ -16,6 +17,7 @@ from lab.edges.process import EdgeError, available, check, prepare, running
 from lab.oracle import MISROUTED, judge
 from lab.policy import certificate_names
 from lab.run import Lab
+from lab.topology import default_path, parse
 
 on_lab = pytest.mark.asyncio(loop_scope="module")  # the module's lab runs on the module's loop
 CHECKED = [e for e in EDGES if EDGES[e].check()]  # mitmdump has no config check of its own
@@ -126,8 +128,12 @@ async def test_legitimate_requests_reach_their_origin(edge, flavour, lab):
 
 @on_lab
 @pytest.mark.parametrize("edge", EDGES)
-async def test_the_edge_is_gone_after_an_error_inside_and_after_cancellation(edge, lab):
+async def test_the_edge_is_gone_after_its_context_whatever_ends_it(edge, lab):
     need(edge)
+    async with running(edge, lab.world, "fixed", lab.ca) as started:
+        assert group_alive(started.pid)
+    assert not group_alive(started.pid) and not started.directory.exists()
+
     with pytest.raises(RuntimeError, match="boom"):
         async with running(edge, lab.world, "default", lab.ca) as started:
             pid, directory = started.pid, started.directory
@@ -176,3 +182,16 @@ def running_in(directory) -> list[int]:
         except OSError:
             pass
     return found
+
+
+@on_lab
+async def test_the_configs_follow_a_world_moved_to_another_24():
+    installed = [e for e in EDGES if available(e) is None]
+    if not installed:
+        pytest.skip("no real edge is installed")
+    moved = parse(tomllib.loads(default_path().read_text().replace('"127.0.0.', '"127.0.5.')), "moved.toml")
+    async with Lab.ephemeral(moved, run_edge=False) as other:
+        for edge in installed:
+            async with running(edge, other.world, "default", other.ca) as started:
+                out = await ask(other, started, "saas-v1", "www.victim.example", "www.victim.example", False)
+                assert out.address.startswith("127.0.5.") and out.response.origin == "saas", (edge, out)

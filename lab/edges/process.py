@@ -173,19 +173,22 @@ async def _wait_ready(proc, rendered: Rendered, directory: Path, timeout: float)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     pending = list(rendered.plan.listeners)
-    while pending:
-        if proc.returncode is not None:
-            raise EdgeError(f"{rendered.edge} exited with status {proc.returncode}: {_tail(directory)}")
-        lp = pending[0]
-        left = deadline - loop.time()
-        if left <= 0:
-            raise EdgeError(f"{rendered.edge}: listener {lp.name} ({lp.address}) completed no TLS handshake in "
-                            f"{timeout:g} s: {_tail(directory)}")
-        if await _handshake(lp.host, lp.port, _probe_name(lp), min(left, 1.0)):
-            pending.pop(0)
-        else:
-            with contextlib.suppress(asyncio.TimeoutError):  # wakes at once if the edge exits
-                await asyncio.wait_for(asyncio.shield(proc.wait()), min(0.05, max(left, 0)))
+    exited = asyncio.ensure_future(proc.wait())
+    try:
+        while pending:
+            if exited.done():
+                raise EdgeError(f"{rendered.edge} exited with status {proc.returncode}: {_tail(directory)}")
+            lp = pending[0]
+            left = deadline - loop.time()
+            if left <= 0:
+                raise EdgeError(f"{rendered.edge}: listener {lp.name} ({lp.address}) completed no TLS handshake "
+                                f"in {timeout:g} s: {_tail(directory)}")
+            if await _handshake(lp.host, lp.port, _probe_name(lp), min(left, 1.0)):
+                pending.pop(0)
+            else:
+                await asyncio.wait([exited], timeout=min(0.05, left))  # wakes at once if the edge exits
+    finally:
+        exited.cancel()
 
 
 def _signal_group(pid: int, sig: int) -> None:
