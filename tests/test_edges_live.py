@@ -18,6 +18,7 @@ from lab.oracle import MISROUTED, judge
 from lab.policy import certificate_names
 from lab.run import Lab
 from lab.topology import default_path, parse
+from tests.test_edges import other_world
 
 on_lab = pytest.mark.asyncio(loop_scope="module")  # the module's lab runs on the module's loop
 CHECKED = [e for e in EDGES if EDGES[e].check()]  # mitmdump has no config check of its own
@@ -195,3 +196,28 @@ async def test_the_configs_follow_a_world_moved_to_another_24():
             async with running(edge, other.world, "default", other.ca) as started:
                 out = await ask(other, started, "saas-v1", "www.victim.example", "www.victim.example", False)
                 assert out.address.startswith("127.0.5.") and out.response.origin == "saas", (edge, out)
+
+
+@on_lab
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_another_v1_zone_and_a_wildcard_custom_hostname_on_every_edge(flavour, world):
+    installed = [e for e in EDGES if available(e) is None]
+    if not installed:
+        pytest.skip("no real edge is installed")
+    async with Lab.ephemeral(other_world(world), run_edge=False) as other:
+        for edge in installed:
+            async with running(edge, other.world, flavour, other.ca) as started:
+                for listener, name, origin in [("spare-v1", "app.other.example", "saas2"),
+                                               ("spare-v1", "any.fleet.example", "saas2"),
+                                               ("anycast", "any.fleet.example", "saas2"),
+                                               ("saas-v1", "www.victim.example", "saas")]:  # proven: authorized
+                    out = await ask(other, started, listener, name, name, True)
+                    assert out.cert_valid_for(name) and out.response.origin == origin, (edge, listener, name, out)
+                    assert verdict(other, out, name) != MISROUTED
+                # a pending registration proves nothing: no certificate anywhere, not routed by Host (a v1
+                # address under default sends everything to its zone, where the edge completes the handshake)
+                for listener in ("anycast", "spare-v1"):
+                    out = await ask(other, started, listener, "claim.tenant.example", "claim.tenant.example", False)
+                    assert not out.cert_valid_for("claim.tenant.example"), (edge, listener, out)
+                    if listener == "anycast" or flavour == "fixed":
+                        assert out.response is None or out.response.origin is None, (edge, listener, out)

@@ -15,9 +15,9 @@ from lab.topology import World
 
 __all__ = ["EDGES", "FLAVOURS", "CertFiles", "Plan", "PlanError", "Rendered", "render"]
 
-# The edge's name -> its writer: BINARY, INSTALL, VERSION (argv), MAIN (the main file), BUNDLES (wants
-# certificate and key in one file), write(plan, certs,
-# **options) -> (files, sections per listener), command(), check() (argv or None), env().
+# The edge's name -> its writer module: BINARY, INSTALL (how to get it), VERSION (argv), MAIN (the main
+# file), BUNDLES (wants certificate and key in one file), write(plan, certs, **options) -> (files, lines
+# per listener), command(), check() (argv, or None), env().
 EDGES = {"nginx": nginx, "caddy": caddy, "haproxy": haproxy, "mitmproxy": mitm}
 
 

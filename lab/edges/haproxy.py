@@ -8,6 +8,8 @@ host ACLs of those names only, anything else answered 421.
 """
 from __future__ import annotations
 
+import re
+
 from lab.edges.plan import CertFiles, ListenerPlan, Plan, certificate_for
 
 BINARY = "haproxy"
@@ -49,7 +51,7 @@ def _acl(name: str, hosts: list[str]) -> list[str]:
     lines = [f"acl {name} {HOST} -m str {' '.join(exact)}"] if exact else []
     for w in hosts:
         if w.startswith("*."):  # one label, as a certificate's wildcard covers
-            lines.append(f"acl {name} {HOST} -m reg ^[^.]+{w[1:].replace('.', chr(92) + '.')}$")
+            lines.append(f"acl {name} {HOST} -m reg ^[^.]+{re.escape(w[1:])}$")
     return lines
 
 

@@ -14,7 +14,7 @@ client trusting the lab CA rejects). So:
 """
 from __future__ import annotations
 
-from lab.edges.plan import CertFiles, ListenerPlan, Plan
+from lab.edges.plan import CertFiles, ListenerPlan, Plan, certificate_for
 
 BINARY = "mitmdump"
 INSTALL = "pip install 'sni-lab[mitmproxy]'"
@@ -99,13 +99,9 @@ def write(plan: Plan, certs: dict[tuple[str, ...], CertFiles]):
               f"# Run from the directory above this one: {' '.join(command())}",
               "mode:", *(f"  - {_q(_mode(lp, plan))}" for lp in plan.listeners),
               "certs:  # one table for every listener"]
-    seen = set()
-    for names in plan.certificates:
-        if any(names in lp.certificates for lp in plan.listeners):
-            for name in names:
-                if name not in seen:
-                    seen.add(name)
-                    config.append(f"  - {_q(f'{name}={certs[names].bundle}')}")
+    offered = dict.fromkeys(name for lp in plan.listeners for names in lp.certificates for name in names)
+    for name in offered:
+        config.append(f"  - {_q(f'{name}={certs[certificate_for(plan.certificates, name)].bundle}')}")
     config += ["keep_host_header: true  # the origin picks its tenant by Host",
                "http2: true", "connection_strategy: lazy",
                f"scripts:\n  - {_q(ADDON.rpartition('/')[2])}", "flow_detail: 0", "termlog_verbosity: warn", ""]
