@@ -96,10 +96,11 @@ async def _serve(world, args) -> int:
         raise CommandError(str(e)) from None
     state = Path(args.state)
     try:
-        endpoints = await lab.start()
+        endpoints = await lab.start()  # (stops what it started when it fails)
     except OSError as e:
-        await lab.stop()
         raise CommandError(bind_hint(e)) from None
+    except RuntimeError as e:
+        raise CommandError(str(e)) from None
     try:
         with tempfile.TemporaryDirectory(prefix=f"sni-lab-{args.edge}-") as workdir:
             async with running(args.edge, lab.world, args.flavour, lab.ca, workdir) as edge:
