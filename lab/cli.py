@@ -108,10 +108,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--certs", metavar="DIR", default="certs", help="certificate directory (default: certs/)")
     _control_parsers(sub)
     _scenario_parsers(sub)
+    _edges_parsers(sub)
     from lab.workshop.cli import parsers as workshop_parsers
 
     workshop_parsers(sub)  # workshop, waf
     return parser
+
+
+def _edges_parsers(sub) -> None:
+    from lab.edges import EDGES, FLAVOURS
+
+    edges = sub.add_parser("edges", help="real edges (nginx, Caddy, HAProxy, mitmproxy) configured from the world",
+                           description="Configs for real edges, written from the world in two flavours: default "
+                                       "(a typical multi-tenant config) and fixed (the edge's own controls plus a "
+                                       "per-address host allowlist).")
+    es = edges.add_subparsers(dest="edges_command", metavar="ACTION")
+    es.add_parser("list", help="each edge: installed or why not, version, binary").add_argument(
+        "--json", action="store_true", help="machine-readable output")
+    for name, text in (("config", "print EDGE's main config for the world (--out DIR: write every file there)"),
+                       ("up", "the lab without its own edge, and EDGE on the world's listeners, until Ctrl-C")):
+        p = es.add_parser(name, help=text, description=text)
+        p.add_argument("edge", choices=EDGES, metavar="EDGE", help=f"one of {', '.join(EDGES)}")
+        p.add_argument("--flavour", choices=FLAVOURS, default="default", help="default (the default) or fixed")
+        p.add_argument("--config", metavar="PATH", help="world file (default: the packaged lab.toml)")
+        p.add_argument("--certs", metavar="DIR", default="certs", help="certificate directory (default: certs/)")
+    es.choices["config"].add_argument("--out", metavar="DIR", help="write the config, its files and the bundles here")
+    up = es.choices["up"]
+    up.add_argument("--state", metavar="DIR", default=".lab", help="state directory (default: .lab/)")
+    up.add_argument("--free-ports", action="store_true",
+                    help="every part on a free port (the world's addresses, any port); see endpoints.json")
+    up.add_argument("--json", action="store_true", help="the ready line as JSON")
 
 
 def _scenario_parsers(sub) -> None:
@@ -517,6 +543,15 @@ def cmd_workshop(args) -> int:
     return command(args) if args.command == "workshop" else waf_command(args)
 
 
+def cmd_edges(args) -> int:
+    from lab.edges.commands import CommandError, command
+
+    try:
+        return command(args)
+    except CommandError as e:
+        raise UserError(str(e), e.code) from None
+
+
 def cmd_demo(args) -> int:
     from lab.demo import demo_command
 
@@ -532,7 +567,8 @@ def cmd_browser(args) -> int:
 COMMANDS = {"run": cmd_scenarios, "matrix": cmd_scenarios, "explain": cmd_scenarios, "certs": cmd_certs, "up": cmd_up,
             "origins": cmd_origins, "compose": cmd_compose, "dig": cmd_dig, "hostnames": cmd_hostnames, "dns": cmd_dns,
             "model": cmd_model, "validation": cmd_validation, "zones": cmd_zones, "events": cmd_events,
-            "reset": cmd_reset, "browser": cmd_browser, "workshop": cmd_workshop, "waf": cmd_workshop, "demo": cmd_demo}
+            "reset": cmd_reset, "browser": cmd_browser, "workshop": cmd_workshop, "waf": cmd_workshop, "demo": cmd_demo,
+            "edges": cmd_edges}
 
 
 def main(argv: list[str] | None = None) -> int:
