@@ -138,6 +138,18 @@ def _edges_parsers(sub) -> None:
     up.add_argument("--free-ports", action="store_true",
                     help="every part on a free port (the world's addresses, any port); see endpoints.json")
     up.add_argument("--json", action="store_true", help="the ready line as JSON")
+    text = ("the catalog on every installed edge under each flavour, beside the lab's own v1 and v2; "
+            "exit 1 if a case failed (MISROUTED under fixed, or a legitimate request refused)")
+    matrix = es.add_parser("matrix", help=text, description=text)
+    matrix.add_argument("--edge", metavar="E[,E]", help=f"edges (default: all: {', '.join(EDGES)})")
+    matrix.add_argument("--flavour", metavar="F[,F]", help="flavours (default: default,fixed)")
+    matrix.add_argument("--tag", action="append", help="only scenarios with this tag (repeatable)")
+    matrix.add_argument("--scenarios", metavar="DIR", help="scenario directory (default: the project's scenarios/)")
+    matrix.add_argument("--config", metavar="PATH", help="world file (default: the packaged lab.toml)")
+    matrix.add_argument("--certs", metavar="DIR", help="certificates for this run (default: throwaway)")
+    matrix.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
+    matrix.add_argument("--html", metavar="FILE", help="write the report as HTML")
+    matrix.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _scenario_parsers(sub) -> None:

@@ -44,6 +44,8 @@ class Column:
             "passed": sum(c.passed for c in ran),
             "failed": sum(not c.passed for c in ran),
             "misrouted": sum(c.verdict == MISROUTED for c in ran),
+            "misrouted_protected": sum(c.verdict == MISROUTED and not c.controls_off for c in ran)
+            if is_protected(self.flavour) else 0,
             "over_blocked": sum(any(q.over_blocked for q in c.requests) for c in ran),
             "differs": sum(any(self.differs(q) for q in c.requests) for c in ran),
             "not_applicable": len(self.cases) - len(ran),
@@ -72,9 +74,26 @@ def cell(c: CaseResult | None) -> str:
     return c.verdict + marks
 
 
-def differences(col: Column) -> list[tuple[CaseResult, int, RequestResult]]:
-    return [(c, i, q) for c in col.cases.values() if c.verdict != NOT_APPLICABLE
-            for i, q in enumerate(c.requests, 1) if col.differs(q)]
+def differences(col: Column) -> dict[str, list[tuple[CaseResult, int, RequestResult]]]:
+    """listener -> the requests on it whose outcome differs from the lab's reference."""
+    out: dict[str, list[tuple[CaseResult, int, RequestResult]]] = {}
+    for c in col.cases.values():
+        if c.verdict == NOT_APPLICABLE:
+            continue
+        for i, q in enumerate(c.requests, 1):
+            if col.differs(q):
+                out.setdefault(q.listener or q.address or "?", []).append((c, i, q))
+    return out
+
+
+def _lines_title(col: Column, listener: str) -> str:
+    if col.flavour == "fixed":
+        return f"the lines `fixed` adds over `default` on {listener}"
+    return f"what this config lacks on {listener}: the lines `fixed` adds there"
+
+
+def _tag(q: RequestResult) -> str:
+    return " (over-blocked)" if q.over_blocked else (" — MISROUTED" if q.verdict == MISROUTED else "")
 
 
 def summary_rows(cols: list[Column]) -> list[dict]:
@@ -86,7 +105,8 @@ _SUMMARY_HEAD = ("edge", "flavour", "cases", "passed", "failed", "MISROUTED", "o
 
 
 def _summary_cells(row: dict) -> list[str]:
-    mis = str(row["misrouted"]) + (" (protected!)" if row["protected"] and row["misrouted"] else "")
+    mis = str(row["misrouted"]) + (f" ({row['misrouted_protected']} protected!)" if row["misrouted_protected"]
+                                   else " (controls off)" if row["protected"] and row["misrouted"] else "")
     return [f"{row['edge']} {row['version']}".strip(), row["flavour"], str(row["cases"]), str(row["passed"]),
             str(row["failed"]), mis, str(row["over_blocked"]), str(row["differs"]), str(row["not_applicable"])]
 
@@ -96,10 +116,6 @@ def summary_table(cols: list[Column]) -> str:
     out = ["| " + " | ".join(_SUMMARY_HEAD) + " |", "|" + "---|" * len(_SUMMARY_HEAD)]
     out += ["| " + " | ".join(_summary_cells(r)) + " |" for r in summary_rows(cols)]
     return "\n".join(out)
-
-
-def _why_lines(col: Column, q: RequestResult) -> list[str]:
-    return col.lines.get(q.listener or "", [])
 
 
 def markdown(results: list[CaseResult], configs: dict | None = None, skipped: dict[str, str] | None = None,
@@ -129,14 +145,14 @@ def markdown(results: list[CaseResult], configs: dict | None = None, skipped: di
         if not diffs:
             out += ["Nowhere: every outcome agrees by kind and status.", ""]
             continue
-        for c, i, q in diffs:
-            tag = " (over-blocked)" if q.over_blocked else (" — **MISROUTED**" if q.verdict == MISROUTED else "")
-            out.append(f"- `{c.scenario}` request {i}: lab `{q.expected}`, {col.edge} `{q.outcome}`{tag} "
-                       f"(on {q.listener or q.address}; N = {q.name})")
-            lines = _why_lines(col, q)
+        for listener, items in diffs.items():
+            out += [f"### on `{listener}`: {len(items)} request{'s' if len(items) != 1 else ''}", ""]
+            out += [f"- `{c.scenario}` request {i}: lab `{q.expected}`, {col.edge} `{q.outcome}`{_tag(q)} "
+                    f"(N = {q.name})" for c, i, q in items]
+            lines = col.lines.get(listener, ())
             if lines:
-                out += ["  ```", *(f"  {line}" for line in lines), "  ```"]
-        out.append("")
+                out += ["", f"{_lines_title(col, listener)}:", "", "```", *lines, "```"]
+            out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
 
 
@@ -147,6 +163,7 @@ table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #bbb;padding
 th{background:#eee;position:sticky;top:0}td.MISROUTED{background:#f8c4c4;font-weight:700}
 td.SAFE{background:#d4f0d4}td.REFUSED{background:#e4e4f4}td.NA{color:#777;background:#f6f6f6}
 td.failed{outline:3px solid #c00;outline-offset:-3px}td.over{background:#ffe2a8}
+td:first-child{white-space:nowrap}
 code,pre{font:15px/1.3 ui-monospace,monospace}pre{background:#f4f4f4;padding:.5rem;margin:.2rem 0 .8rem 1.5rem}
 .legend{color:#444}
 """
@@ -172,7 +189,7 @@ def to_html(results: list[CaseResult], configs: dict | None = None, skipped: dic
         out.append(f"<p>World <code>{e(world)}</code> · {len(scenarios_of(results))} scenarios · one oracle.</p>")
     out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in _SUMMARY_HEAD) + "</tr>")
     for row in summary_rows(cols):
-        bad = ' class="MISROUTED"' if row["protected"] and row["misrouted"] else ""
+        bad = ' class="MISROUTED"' if row["misrouted_protected"] else ""
         out.append(f"<tr{bad}>" + "".join(f"<td>{e(x)}</td>" for x in _summary_cells(row)) + "</tr>")
     out.append("</table>")
     for edge, why in (skipped or {}).items():
@@ -191,12 +208,13 @@ def to_html(results: list[CaseResult], configs: dict | None = None, skipped: dic
         diffs = differences(col)
         if not diffs:
             out.append("<p>Nowhere: every outcome agrees by kind and status.</p>")
-        for c, i, q in diffs:
-            tag = " (over-blocked)" if q.over_blocked else (" — <b>MISROUTED</b>" if q.verdict == MISROUTED else "")
-            out.append(f"<p><code>{e(c.scenario)}</code> request {i}: lab <code>{e(q.expected)}</code>, "
-                       f"{e(col.edge)} <code>{e(q.outcome)}</code>{tag} (on {e(q.listener or q.address)}; "
-                       f"N = {e(q.name or '')})</p>")
-            lines = _why_lines(col, q)
+        for listener, items in diffs.items():
+            out.append(f"<h3>on {e(listener)}: {len(items)} request{'s' if len(items) != 1 else ''}</h3><ul>")
+            out += [f"<li><code>{e(c.scenario)}</code> request {i}: lab <code>{e(q.expected)}</code>, "
+                    f"{e(col.edge)} <code>{e(q.outcome)}</code>{e(_tag(q))} (N = {e(q.name or '')})</li>"
+                    for c, i, q in items]
+            out.append("</ul>")
+            lines = col.lines.get(listener, ())
             if lines:
-                out.append("<pre>" + e("\n".join(lines)) + "</pre>")
+                out.append(f"<p>{e(_lines_title(col, listener))}:</p><pre>" + e("\n".join(lines)) + "</pre>")
     return "\n".join(out) + "\n"

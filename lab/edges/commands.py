@@ -143,8 +143,14 @@ def _announce(endpoints: dict, edge, ready_ms: float, state: Path) -> None:
 def command(args) -> int:
     """Dispatch `edges ACTION`; CommandError is one line and its exit status for the caller to print."""
     if args.edges_command is None:
-        raise CommandError("edges: choose an action: list, config, up (see sni-lab edges --help)", 2)
+        raise CommandError("edges: choose an action: list, config, up, matrix (see sni-lab edges --help)", 2)
+    from lab.edgematrix import command as matrix_command
+    from lab.scenarios import ScenarioError
+
     try:
-        return {"list": list_command, "config": config_command, "up": up_command}[args.edges_command](args)
+        return {"list": list_command, "config": config_command, "up": up_command,
+                "matrix": matrix_command}[args.edges_command](args)
     except EdgeError as e:
         raise CommandError(str(e)) from None
+    except ScenarioError as e:
+        raise CommandError(str(e), 2) from None
