@@ -76,17 +76,23 @@ async def execute(args, scenarios: list[Scenario], models: tuple[str, ...], engi
     With `events` given, the edge's and origins' events of every request are appended to it."""
     world = load(args.config)
     if getattr(args, "edge", None):
+        for flag in ("model", "engine"):
+            if getattr(args, flag, None):
+                raise TargetError(f"--{flag} is the lab's own edge's; another edge runs its config (--flavour)", 2)
         target = parse_edges(args.edge, world, flavour=getattr(args, "flavour", None) or "deployed")
         return await against(target, world, args, scenarios, progress, events)
     running = None if args.fresh or len(engines) > 1 else await asked_lab(args)
+    flavour = getattr(args, "flavour", None)
     if running is not None and "control" not in running:  # an edge-only endpoints file: the lab serves it
-        return await against(from_endpoints(running, world), world, args, scenarios, progress, events)
+        return await against(from_endpoints(running, world, flavour), world, args, scenarios, progress, events)
     if running is not None and running.get("engine") not in ENGINES:  # `sni-lab edges up`: another edge
-        target = from_endpoints(running, world)
+        target = from_endpoints(running, world, flavour)
         results = await Runner(running, target.place(world), target=target).run(scenarios, models, progress)
         if events is not None:
             events += await _remote_events(running, results)
         return results
+    if flavour:
+        raise TargetError("--flavour says what another edge's config claims: give it with --edge", 2)
     if running and (not engines or running.get("engine") in engines):
         results = await Runner(running, world).run(scenarios, models, progress)
         if events is not None:

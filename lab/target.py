@@ -89,8 +89,9 @@ def target_of(listeners: dict[str, tuple[str, int]], world: World, name: str, fl
     return Target(name=name, flavour=flavour, listeners=dict(listeners), missing=missing)
 
 
-def from_endpoints(ep: dict, world: World) -> Target:
-    """An endpoints file's edge (`[{"name", "host", "port"}]`), as another edge."""
+def from_endpoints(ep: dict, world: World, flavour: str | None = None) -> Target:
+    """An endpoints file's edge (`[{"name", "host", "port"}]`), as another edge; `flavour`, when
+    given, wins over the file's."""
     try:
         listeners = {l["name"]: (str(l["host"]), int(l["port"])) for l in ep["edge"]}
     except (KeyError, TypeError, ValueError):
@@ -98,7 +99,8 @@ def from_endpoints(ep: dict, world: World) -> Target:
     unknown = sorted(set(listeners) - set(world.listener_by_name))
     if unknown:
         raise TargetError(f"the endpoints file names listener {unknown[0]!r}, which the world does not have", 2)
-    return target_of(listeners, world, str(ep.get("engine") or "edge"), str(ep.get("flavour") or "deployed"))
+    return target_of(listeners, world, str(ep.get("engine") or "edge"),
+                     flavour or str(ep.get("flavour") or "deployed"))
 
 
 async def check_answers(target: Target, timeout: float = 3.0) -> None:

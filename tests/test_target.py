@@ -152,3 +152,13 @@ def test_the_pytest_plugin_refuses_an_edge_that_does_not_answer(tmp_path):
     assert res.returncode == 1, res.stdout[-2000:]
     assert f"listener anycast at 127.0.0.1:{port} does not answer" in res.stdout + res.stderr
     assert "Traceback" not in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--edge", "anycast=127.0.0.1:9", "--model", "v1"], "--model is the lab's own edge's"),
+    (["--edge", "anycast=127.0.0.1:9", "--engine", "native"], "--engine is the lab's own edge's"),
+    (["--flavour", "fixed", "--fresh"], "give it with --edge"),
+])
+def test_flags_of_the_lab_and_of_another_edge_do_not_mix(argv, says):
+    res = cli("run", "dns-poison-victim", *argv)
+    assert res.returncode == 2 and says in res.stderr
