@@ -280,16 +280,8 @@ class Runner:
     async def session(self) -> AsyncIterator[LabApi]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
             api = LabApi(self.ep, s)
-            if self.target is not None:  # another edge: no model of the lab's to set or put back
-                validation = (await api.call("GET", "/validation"))["mode"]
-                if validation != VALIDATION_MODES[0]:
-                    await api.call("PUT", "/validation", {"mode": VALIDATION_MODES[0]})
-                try:
-                    yield api
-                finally:
-                    await api.call("PUT", "/validation", {"mode": validation})
-                return
-            before = (await api.call("GET", "/model"))["model"]
+            # Another edge has no model of the lab's to set or put back.
+            before = (await api.call("GET", "/model"))["model"] if self.target is None else None
             validation = (await api.call("GET", "/validation"))["mode"]
             try:
                 # Every case runs with the controls at their defaults, whatever the lab was left
@@ -298,7 +290,8 @@ class Runner:
                     await api.call("PUT", "/validation", {"mode": VALIDATION_MODES[0]})
                 yield api
             finally:
-                await api.call("PUT", "/model", {"model": before})
+                if before is not None:
+                    await api.call("PUT", "/model", {"model": before})
                 await api.call("PUT", "/validation", {"mode": validation})
 
     async def run(self, scenarios: list[Scenario], models: tuple[str, ...] = MODELS,
