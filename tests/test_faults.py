@@ -211,7 +211,8 @@ async def test_kill_9_during_hostname_transitions_leaves_no_half_state(tmp_path)
                 done = await asyncio.gather(*tasks, return_exceptions=True)
             await up.start()
             async with aiohttp.ClientSession() as s:
-                _, hostnames = await up.api(s, "GET", "/hostnames")
+                _, page = await up.api(s, "GET", "/hostnames?limit=1000")
+                hostnames = page["hostnames"]
                 _, events = await up.api(s, "GET", "/events?kind=hostname.status&limit=10000")
             last = {}
             for e in events:
