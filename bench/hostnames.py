@@ -354,10 +354,12 @@ def report(res: dict) -> None:
                         f"{single['concurrency']} at a time, {single['errors']} errors)", ""),
         ("add, batch", f"{batch['per_s']:,.0f}/s ({batch['added']} in {batch['seconds']} s, {BATCH} a request)"
                        if batch else "n/a (the API takes no list)", ok(fast >= TARGETS["add_rate"])),
-        ("routed p50/p99 idle", f"{r['idle_p50_ms']:.2f} / {r['idle_p99_ms']:.2f} ms ({r['idle_n']} requests)", ""),
+        ("routed p50/p99 idle", f"{r['idle_p50_ms']:.2f} / {r['idle_p99_ms']:.2f} ms ({r['idle_n']} requests)"
+                                if r["idle_n"] else "no request completed", ""),
         ("routed p50/p99 adds", f"{r['burst_p50_ms']:.2f} / {r['burst_p99_ms']:.2f} ms ({r['burst_n']} requests, "
                                 f"max {r['burst_max_ms']:.1f} ms, {r['failed']} failed); p99 ratio {r['p99_ratio']}x"
-                                if r["burst_n"] else "no request completed during the adds",
+                                if r["burst_n"] and r["idle_n"] else
+                                f"no request completed during the adds ({r['failed']} failed)",
          ok(r["p99_ratio"] is not None and r["p99_ratio"] <= TARGETS["burst_p99_ratio"])),
         ("GET /hostnames", f"{res['list_api']['seconds'] * 1000:.0f} ms, {res['list_api']['bytes']:,} bytes, "
                            f"{res['list_api']['hostnames']:,} hostnames", ""),

@@ -127,7 +127,7 @@ class Hostname:
     checks: int = 0  # real answers since its status began: the step of the pending schedule
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {name: getattr(self, name) for name in _FIELDS}  # every field is a str, number or None
         d["txt_name"] = txt_name(self.name)
         d["http_path"] = http_path(self)
         d["routable"] = routable(self)
@@ -140,6 +140,9 @@ class Hostname:
 
     def as_custom_hostname(self) -> topology.CustomHostname:
         return topology.CustomHostname(self.name, self.zone, self.status, self.poisoned_by)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Hostname))
 
 
 @dataclass(frozen=True)

@@ -88,13 +88,15 @@ MIGRATE_4 = """
 ALTER TABLE hostnames ADD COLUMN checks INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX hostnames_name ON hostnames (name);
 CREATE INDEX hostnames_status ON hostnames (status);
-CREATE INDEX hostnames_due ON hostnames (next_check) WHERE status IN ('pending', 'active', 'moved')
+CREATE INDEX hostnames_zone ON hostnames (zone);
+CREATE INDEX hostnames_due ON hostnames (coalesce(next_check, 0)) WHERE status IN ('pending', 'active', 'moved')
 """
 TABLES = ("hostnames", "records", "overrides", "settings", "events", "zones")
 HOSTNAME_FIELDS = ("id", "name", "zone", "status", "txt_token", "http_token", "reason", "created", "updated",
                    "ownership", "failures", "last_error", "next_check", "negatives", "negative_since", "poisoned_by",
                    "checks")
-VERIFIED = "status IN ('pending', 'active', 'moved')"  # the statuses the verifier checks: hostnames_due's
+# The hostnames the verifier checks, and when (no next_check: at once), as hostnames_due has them.
+VERIFIED, DUE = "status IN ('pending', 'active', 'moved')", "coalesce(next_check, 0)"
 OVERRIDE_FIELDS = ("id", "name", "type", "value", "client", "expires", "ttl")
 OVERRIDE_TTL = 60
 PRUNE_EVERY = 20  # event-sink flushes between prunings (sooner when a budget's eighth was written)
@@ -281,8 +283,11 @@ class State:
 
     def custom_hostnames(self) -> list[CustomHostname]:
         """The live hostnames as the edge's index holds them (what a start loads, once)."""
-        rows = self._read("SELECT name, zone, status, poisoned_by FROM hostnames WHERE status != 'deleted' "
-                          "ORDER BY rowid")
+        with self._lock, self._errors():
+            cursor = self._conn().cursor()
+            cursor.row_factory = None  # plain tuples: a start reads every live hostname
+            rows = cursor.execute("SELECT name, zone, status, poisoned_by FROM hostnames WHERE status != 'deleted' "
+                                  "ORDER BY rowid").fetchall()
         return [CustomHostname(*r) for r in rows]
 
     def hostnames_named(self, name: str) -> list[Hostname]:
@@ -303,10 +308,11 @@ class State:
         if zone is not None:
             where.append("zone = ?")
             args.append(zone)
-        if prefix:
-            where.append("substr(name, 1, ?) = ?")
-            args += [len(prefix), prefix]
-        rows = self._read(f"SELECT rowid AS position, * FROM hostnames WHERE {' AND '.join(where)} "
+        if prefix:  # a range of the name index: as cheap as the names that match
+            where += ["name >= ?", "name < ?"]
+            args += [prefix, prefix + "\U0010ffff"]
+        by = " INDEXED BY hostnames_name" if prefix else ""  # else a bound prefix may scan the table
+        rows = self._read(f"SELECT rowid AS position, * FROM hostnames{by} WHERE {' AND '.join(where)} "
                           f"ORDER BY rowid LIMIT ?", (*args, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
@@ -316,8 +322,8 @@ class State:
         """The hostnames the verifier should ask about at `now`, the longest due first (by the due
         index). A hostname with no next_check is due at once."""
         return [_hostname(r) for r in self._read(
-            f"SELECT * FROM hostnames WHERE {VERIFIED} AND (next_check IS NULL OR next_check <= ?) "
-            f"ORDER BY next_check LIMIT ?", (now, limit))]
+            f"SELECT * FROM hostnames INDEXED BY hostnames_due WHERE {VERIFIED} AND {DUE} <= ? ORDER BY {DUE} LIMIT ?",
+            (now, limit))]
 
     def hostname(self, id_or_name: str) -> Hostname | None:
         """By id; else by name: the live registration, or the latest deleted one (history)."""

@@ -229,7 +229,7 @@ class Limits:
     verify_retry_max: float = 600.0        # a failed lookup is retried after 10 s, doubling up to this
     verify_pending_max: float = 14400.0    # a pending or moved hostname: Cloudflare's growing intervals, up to 4 h
     verify_active_every: float = 86400.0   # an active hostname is re-checked about once a day
-    verify_rate: float = 10.0              # hostnames the background verifier checks per second, at most
+    verify_rate: float = 5.0               # hostnames the background verifier checks per second, at most
     # the process
     descriptor_reserve: int = 256          # descriptors never given to edge connections (control, DNS, origins, log)
 
