@@ -13,7 +13,6 @@ from lab.compose import ROLES as COMPOSE_ROLES
 from lab.remote import RemoteError
 from lab.schema import EVENTS_MAX, HOSTNAMES_PAGE, HOSTNAMES_PAGE_MAX
 from lab.topology import MODELS, VALIDATION_MODES, WorldError
-from lab.world import load
 
 
 class UserError(Exception):
@@ -248,6 +247,7 @@ def _seconds(text: str) -> float:
 
 def _ca(args, log=None):
     from lab.pki import LabCA, PKIError
+    from lab.world import load  # here, not at the top: it imports CEL, a fifth of a second a command
 
     world = load(args.config)
     try:
@@ -312,6 +312,7 @@ def cmd_origins(args) -> int:
 def cmd_compose(args) -> int:
     if args.role is None:
         from lab.compose import render
+        from lab.world import load
 
         if args.name:
             raise UserError("compose: ORIGIN goes with --role origin")

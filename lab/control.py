@@ -143,7 +143,7 @@ class Control:
             self.state.add_hostnames(seeds, seeded)
             self.state.set("seeded", "1")
         # The edge's hostname index, made once from what is saved; from here on a change is one name.
-        self.lab.set_world(self.lab.world.with_hostnames(self.state.custom_hostnames()))
+        self.lab.set_world(self.lab.world.with_hostnames(self.state.edge_hostnames()))
         for event in seeded:
             self.lab.events.publish(event)
         self.state.purge_expired(self.clock())

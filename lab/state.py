@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from lab.events import Event, Events
-from lab.topology import CustomHostname, Limits
+from lab.topology import Hostnames, Limits
 from lab.hostnames import Hostname, HostnameError
 from lab.hostnorm import HostError, normalize
 
@@ -281,14 +281,13 @@ class State:
     def has_hostnames(self) -> bool:
         return bool(self._read("SELECT 1 FROM hostnames LIMIT 1"))
 
-    def custom_hostnames(self) -> list[CustomHostname]:
+    def edge_hostnames(self) -> Hostnames:
         """The live hostnames as the edge's index holds them (what a start loads, once)."""
         with self._lock, self._errors():
             cursor = self._conn().cursor()
             cursor.row_factory = None  # plain tuples: a start reads every live hostname
-            rows = cursor.execute("SELECT name, zone, status, poisoned_by FROM hostnames WHERE status != 'deleted' "
-                                  "ORDER BY rowid").fetchall()
-        return [CustomHostname(*r) for r in rows]
+            return Hostnames.of_rows(cursor.execute("SELECT name, zone, status, poisoned_by FROM hostnames "
+                                                    "WHERE status != 'deleted' ORDER BY rowid"))
 
     def hostnames_named(self, name: str) -> list[Hostname]:
         """Every registration of exactly `name`, deleted ones included (by the name index)."""
