@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from lab.topology import MODELS, VALIDATION_MODES
 
@@ -110,18 +110,20 @@ def validate(fields: tuple[Field, ...], body: Any) -> dict[str, Any]:
     return {f.name: check_field(f, body[f.name]) if f.name in body else f.default for f in fields}
 
 
-def validate_items(fields: tuple[Field, ...], body: Any, maximum: int) -> list[dict[str, Any]]:
-    """A list of bodies, each checked as `validate` checks one; an error names its item."""
+def validate_items(fields: tuple[Field, ...], body: Any, maximum: int) -> Iterator[dict[str, Any]]:
+    """A list of bodies, each checked as `validate` checks one, as it is read (the caller may
+    pause between two); an error names its item."""
     if not isinstance(body, list) or not 1 <= len(body) <= maximum:
         raise SchemaError(f"body: expected an object or a list of 1 to {maximum} objects, got "
                           f"{f'{len(body)} items' if isinstance(body, list) else _kind(body)}")
-    items = []
-    for i, item in enumerate(body):
-        try:
-            items.append(validate(fields, item))
-        except SchemaError as e:
-            raise SchemaError(f"item {i}: {e}") from None
-    return items
+    return (_item(fields, item, i) for i, item in enumerate(body))
+
+
+def _item(fields: tuple[Field, ...], item: Any, i: int) -> dict[str, Any]:
+    try:
+        return validate(fields, item)
+    except SchemaError as e:
+        raise SchemaError(f"item {i}: {e}") from None
 
 
 def validate_query(fields: tuple[Field, ...], query: Any) -> dict[str, Any]:

@@ -102,6 +102,7 @@ CHANGES = [
     ("POST", "/dns/overrides", {"name": "www.victim.example", "value": "127.0.0.12"}),
     ("PUT", "/model", {"model": "v1"}),
     ("POST", "/hostnames", {"hostname": "www.newshop.test"}),
+    ("POST", "/hostnames", [{"hostname": "a.newshop.test"}, {"hostname": "b.newshop.test"}]),  # a list: one write
     ("DELETE", f"/hostnames/{SHOP}", None),
     ("DELETE", "/dns/records?name=shop.customer.example", None),
 ]
