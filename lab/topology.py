@@ -89,6 +89,23 @@ class CustomHostname:
 Row = tuple  # (name, zone, status, poisoned_by): a custom hostname as the index keeps it
 
 
+class Names(tuple):
+    """Names whose hash and set are made once: a zone's authorized hosts are asked about and
+    key the WAF's compiled context on every request, and a zone may have 100,000 of them."""
+
+    def __hash__(self) -> int:
+        found = self.__dict__.get("hash")
+        if found is None:
+            found = self.__dict__["hash"] = tuple.__hash__(self)
+        return found
+
+    def __contains__(self, name: object) -> bool:
+        found = self.__dict__.get("set")
+        if found is None:
+            found = self.__dict__["set"] = frozenset(self)
+        return name in found
+
+
 class Hostnames(Mapping[str, CustomHostname]):
     """The custom hostnames the edge knows, by name; a deleted registration is history, not a
     claim on a name, so it is not here. `put` and `discard` change one name in O(1); the
@@ -100,6 +117,7 @@ class Hostnames(Mapping[str, CustomHostname]):
         self._rows: dict[str, Row] = {}
         self._active: dict[str, dict[str, None]] = {}  # zone -> its active names, in order
         self._active_tuple: dict[str, tuple[str, ...]] = {}  # the same, made once per change
+        self._authorized: dict[str, tuple[tuple[str, ...], Names]] = {}  # zone -> (its hosts, authorized)
         for c in hostnames:
             self.put(c)
 
@@ -122,7 +140,7 @@ class Hostnames(Mapping[str, CustomHostname]):
         self._rows[c.name] = (c.name, c.zone, c.status, c.poisoned_by)
         if c.status == "active":
             self._active.setdefault(c.zone, {})[c.name] = None
-            self._active_tuple.pop(c.zone, None)
+            self._changed(c.zone)
 
     def discard(self, name: str) -> None:
         self._unactive(self._rows.pop(name, None))
@@ -130,7 +148,11 @@ class Hostnames(Mapping[str, CustomHostname]):
     def _unactive(self, old: Row | None) -> None:
         if old is not None and old[2] == "active":
             self._active.get(old[1], {}).pop(old[0], None)
-            self._active_tuple.pop(old[1], None)
+            self._changed(old[1])
+
+    def _changed(self, zone: str) -> None:
+        self._active_tuple.pop(zone, None)
+        self._authorized.pop(zone, None)
 
     def active(self, zone: str) -> tuple[str, ...]:
         """The active custom hostnames of `zone`, in the order they became active."""
@@ -138,6 +160,13 @@ class Hostnames(Mapping[str, CustomHostname]):
         if found is None:
             found = self._active_tuple[zone] = tuple(self._active.get(zone, ()))
         return found
+
+    def authorized(self, zone: str, hosts: tuple[str, ...]) -> Names:
+        """`hosts` (the zone's own) and its active custom hostnames, made once per change."""
+        kept = self._authorized.get(zone)
+        if kept is None or kept[0] != hosts:
+            kept = self._authorized[zone] = (hosts, Names(hosts + self.active(zone)))
+        return kept[1]
 
     def __getitem__(self, name: str) -> CustomHostname:
         return CustomHostname(*self._rows[name])
@@ -315,8 +344,7 @@ class World:
 
     def authorized_hosts(self, zone: Zone) -> tuple[str, ...]:
         """The names a zone's owner sends to its origin: its own and its active custom hostnames."""
-        active = self.hostnames.active(zone.name)
-        return zone.hosts + active if active else zone.hosts
+        return self.hostnames.authorized(zone.name, zone.hosts)
 
     def with_model(self, model: str) -> "World":
         if model not in MODELS:
