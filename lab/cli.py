@@ -213,7 +213,7 @@ def _control_parsers(sub) -> None:
     events.add_argument("--trace", help="only one client request's story")
     events.add_argument("--kind", help="only events whose kind starts with this, e.g. route or dns")
     events.add_argument("--all", action="store_true",
-                        help="also the lab's own traffic (the hostname verifier's DNS lookups)")
+                        help="also the lab's own traffic (the live page's and the demo's requests)")
 
     reset = _state_opts(sub.add_parser("reset", help="forget hostnames, DNS changes, model and events (lab stopped)"))
     reset.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")

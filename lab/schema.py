@@ -242,7 +242,7 @@ EVENTS = (
     Field("trace", "string", maximum=128, doc="one client request's story"),
     Field("kind", "string", maximum=64, doc="kinds starting with this, e.g. dns or route"),
     Field("internal", "integer", minimum=0, maximum=1, default=0,
-          doc="1: also the lab's own traffic (the hostname verifier's DNS lookups), hidden by default"),
+          doc="1: also the lab's own traffic (the live page's and the demo's requests), hidden by default"),
 )
 DELETE_HOSTNAME = (
     Field("purge", "integer", minimum=0, maximum=1, default=0,

@@ -347,3 +347,31 @@ def test_served_by_edge(world):
     assert served_by_edge(world, new(world, "www.victim.example"))
     assert served_by_edge(world, new(world, "*.victim.example"))  # its base is a zone's own host
     assert not served_by_edge(world, new(world, "www.newshop.test"))
+
+
+def test_the_pending_schedule_is_cloudflares_backoff():
+    """Cloudflare's published table: 60 s growing 5% a check for ten, then 15%, capped at 4 h."""
+    r = Recheck()
+    assert [r.pending(n) for n in range(12)] == [60, 63, 66, 69, 72, 76, 80, 84, 88, 93, 242, 279]
+    assert r.pending(39) < 14400 == r.pending(40) == r.pending(75) == r.pending(10 ** 6)
+
+
+def test_the_background_schedule_over_a_week(world):
+    """Asked at each next_check: a pending hostname gets Cloudflare's 75 checks in 7 days, ten of
+    them in its first 20 minutes; an active one whose DNS leaves is asked again the next day,
+    then moved 600 s (three negative answers) later."""
+    h = new(world, now=0.0)
+    times = []
+    while h.next_check < 7 * 86400:
+        times.append(h.next_check)
+        h, t = verify(h, MOVED_AWAY, target=TARGET, now=h.next_check)
+        assert t is None and h.status == "pending"
+    assert 74 <= len(times) <= 76 and sum(1 for x in times if x <= 20 * 60) >= 10
+    active, _ = verify(h, owned_txt(h), target=TARGET, now=times[-1] + 1)
+    assert 0.9 * 86400 <= active.next_check - (times[-1] + 1) <= 1.1 * 86400
+    h, asked = active, []
+    while h.status == "active":
+        asked.append(h.next_check)
+        h, t = verify(h, MOVED_AWAY, target=TARGET, now=h.next_check)
+    assert h.status == "moved" and t.new == "moved" and len(asked) == 3 and asked[-1] - asked[0] == 600
+    assert h.next_check - asked[-1] == 60  # and back on the pending schedule, from its start
