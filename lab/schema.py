@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from lab.topology import MODELS, VALIDATION_MODES
 
@@ -110,20 +110,18 @@ def validate(fields: tuple[Field, ...], body: Any) -> dict[str, Any]:
     return {f.name: check_field(f, body[f.name]) if f.name in body else f.default for f in fields}
 
 
-def validate_items(fields: tuple[Field, ...], body: Any, maximum: int) -> Iterator[dict[str, Any]]:
-    """A list of bodies, each checked as `validate` checks one, as it is read (the caller may
-    pause between two); an error names its item."""
+def validate_items(fields: tuple[Field, ...], body: Any, maximum: int) -> list[dict[str, Any]]:
+    """A list of bodies, each checked as `validate` checks one; an error names its item."""
     if not isinstance(body, list) or not 1 <= len(body) <= maximum:
         raise SchemaError(f"body: expected an object or a list of 1 to {maximum} objects, got "
                           f"{f'{len(body)} items' if isinstance(body, list) else _kind(body)}")
-    return (_item(fields, item, i) for i, item in enumerate(body))
-
-
-def _item(fields: tuple[Field, ...], item: Any, i: int) -> dict[str, Any]:
-    try:
-        return validate(fields, item)
-    except SchemaError as e:
-        raise SchemaError(f"item {i}: {e}") from None
+    items = []
+    for i, item in enumerate(body):
+        try:
+            items.append(validate(fields, item))
+        except SchemaError as e:
+            raise SchemaError(f"item {i}: {e}") from None
+    return items
 
 
 def validate_query(fields: tuple[Field, ...], query: Any) -> dict[str, Any]:
@@ -193,7 +191,7 @@ NEW_HOSTNAME = (
     Field("hostname", **_NAME, doc="the custom hostname to register"),
     Field("zone", "string", minimum=1, maximum=NAME_MAX, doc="SaaS zone (default: the first SaaS zone)"),
 )
-HOSTNAMES_BATCH_MAX = 1000  # registrations in one POST /hostnames
+HOSTNAMES_BATCH_MAX = 100  # registrations in one POST /hostnames: one write, one short turn of the event loop
 HOSTNAMES_PAGE = 100        # GET /hostnames: a page by default...
 HOSTNAMES_PAGE_MAX = 1000   # ...and at most
 LIST_HOSTNAMES = (

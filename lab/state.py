@@ -289,10 +289,6 @@ class State:
             return Hostnames.of_rows(cursor.execute("SELECT name, zone, status, poisoned_by FROM hostnames "
                                                     "WHERE status != 'deleted' ORDER BY rowid"))
 
-    def hostnames_named(self, name: str) -> list[Hostname]:
-        """Every registration of exactly `name`, deleted ones included (by the name index)."""
-        return [_hostname(r) for r in self._read("SELECT * FROM hostnames WHERE name = ?", (name,))]
-
     def hostname_page(self, after: int = 0, limit: int = 100, statuses: Iterable[str] = (), zone: str | None = None,
                       prefix: str | None = None) -> tuple[list[Hostname], int | None]:
         """Up to `limit` hostnames after position `after`, in the order they were made, and the
