@@ -1,9 +1,13 @@
 """Many custom hostnames (issue [13]): a change of one is O(1) rows and never a new world, the
 list is paged, a batch is all or nothing, the edge learns a name by name, and the verifier
 asks only about the hostnames whose check is due. Real lab, real sockets; counts, not timings."""
+import asyncio
 import contextlib
 import dataclasses
+import json
 import re
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -13,7 +17,7 @@ from lab import policy
 from lab.client import probe
 from lab.edge.certstore import CertStore
 from lab.hostnames import Hostname, from_world
-from lab.run import Lab
+from lab.run import Lab, write_endpoints
 from lab.state import State
 from lab.topology import CustomHostname, Hostnames, World
 
@@ -217,3 +221,28 @@ def test_certificates_follow_the_index_by_name(world, ca):
     assert ("www.newshop.test",) not in policy.certificate_names(live)
     live.hostnames.put(CustomHostname("*.newshop.test", ZONE, "active"))
     assert store.lookup("www.newshop.test").names == ("*.newshop.test",)  # the one wildcard that covers it
+
+
+async def test_the_cli_lists_a_page_and_says_how_to_see_the_next(tmp_path, world, certs):
+    async with lab_with(tmp_path, world, certs, [seeded(i, "active" if i % 2 else "pending") for i in range(7)]) as lab:
+        write_endpoints(tmp_path / "state", lab.endpoints)
+
+        def cli(*args):
+            return subprocess.run([sys.executable, "-m", "lab", "hostnames", "list", "--state", str(tmp_path / "state"),
+                                   *args], capture_output=True, text=True, timeout=60)
+
+        page = await asyncio.to_thread(cli, "--limit", "2", "--status", "pending")
+        assert page.returncode == 0, page.stderr
+        shown = [line.split()[0] for line in page.stdout.splitlines() if line.startswith("h0")]
+        assert shown == ["h000000.newshop.test", "h000002.newshop.test"]
+        more = page.stdout.splitlines()[-1]
+        assert more.startswith("more: sni-lab hostnames list --status=pending --limit=2 --cursor ")
+        rest = await asyncio.to_thread(cli, *more.removeprefix("more: sni-lab hostnames list ").split()[:-2])
+        assert [line.split()[0] for line in rest.stdout.splitlines() if line.startswith("h0")] == \
+            ["h000004.newshop.test", "h000006.newshop.test"] and "more:" not in rest.stdout
+        every = json.loads((await asyncio.to_thread(cli, "--all", "--limit", "3", "--json")).stdout)
+        assert every["next"] is None and len(every["hostnames"]) == 8  # and shop.customer.example
+        bad = await asyncio.to_thread(cli, "--status", "actve")
+        assert bad.returncode == 2 and "'actve' is not one of" in bad.stderr and "Traceback" not in bad.stderr
+        bad = await asyncio.to_thread(cli, "--limit", "0")
+        assert bad.returncode == 2 and "expected 1 to 1000" in bad.stderr
