@@ -324,8 +324,10 @@ def run(args) -> dict:
     try:
         config = tmp / "lab.toml"
         write_world(default_path(), config)
-        first = start_lab(procs, tmp, config)  # seeds the world's hostnames, issues the zones' leaves
-        res["empty"] = {"ready_s": round(first.wall_s, 2), "stop_s": round(stop_time(procs, first), 2)}
+        stop_time(procs, start_lab(procs, tmp, config))  # seeds the world's hostnames, issues the zones' leaves
+        empty = start_lab(procs, tmp, config)  # the baseline: the same lab with its world's hostnames only
+        res["empty"] = {"ready_s": round(empty.wall_s, 2), "ready_inner_s": round(empty.ready_ms / 1000, 2),
+                        "stop_s": round(stop_time(procs, empty), 2)}
         res["seed_s"] = round(seed(tmp / "state", args.count, args.active), 2)
         log(f"seeded {args.count} hostnames in {res['seed_s']} s; starting the lab")
         readies, stops = [], []
@@ -380,7 +382,8 @@ def report(res: dict) -> None:
         ("hostnames list (CLI)", f"{res['list_cli_s']} s" if res["list_cli_s"] is not None else "timed out",
          ok(res["list_cli_s"] is not None and res["list_cli_s"] <= TARGETS["list_s"])),
         ("ready", f"{res['ready_s']} s (in the process {res['ready_inner_s']} s; {res['ready_all_s']}; "
-                  f"empty state {res['empty']['ready_s']} s)", ok(res["ready_s"] <= TARGETS["ready_s"])),
+                  f"empty state {res['empty']['ready_s']} s, {res['empty']['ready_inner_s']} s in the process)",
+         ok(res["ready_s"] <= TARGETS["ready_s"])),
         ("stop", f"{res['stop_s']} s ({res['stop_all_s']})", ok(res["stop_s"] <= TARGETS["stop_s"])),
         ("RSS", f"{res['rss_mb']} MB (peak {res['rss_peak_mb']} MB)", ok(res["rss_peak_mb"] <= TARGETS["rss_mb"])),
         ("idle lab CPU", f"{res['idle']['cpu_pct']}% of a core, {res['idle']['events_per_s']:,} events/s "

@@ -196,8 +196,8 @@ class Transition:
 def create(name: str, zone: str, *, world: topology.World, existing: Iterable[Hostname], id: str,
            txt_token: str, http_token: str, now: float) -> Hostname:
     """A new registration: always `pending`, whoever asks and whatever DNS says today.
-    `existing`: the control plane's registrations of this name (others may be given; they do
-    not matter), deleted ones included."""
+    `world.hostnames` holds the live registrations; `existing` what it does not (deleted ones,
+    the earlier items of one list), and is authoritative for the names it has."""
     if not id or not txt_token or not http_token:
         # An empty token would be "found" in an empty TXT string or an empty HTTP body.
         raise ValueError("create() needs a non-empty id, txt_token and http_token")
