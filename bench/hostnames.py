@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.edge import CLK_TCK, BenchError, Procs, _read_line, sni_lab_cmd, start_lab, write_world
+from bench.edge import CLK_TCK, BenchError, Procs, sni_lab_cmd, start_lab, write_world
 
 ROUTED = "shop.customer.example"   # the world's active custom hostname: policy, index, certificate
 LISTENER = "anycast"
@@ -255,7 +255,7 @@ def cli_list(state: Path, timeout: float) -> float | None:
 
 # ---- the run ---------------------------------------------------------------------------------
 
-async def measure(args, procs: Procs, tmp: Path, config: Path, lab, res: dict) -> None:
+async def measure(args, procs: Procs, tmp: Path, lab, res: dict) -> None:
     pid = lab.proc.pid
     ca = lab.endpoints["ca"]
     anycast = next(l for l in lab.endpoints["edge"] if l["name"] == LISTENER)
@@ -336,7 +336,7 @@ def run(args) -> dict:
             readies.append((lab.wall_s, lab.ready_ms / 1000))
             if i == args.starts - 1:
                 try:
-                    asyncio.run(measure(args, procs, tmp, config, lab, res))
+                    asyncio.run(measure(args, procs, tmp, lab, res))
                 finally:
                     stops.append(stop_time(procs, lab))
             else:
