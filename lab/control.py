@@ -310,16 +310,18 @@ class Control:
         return len(due)
 
     async def _verify_forever(self) -> None:
-        """`limits.verify_rate` hostnames a second at most; a look every `interval` when none is due."""
+        """`limits.verify_rate` hostnames a second at most; a look every `interval` when none is due
+        (the first one `interval` after the start)."""
+        checked = 0
         while True:
+            if not checked:
+                await asyncio.sleep(self.interval)
             rate = self.lab.world.limits.verify_rate
             try:
                 checked = await self.verify_due(limit=max(1, round(rate * self.interval)), pace=1 / rate)
             except StateError as e:
                 log.warning("verifier: %s", e)
                 checked = 0
-            if not checked:
-                await asyncio.sleep(self.interval)
 
     # ---- HTTP API --------------------------------------------------------------
     @web.middleware

@@ -359,8 +359,12 @@ class World:
     def frozen(self, names: Iterable[str]) -> "World":
         """This world with an index of its own holding what it says now of `names` (each, and the
         wildcard that may cover it): a snapshot for a reader that judges later, in O(len(names))."""
-        said = [self.hostnames.get(n) for name in names for n in (name, wildcard_of(name)) if n]
-        return dataclasses.replace(self, hostnames=Hostnames(c for c in said if c is not None))
+        said = [c for name in names for n in (name, wildcard_of(name)) if n and (c := self.hostnames.get(n))]
+        if said:
+            return dataclasses.replace(self, hostnames=Hostnames(said))
+        if "_frozen_none" not in self.__dict__:  # the usual case, a zone's own host: one snapshot per world
+            self.__dict__["_frozen_none"] = dataclasses.replace(self, hostnames=Hostnames())
+        return self.__dict__["_frozen_none"]
 
     def with_zones(self, added: tuple[Zone, ...]) -> "World":
         """The world file's zones plus `added` (zones put on the edge at run time), checked as the
