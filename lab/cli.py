@@ -11,10 +11,9 @@ from pathlib import Path
 from lab import __version__
 from lab.compose import ROLES as COMPOSE_ROLES
 from lab.remote import RemoteError
-from lab.schema import EVENTS_MAX
 from lab.models import FLAVOURS
+from lab.schema import EVENTS_MAX, HOSTNAMES_PAGE, HOSTNAMES_PAGE_MAX
 from lab.topology import MODELS, VALIDATION_MODES, WorldError
-from lab.world import load
 
 
 class UserError(Exception):
@@ -198,7 +197,16 @@ def _control_parsers(sub) -> None:
     add = _state_opts(hs.add_parser("add", help="register NAME (starts pending)"))
     add.add_argument("name")
     add.add_argument("--zone", help="SaaS zone (default: the first SaaS zone of the world)")
-    _state_opts(hs.add_parser("list", help="list custom hostnames and their status"))
+    hlist = _state_opts(hs.add_parser("list", help="list custom hostnames and their status, a page at a time",
+                                      description="A page of custom hostnames, in the order they were registered; "
+                                                  "the last line says how to see the next page."))
+    hlist.add_argument("--status", metavar="S[,S...]", help="only these statuses (pending, active, moved, deleted, blocked)")
+    hlist.add_argument("--zone", help="only this SaaS zone's")
+    hlist.add_argument("--prefix", metavar="TEXT", help="only names starting with TEXT")
+    hlist.add_argument("--limit", "-n", type=_whole(1, HOSTNAMES_PAGE_MAX), metavar="N",
+                       help=f"hostnames on a page (default {HOSTNAMES_PAGE})")
+    hlist.add_argument("--cursor", metavar="C", help="the page after the one that named C as the next")
+    hlist.add_argument("--all", action="store_true", help="every page, one after the other (slow for a big lab)")
     for action, text in (("verify", "verify now: TXT/HTTP ownership and DNS target"), ("rm", "delete (terminal)")):
         _state_opts(hs.add_parser(action, help=text)).add_argument("ref", metavar="NAME|ID")
 
@@ -251,7 +259,7 @@ def _control_parsers(sub) -> None:
     events.add_argument("--trace", help="only one client request's story")
     events.add_argument("--kind", help="only events whose kind starts with this, e.g. route or dns")
     events.add_argument("--all", action="store_true",
-                        help="also the lab's own traffic (the hostname verifier's DNS lookups)")
+                        help="also the lab's own traffic (the live page's and the demo's requests)")
 
     reset = _state_opts(sub.add_parser("reset", help="forget hostnames, DNS changes, model and events (lab stopped)"))
     reset.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
@@ -285,6 +293,7 @@ def _seconds(text: str) -> float:
 
 def _ca(args, log=None):
     from lab.pki import LabCA, PKIError
+    from lab.world import load  # here, not at the top: it imports CEL, a fifth of a second a command
 
     world = load(args.config)
     try:
@@ -349,6 +358,7 @@ def cmd_origins(args) -> int:
 def cmd_compose(args) -> int:
     if args.role is None:
         from lab.compose import render
+        from lab.world import load
 
         if args.name:
             raise UserError("compose: ORIGIN goes with --role origin")
@@ -383,6 +393,27 @@ def _hostname_line(h: dict) -> None:
         print(f"{'':<28} last check failed ({h['failures']} in a row, not evidence; next at {retry}): {h['last_error']}")
 
 
+def _hostname_page(page: dict, again: str) -> None:
+    for h in page["hostnames"]:
+        _hostname_line(h)
+    if not page["hostnames"]:
+        print("none")
+    if page["next"] is not None:
+        print(f"more: {again} --cursor {page['next']}   (or --all)")
+
+
+def _every_hostname(api, path: str) -> list[dict]:
+    """Page after page, with a progress line on a terminal."""
+    found: list[dict] = []
+    for page in api.pages(path):
+        found += page["hostnames"]
+        if sys.stderr.isatty():
+            print(f"\r{len(found):,} hostnames...", end="", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+    return found
+
+
 def cmd_hostnames(args) -> int:
     from lab.remote import Api
 
@@ -392,10 +423,17 @@ def cmd_hostnames(args) -> int:
     if args.action == "add":
         body = {"hostname": args.name, **({"zone": args.zone} if args.zone else {})}
         return _print(args, api.call("POST", "/hostnames", body), _hostname_line)
-    if args.action == "list":
-        return _print(args, api.call("GET", "/hostnames"), lambda hs: [_hostname_line(h) for h in hs] or print("none"))
-    from urllib.parse import quote
+    from urllib.parse import quote, urlencode
 
+    if args.action == "list":
+        import shlex
+
+        filters = {k: getattr(args, k) for k in ("status", "zone", "prefix", "limit") if getattr(args, k)}
+        again = shlex.join(["sni-lab", "hostnames", "list", *[f"--{k}={v}" for k, v in filters.items()]])
+        query = urlencode({**filters, **({"cursor": args.cursor} if args.cursor else {})})
+        path = "/hostnames" + (f"?{query}" if query else "")
+        page = {"hostnames": _every_hostname(api, path), "next": None} if args.all else api.call("GET", path)
+        return _print(args, page, lambda p: _hostname_page(p, again))
     ref = quote(args.ref, safe="")
     if args.action == "verify":
         return _print(args, api.call("POST", f"/hostnames/{ref}/verify"), _hostname_line)

@@ -12,6 +12,13 @@ routing, resolver), then told as an event: a change the disk refuses (full, read
 is a 503 that leaves the running lab as it was. A hostname's status and its
 `hostname.status` event are saved in one transaction.
 
+Scale: a change of one hostname is one indexed row in `State` and one name in the world's
+hostname index (`topology.Hostnames`, read by name by the policy and the certificate
+store), never a reload or a new world; `GET /hostnames` is paged; `POST /hostnames` takes a
+list, all or nothing. The background verifier asks only about the hostnames whose check is
+due (`hostnames.next_check` says when), at most `limits.verify_rate` a second, and its DNS
+lookups leave no event each.
+
 Every request body and query is checked against its table in `lab.schema` (which the
 OpenAPI document is made from) before anything happens. Only the lab's own names may
 appear in `Host` (a DNS-rebinding page must not read the verification tokens), and a
@@ -46,6 +53,7 @@ from lab.topology import MODELS, VALIDATION_MODES, World, WorldError, Zone
 log = logging.getLogger(__name__)
 
 VERIFY_INTERVAL = 10.0
+BATCH_BODY_MAX = 256 * 1024  # POST /hostnames with a list; every other body stays within the app's 64 KiB
 SSE_QUEUE = 1000
 SHUTDOWN_TIMEOUT = 0.5
 RCODES = {1: "FORMERR", 2: "SERVFAIL", 4: "NOTIMP", 5: "REFUSED"}
@@ -53,7 +61,8 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 def _dumps(data: Any) -> str:
-    return json.dumps(data, indent=1, allow_nan=False)  # strict JSON: no Infinity, ever
+    # Strict JSON: no Infinity, ever. Compact: the C encoder (an indent takes the Python one).
+    return json.dumps(data, allow_nan=False, separators=(",", ":"))
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -73,7 +82,8 @@ class ApiError(Exception):
 
 class DnsAdmin(Protocol):
     """What the control plane changes in the resolver."""
-    internal_mark: bytes  # the verifier's queries carry it: their events are marked internal
+    internal_mark: bytes  # the verifier's queries carry it: no event each, the answer kept for us
+    def internal_answer(self, trace: str) -> dict | None: ...
     def set_record(self, name: str, rtype: str, value: list[str], ttl: int | None = None) -> None: ...
     def delete_record(self, name: str, rtype: str | None = None) -> int: ...
     def records(self) -> list[dict]: ...
@@ -91,6 +101,7 @@ class Running(Protocol):
     resolver: DnsAdmin
     def set_world(self, world: World) -> None: ...
     def set_model(self, model: str) -> None: ...
+    def hostnames_changed(self) -> None: ...  # after a change of `world.hostnames` in place
 
 
 class Control:
@@ -123,13 +134,18 @@ class Control:
                 self.lab.set_world(self.lab.world.with_zones(added))
             except WorldError as e:  # the world file changed under saved zones: keep the file's
                 log.warning("zones added at run time not restored: %s", e)
-        world = self.lab.world
-        if not self.state.hostnames() and not self.state.get("seeded"):
+        seeded: list[dict] = []
+        if not self.state.has_hostnames() and not self.state.get("seeded"):
             now = self.clock()
-            for c in world.custom_hostnames:
-                h = hn.from_world(c, id=_new_id(), txt_token=_token(), http_token=_token(), now=now)
-                self._transition(h, hn.Transition(h.name, h.zone, None, h.status, h.reason))
+            seeds = [hn.from_world(c, id=_new_id(), txt_token=_token(), http_token=_token(), now=now)
+                     for c in self.lab.world.custom_hostnames]
+            seeded = [self._status_event(h, _registered(h)) for h in seeds]
+            self.state.add_hostnames(seeds, seeded)
             self.state.set("seeded", "1")
+        # The edge's hostname index, made once from what is saved; from here on a change is one name.
+        self.lab.set_world(self.lab.world.with_hostnames(self.state.edge_hostnames()))
+        for event in seeded:
+            self.lab.events.publish(event)
         self.state.purge_expired(self.clock())
         resolver = self.lab.resolver
         for r in self.state.records():
@@ -137,26 +153,31 @@ class Control:
         for o in self.state.overrides():
             rid = resolver.set_override(o["name"], o["type"], json.loads(o["value"]), o["client"], o["expires"], o["ttl"])
             self._override_ids[rid] = o["id"]
-        self._apply_hostnames()
 
-    def _apply_hostnames(self) -> None:
-        live = tuple(h.as_custom_hostname() for h in self.state.hostnames(include_deleted=False))
-        self.lab.set_world(self.lab.world.with_hostnames(live))
+    def _status_event(self, h: hn.Hostname, t: hn.Transition, purge: bool = False) -> dict:
+        return self.lab.events.prepare("hostname.status", hostname=t.hostname, zone=t.zone, old=t.old, new=t.new,
+                                       reason=t.reason, hostname_id=h.id, **({"purged": True} if purge else {}))
+
+    def _apply(self, h: hn.Hostname) -> None:
+        """The edge learns `h`'s status: one name of the world's index, changed in place. Only the
+        live registration of a name is ever applied (a deleted row's status changes no more)."""
+        index = self.lab.world.hostnames
+        if h.status == "deleted":
+            index.discard(h.name)
+        else:
+            index.put(h.as_custom_hostname())
 
     def _transition(self, h: hn.Hostname, t: hn.Transition | None, purge: bool = False) -> None:
         """Save `h` (with its event, if its status changed), then apply, then tell.
         `purge`: remove its row instead (a scenario's setup undone), with that event."""
-        event = None
-        if t is not None:
-            event = self.lab.events.prepare("hostname.status", hostname=t.hostname, zone=t.zone, old=t.old,
-                                            new=t.new, reason=t.reason, hostname_id=h.id,
-                                            **({"purged": True} if purge else {}))
+        event = self._status_event(h, t, purge) if t is not None else None
         if purge:
             self.state.purge_hostname(h.id, event)
         else:
             self.state.save_hostname(h, event)
         if event is not None:
-            self._apply_hostnames()
+            self._apply(h)
+            self.lab.hostnames_changed()
             self.lab.events.publish(event)
 
     # ---- verification (I/O: gathers evidence; hostnames.verify decides) ---------
@@ -202,20 +223,21 @@ class Control:
                            http_refused=http_refused, poisoned=tuple(dict.fromkeys(poisoned)))
 
     async def _ask(self, name: str, rtype: str, source: str, poisoned: list[str]):
-        """(reply, None) for a real answer (NOERROR or NXDOMAIN), else (None, why not). The
-        resolver's event of the lookup says whether an override answered it (into `poisoned`)."""
+        """(reply, None) for a real answer (NOERROR or NXDOMAIN), else (None, why not). What the
+        resolver kept of the lookup's answer says whether an override answered it (into `poisoned`)."""
         dns = self.lab.world.resolver
         trace = f"{INTERNAL}verify-{secrets.token_hex(6)}"  # the live page hides the lab's own traffic
         try:
             # Over real DNS, as any client (a poisoned resolver misleads the verifier too), marked as
-            # the lab's own so its lookups do not flood what the user watches.
+            # the lab's own: the resolver tells no event of it (the verifier asks thousands).
             reply = await query(name, rtype, dns.host, dns.port, source=_source(source), trace=trace,
                                 mark=self.lab.resolver.internal_mark)
         except Exception as e:  # noqa: BLE001 - no answer is no answer, whatever the client library raised
             return None, (f"{rtype} {name}: no answer from the lab resolver at {dns.host}:{dns.port} "
                           f"asked from {source} ({type(e).__name__})")
-        poisoned += [e["override"] for e in self.lab.events.trace(trace)
-                     if e["kind"] == "dns.answer" and e.get("poisoned") and e.get("override")]
+        told = self.lab.resolver.internal_answer(trace) or {}
+        if told.get("poisoned") and told.get("override"):
+            poisoned.append(told["override"])
         rcode = reply.header.rcode
         if rcode not in (0, 3):
             return None, f"{rtype} {name}: the lab resolver answered {RCODES.get(rcode, f'rcode {rcode}')}"
@@ -262,8 +284,9 @@ class Control:
             latest = self.state.hostname(h.id)
             if latest != current:  # deleted or purged while we asked: saving this round would undo that
                 return latest or current
-            recheck = hn.CONCLUSIVE if conclusive else hn.Recheck.of(world.limits, self.interval)
-            new, transition = hn.verify(current, ev, target=target, now=self.clock(), recheck=recheck)
+            recheck = hn.Recheck.of(world.limits, self.interval)
+            new, transition = hn.verify(current, ev, target=target, now=self.clock(),
+                                        recheck=recheck.conclusive() if conclusive else recheck)
             if new is not current:
                 self._transition(new, transition)
             if ev.error is not None:
@@ -271,23 +294,34 @@ class Control:
                                      next_check=new.next_check)
             return new
 
-    async def verify_due(self) -> None:
-        """One round of the background verifier: every live hostname whose retry time has come."""
-        for h in self.state.hostnames(include_deleted=False):
-            if h.next_check is not None and h.next_check > self.clock():
-                continue
+    async def verify_due(self, limit: int = 1000, pace: float = 0.0) -> int:
+        """One round of the background verifier: the hostnames whose check is due, the longest
+        due first, at most `limit`, one every `pace` seconds at most. Returns how many."""
+        due = self.state.due_hostnames(self.clock(), limit)
+        loop = asyncio.get_running_loop()
+        for h in due:
+            started = loop.time()
             try:
                 await self.verify(h)
             except StateError as e:
                 self.lab.events.emit("hostname.error", hostname=h.name, hostname_id=h.id, error=str(e))
+            if pace:
+                await asyncio.sleep(max(0.0, pace - (loop.time() - started)))
+        return len(due)
 
     async def _verify_forever(self) -> None:
+        """`limits.verify_rate` hostnames a second at most; a look every `interval` when none is due
+        (the first one `interval` after the start)."""
+        checked = 0
         while True:
-            await asyncio.sleep(self.interval)
+            if not checked:
+                await asyncio.sleep(self.interval)
+            rate = self.lab.world.limits.verify_rate
             try:
-                await self.verify_due()
+                checked = await self.verify_due(limit=max(1, round(rate * self.interval)), pace=1 / rate)
             except StateError as e:
                 log.warning("verifier: %s", e)
+                checked = 0
 
     # ---- HTTP API --------------------------------------------------------------
     @web.middleware
@@ -400,12 +434,14 @@ class Control:
             self.runner = None
 
     async def _body(self, request: web.Request, fields: tuple[schema.Field, ...]) -> dict:
+        return schema.validate(fields, await self._json_body(request))
+
+    async def _json_body(self, request: web.Request) -> Any:
         try:
             # parse_constant: NaN and Infinity are not JSON, whatever Python's parser accepts.
-            body = json.loads(await request.text(), parse_constant=_no_constant)
+            return json.loads(await request.text(), parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting too deep
             raise ApiError(400, "body is not valid JSON") from None
-        return schema.validate(fields, body)
 
     def _hostname(self, request: web.Request) -> hn.Hostname:
         h = self.state.hostname(request.match_info["ref"])
@@ -420,16 +456,53 @@ class Control:
         return _json({"ok": True, "model": self.lab.world.model, "engine": self.lab.engine_name})
 
     async def list_hostnames(self, request: web.Request) -> web.Response:
-        return _json([h.to_dict() for h in self.state.hostnames()])
+        q = schema.validate_query(schema.LIST_HOSTNAMES, request.query)
+        statuses = [s for s in (q["status"] or "").split(",") if s]
+        unknown = [s for s in statuses if s not in hn.STATUSES]
+        if unknown:
+            raise ApiError(400, f"parameter 'status': {schema.show(unknown[0])} is not one of {', '.join(hn.STATUSES)}")
+        cursor = q["cursor"]
+        if cursor is not None and not (cursor.isascii() and cursor.isdigit()):
+            raise ApiError(400, f"parameter 'cursor': {schema.show(cursor)} is not a cursor of this API (a `next`)")
+        zone = _name(q["zone"], "zone") if q["zone"] else None
+        found, after = self.state.hostname_page(int(cursor or 0), q["limit"], statuses, zone,
+                                                q["prefix"].lower() if q["prefix"] else None)
+        return _json({"hostnames": [h.to_dict() for h in found], "next": None if after is None else str(after)})
 
     async def create_hostname(self, request: web.Request) -> web.Response:
-        body = await self._body(request, schema.NEW_HOSTNAME)
-        zone = body["zone"] or next((z.name for z in self.lab.world.zones if z.saas), None)
-        h = hn.create(body["hostname"], str(zone), world=self.lab.world, existing=self.state.hostnames(),
-                      id=_new_id(), txt_token=_token(), http_token=_token(), now=self.clock())
-        # the edge learns it is pending: refused as such, never routed
-        self._transition(h, hn.Transition(h.name, h.zone, None, h.status, h.reason))
-        return _json(h.to_dict(), 201)
+        """One registration (an object), or several (a list): checked item by item, each as a
+        single add would be, then saved in one transaction, all or none."""
+        body = await self._json_body(request.clone(client_max_size=BATCH_BODY_MAX))
+        if not isinstance(body, list):
+            return _json(self._register([schema.validate(schema.NEW_HOSTNAME, body)])[0].to_dict(), 201)
+        items = schema.validate_items(schema.NEW_HOSTNAME, body, schema.HOSTNAMES_BATCH_MAX)
+        return _json({"hostnames": [h.to_dict() for h in self._register(items, batch=True)]}, 201)
+
+    def _register(self, items: list[dict], batch: bool = False) -> list[hn.Hostname]:
+        """Check, save (one transaction), apply, tell: with no pause in between, so the events are
+        told in the order of their ids (a list is short enough for that: HOSTNAMES_BATCH_MAX)."""
+        world, now = self.lab.world, self.clock()
+        first_saas = next((z.name for z in world.zones if z.saas), None)
+        made: dict[str, hn.Hostname] = {}
+        for i, body in enumerate(items):
+            # The live registrations are the world's index (the state's, applied): create() reads
+            # the name there. The unique index of State catches what could race past it.
+            earlier = made.get(_normal(body["hostname"]))
+            try:
+                h = hn.create(body["hostname"], str(body["zone"] or first_saas), world=world,
+                              existing=[earlier] if earlier else [], id=_new_id(), txt_token=_token(),
+                              http_token=_token(), now=now)
+            except hn.HostnameError as e:
+                raise ApiError(400, f"item {i}: {e}" if batch else str(e)) from None
+            made[h.name] = h
+        hostnames = list(made.values())
+        events = [self._status_event(h, _registered(h)) for h in hostnames]
+        self.state.add_hostnames(hostnames, events)
+        for h, event in zip(hostnames, events):
+            self._apply(h)  # the edge learns it is pending: refused as such, never routed
+            self.lab.events.publish(event)
+        self.lab.hostnames_changed()
+        return hostnames
 
     async def get_hostname(self, request: web.Request) -> web.Response:
         return _json(self._hostname(request).to_dict())
@@ -578,7 +651,8 @@ class Control:
             raise ApiError(404, f"no zone {schema.show(request.match_info['name'])}")
         if not zone.added:
             raise ApiError(400, f"zone {name} is from the world file; only zones added at run time can be removed")
-        live = [h.name for h in self.state.hostnames(include_deleted=False) if h.zone == name]
+        live = [h.name for h in self.state.hostname_page(limit=3, zone=name,
+                                                          statuses=("pending", "active", "moved", "blocked"))[0]]
         if live:
             raise ApiError(409, f"zone {name} still has custom hostnames ({', '.join(live[:3])}): delete them first")
         new = world.with_zones(tuple(z for z in world.zones if z.added and z.name != name))
@@ -677,12 +751,23 @@ def _sse(e: dict) -> bytes:
     return f"id: {e['id']}\nevent: {e['kind']}\ndata: {json.dumps(e, allow_nan=False)}\n\n".encode()
 
 
-def _name(value: str) -> str:
+def _name(value: str, field: str = "name") -> str:
     """A DNS name as the resolver will hold it, so what is saved is what is served."""
     try:
         return normalize(value, allow_wildcard=True)
     except HostError as e:
-        raise ApiError(400, f"field 'name': {e}") from None
+        raise ApiError(400, f"field {field!r}: {e}") from None
+
+
+def _normal(name: str) -> str | None:
+    try:
+        return normalize(name, allow_wildcard=True)
+    except HostError:
+        return None  # create() says why
+
+
+def _registered(h: hn.Hostname) -> hn.Transition:
+    return hn.Transition(h.name, h.zone, None, h.status, h.reason)
 
 
 def _source(address: str) -> str | None:

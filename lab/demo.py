@@ -46,7 +46,7 @@ from lab.browser import attached, manual_settings, proxy_url, victim_url
 from lab.events import new_trace
 from lab.matrix import running_lab
 from lab.origins.bank import read_account
-from lab.remote import RemoteError
+from lab.remote import RemoteError, every
 from lab.strips import INTERNAL
 
 VICTIM = "www.victim.example"
@@ -554,7 +554,7 @@ async def undo(story: Story) -> list[str]:
         with contextlib.suppress(DemoError):
             await remote.call("PUT", "/model", {"model": story.model})
     overrides = [o["id"] for o in await remote.call("GET", "/dns/overrides") if o["id"] == story.override]
-    hostnames = [h["id"] for h in await remote.call("GET", "/hostnames") if h["id"] == story.hostname]
+    hostnames = [h["id"] for h in await every(remote.call, "/hostnames") if h["id"] == story.hostname]
     model = (await remote.call("GET", "/model"))["model"]
     left += [f"override {o}" for o in overrides] + [f"hostname {h}" for h in hostnames]
     if story.model and model != story.model:

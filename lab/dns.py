@@ -45,6 +45,7 @@ log = logging.getLogger("lab.dns")
 
 CACHE_MAX = 4096        # answers per transport; the cache is cleared when full
 CACHEABLE = 512         # longer queries are answered but not remembered
+INTERNAL_KEPT = 1024    # answers to the lab's own lookups not read yet (one that timed out leaves one)
 
 
 class _Limiter:
@@ -88,9 +89,11 @@ class Resolver:
         self._tcp_tasks: set[asyncio.Task] = set()
         self._tcp_caps = Caps()
         self.address: tuple[str, int] | None = None
-        # Queries carrying this (MARK_OPTION) are the lab's own: their events say internal. It is
-        # never in an event, so a client cannot learn it to hide its lookups from the page.
+        # Queries carrying this (MARK_OPTION) are the lab's own (the verifier's): no event each, or
+        # the log would be the verifier's; their asker reads the answer's fields (internal_answer).
+        # It is never in an event, so a client cannot learn it to hide its lookups from the page.
         self.internal_mark = secrets.token_bytes(16)
+        self._internal: dict[str, dict] = {}  # trace -> the fields of the answer, oldest first
         # Called after every change of what is served (records, overrides, world): the proxy
         # closes the tunnels whose answer changed.
         self.on_change: list[Callable[[], None]] = []
@@ -210,6 +213,11 @@ class Resolver:
 
     # ---- answering --------------------------------------------------------------------
 
+    def internal_answer(self, trace: str) -> dict | None:
+        """The fields of the answer to the lab's own lookup `trace` (an override's id when one
+        answered), once; None when there was none (or it was asked too long ago)."""
+        return self._internal.pop(trace, None)
+
     def respond(self, data: bytes, client: str, transport: str = "udp") -> bytes | None:
         """The response to one packet from `client` (None: send nothing), told as an event."""
         if self._expiring and self.zones.valid_until <= self.clock():
@@ -229,10 +237,13 @@ class Resolver:
         mark = info.pop("mark", None)
         if "reason" in info:
             self._log(info["reason"])
-        fields = {**info, "client": client, "transport": transport}
         if mark is not None and hmac.compare_digest(mark, self.internal_mark):
-            fields["internal"] = True
-        fields = self.events.bound(fields)
+            if trace is not None:  # not cached either: each carries a trace of its own
+                self._internal[trace] = info
+                if len(self._internal) > INTERNAL_KEPT:
+                    del self._internal[next(iter(self._internal))]
+            return wire
+        fields = self.events.bound({**info, "client": client, "transport": transport})
         trace = bounded(trace, self.events.field_limit)
         if len(data) <= CACHEABLE:
             if len(cache) >= CACHE_MAX:

@@ -129,6 +129,9 @@ class Hub:
         self.endpoints["model"] = model
         self.events.emit("lab.model", model=model)
 
+    def hostnames_changed(self) -> None:
+        self.generations.bump()  # the followers' snapshot holds the hostnames
+
     def snapshot(self) -> dict:
         overrides = self.resolver.overrides()  # first: dropping the expired ones is a change too
         return {"generation": self.generations.current, "model": self.world.model,

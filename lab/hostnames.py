@@ -12,8 +12,11 @@ control that a mere tenant of the SaaS cannot forge: a token in the name's own D
 (TXT) or on its own web server (HTTP). Pointing DNS at the target is not proof — a
 poisoned resolver makes any name point anywhere.
 
-A lookup that got no answer (resolver unreachable, timeout, SERVFAIL) is not evidence:
-the hostname keeps its state, records the error and is asked again later, with backoff.
+When the verifier asks next is decided here too (`next_check`): a pending or moved hostname
+on Cloudflare's schedule of growing intervals, an active one about once a day, sooner while
+its DNS answers negatively. A lookup that got no answer (resolver unreachable, timeout,
+SERVFAIL) is not evidence: the hostname keeps its state, records the error and is asked
+again later, with backoff.
 An active hostname is moved only after `moved_after` real negative answers in a row,
 the first and the last at least `moved_span` seconds apart, so one bad minute of DNS
 (or a client flooding the lab until its lookups fail) never de-activates a customer. An
@@ -30,6 +33,8 @@ and the verifier (I/O) condenses what it saw into `Evidence`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -45,21 +50,38 @@ OWNERSHIP_WORLD = "world"
 
 @dataclass(frozen=True)
 class Recheck:
-    """How much negative evidence moves an active hostname, and how failed lookups back off."""
+    """How much negative evidence moves an active hostname, when the verifier asks again, and
+    how failed lookups back off."""
     moved_after: int = 3        # real negative answers in a row...
     moved_span: float = 600.0   # ...the first and the last at least this many seconds apart
     retry: float = 10.0         # first retry after a failed lookup; doubles with each failure in a row
     retry_max: float = 600.0
+    pending_max: float = 14400.0   # the longest wait of a pending or moved hostname (Cloudflare: 4 h)
+    active_every: float = 86400.0  # an active hostname whose DNS points at the target: about this often
 
     @classmethod
     def of(cls, limits: topology.Limits, retry: float) -> "Recheck":
-        return cls(limits.verify_moved_after, limits.verify_moved_span, retry, limits.verify_retry_max)
+        return cls(limits.verify_moved_after, limits.verify_moved_span, retry, limits.verify_retry_max,
+                   limits.verify_pending_max, limits.verify_active_every)
+
+    def conclusive(self) -> "Recheck":
+        """The operator's "verify now": one real answer decides."""
+        return dataclasses.replace(self, moved_after=1, moved_span=0.0)
 
     def backoff(self, failures: int) -> float:
         return min(self.retry_max, self.retry * 2 ** min(failures - 1, 32))
 
+    def pending(self, checks: int) -> float:
+        """The wait after `checks` real answers to a pending or moved hostname: Cloudflare's
+        custom hostname backoff, 60 s growing 5% a check for the first 10, then 15%, capped."""
+        growth = 1.05 if checks < 10 else 1.15
+        return min(self.pending_max, math.floor(60 * growth ** min(checks, 200)))
 
-CONCLUSIVE = Recheck(moved_after=1, moved_span=0.0)
+
+# Cloudflare spreads 75 checks of a pending hostname over 7 days, then deletes it. The lab
+# keeps checking at the cap instead: a registration stays what its user made it.
+PENDING_FIRST = Recheck().pending(0)
+CONCLUSIVE = Recheck().conclusive()
 
 
 class HostnameError(ValueError):
@@ -99,12 +121,13 @@ class Hostname:
     # ask again; real negative answers in a row for an active hostname, since when.
     failures: int = 0
     last_error: str | None = None
-    next_check: float | None = None
+    next_check: float | None = None  # when the verifier asks next (None: never, or at its next round)
     negatives: int = 0
     negative_since: float | None = None
+    checks: int = 0  # real answers since its status began: the step of the pending schedule
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {name: getattr(self, name) for name in _FIELDS}  # every field is a str, number or None
         d["txt_name"] = txt_name(self.name)
         d["http_path"] = http_path(self)
         d["routable"] = routable(self)
@@ -117,6 +140,9 @@ class Hostname:
 
     def as_custom_hostname(self) -> topology.CustomHostname:
         return topology.CustomHostname(self.name, self.zone, self.status, self.poisoned_by)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Hostname))
 
 
 @dataclass(frozen=True)
@@ -169,11 +195,13 @@ class Transition:
 
 def create(name: str, zone: str, *, world: topology.World, existing: Iterable[Hostname], id: str,
            txt_token: str, http_token: str, now: float) -> Hostname:
-    """A new registration: always `pending`, whoever asks and whatever DNS says today."""
+    """A new registration: always `pending`, whoever asks and whatever DNS says today.
+    `world.hostnames` holds the live registrations; `existing` what it does not (deleted ones,
+    the earlier items of one list), and is authoritative for the names it has."""
     if not id or not txt_token or not http_token:
         # An empty token would be "found" in an empty TXT string or an empty HTTP body.
         raise ValueError("create() needs a non-empty id, txt_token and http_token")
-    host = _hostname(name)
+    host = name_of(name)
     z = _saas_zone(zone, world)
     if not any(host.endswith("." + tld) for tld in world.tlds):
         # The lab CA is name-constrained to these: it could never issue this name's certificate.
@@ -184,40 +212,69 @@ def create(name: str, zone: str, *, world: topology.World, existing: Iterable[Ho
     if any(e.id == id for e in existing):
         raise ValueError(f"hostname id {id!r} is already used")
     # `existing` (the control plane's state) is authoritative for every name it knows,
-    # deleted ones included; the world file's declarations count only for the others.
-    known = {e.name for e in existing}
-    claims = [(e.name, e.zone, e.status) for e in existing]
-    claims += [(c.name, c.zone, c.status) for c in world.custom_hostnames if c.name not in known]
-    for other, other_zone, status in claims:
-        if other == host and status != "deleted":
+    # deleted ones included; the world's declaration counts only for a name it does not know.
+    claims = [(e.zone, e.status) for e in existing if e.name == host]
+    declared = world.hostnames.get(host)
+    if declared is not None and not claims:
+        claims.append((declared.zone, declared.status))
+    for other_zone, status in claims:
+        if status != "deleted":
             raise HostnameError(f"{host} is already registered as a custom hostname of {other_zone} ({status})")
     if world.blocked(host):
         return Hostname(id, host, z.name, "blocked", txt_token, http_token,
                         f"{host} is on the provider's block list: never verified, never routed", now, now)
     http = "" if host.startswith("*.") else f" or serve {http_token} at {http_path(id)}"
     reason = f"add TXT {txt_name(host)} = {txt_token}{http}; point {host} at {z.cname_target}"
-    return Hostname(id, host, z.name, "pending", txt_token, http_token, reason, now, now)
+    return Hostname(id, host, z.name, "pending", txt_token, http_token, reason, now, now,
+                    next_check=now + PENDING_FIRST)
 
 
 def from_world(c: topology.CustomHostname, *, id: str, txt_token: str, http_token: str, now: float,
                source: str = "the world file") -> Hostname:
     """Adopt a hostname the world file declares (the seed), e.g. on the first start with empty state."""
     ownership = OWNERSHIP_WORLD if c.status == "active" else None
-    return Hostname(id, c.name, c.zone, c.status, txt_token, http_token,
-                    f"declared {c.status} in {source}", now, now, ownership)
+    h = Hostname(id, c.name, c.zone, c.status, txt_token, http_token, f"declared {c.status} in {source}", now, now,
+                 ownership)
+    return dataclasses.replace(h, next_check=next_check(h, now))
 
 
 def verify(h: Hostname, ev: Evidence, *, target: str, now: float,
            recheck: Recheck = Recheck()) -> tuple[Hostname, Transition | None]:
-    """Apply one round of evidence. Returns `h` itself when nothing changed (nothing to save)."""
+    """Apply one round of evidence, and say when to ask next. Returns `h` itself when there
+    was nothing to do (deleted, blocked: nothing to save)."""
     if h.status in ("deleted", "blocked"):
         return h, None
     if ev.error is not None:
         failures = h.failures + 1
         return dataclasses.replace(h, failures=failures, last_error=_show(ev.error, 200, quote=False),
                                    next_check=now + recheck.backoff(failures)), None
-    if h.failures or h.last_error is not None or h.next_check is not None:
-        h = dataclasses.replace(h, failures=0, last_error=None, next_check=None)
+    if h.failures or h.last_error is not None:
+        h = dataclasses.replace(h, failures=0, last_error=None)
+    new, transition = _decide(h, ev, target=target, now=now, recheck=recheck)
+    new = dataclasses.replace(new, checks=0 if transition else h.checks + 1)
+    return dataclasses.replace(new, next_check=next_check(new, now, recheck)), transition
+
+
+def next_check(h: Hostname, now: float, recheck: Recheck = Recheck()) -> float | None:
+    """When the verifier asks about `h` again, after a real answer at `now` (None: never).
+
+    Pending and moved: `Recheck.pending`, by the answers since the status began. Active: about
+    `active_every` (spread by the id, so hostnames activated together are not all due
+    together); while DNS answers negatively, often enough that `moved_after` answers span
+    `moved_span`."""
+    if h.status in ("deleted", "blocked"):
+        return None
+    if h.status != "active":
+        return now + recheck.pending(h.checks)
+    if h.negatives:
+        return now + max(PENDING_FIRST, recheck.moved_span / max(1, recheck.moved_after - 1))
+    spread = zlib.crc32(h.id.encode()) / 2 ** 32  # the same id, the same place in the day
+    return now + recheck.active_every * (0.9 + 0.2 * spread)
+
+
+def _decide(h: Hostname, ev: Evidence, *, target: str, now: float,
+            recheck: Recheck) -> tuple[Hostname, Transition | None]:
+    """What a real answer means for `h`'s status (never called with an error or a terminal status)."""
     via = _ownership(h, ev)
     dns = _show(ev.dns, 80, quote=False)
     if h.status == "pending":
@@ -255,7 +312,7 @@ def verify(h: Hostname, ev: Evidence, *, target: str, now: float,
 def delete(h: Hostname, *, now: float) -> tuple[Hostname, Transition]:
     if h.status == "deleted":
         raise HostnameError(f"{h.name} is already deleted")
-    return _move(h, "deleted", f"deleted (was {h.status})", now)
+    return _move(h, "deleted", f"deleted (was {h.status})", now, next_check=None)
 
 
 def served_by_edge(world: topology.World, h: Hostname) -> bool:
@@ -263,8 +320,9 @@ def served_by_edge(world: topology.World, h: Hostname) -> bool:
     Then an HTTP token would be fetched through the edge itself: DNS proof only."""
     name = base_name(h.name)
     wildcard = hostnorm.wildcard_of(name)
+    registered = world.hostnames.get(h.name)
     return (name in world.zone_by_host or (wildcard is not None and wildcard in world.zone_by_host)
-            or any(c.name == h.name and c.status == "active" for c in world.custom_hostnames))
+            or (registered is not None and registered.status == "active"))
 
 
 def routable(h: Hostname) -> bool:
@@ -274,7 +332,8 @@ def routable(h: Hostname) -> bool:
 # -- helpers -------------------------------------------------------------------------
 
 
-def _hostname(name: str) -> str:
+def name_of(name: str) -> str:
+    """The name a registration of `name` has (normalised), or HostnameError saying why none."""
     if not isinstance(name, str):
         raise HostnameError(f"expected a host name, got {name!r}")
     try:

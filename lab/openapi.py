@@ -47,9 +47,20 @@ def spec() -> dict:
         "paths": {
             "/health": {"get": _op("liveness, model and engine")},
             "/openapi.json": {"get": _op("this document")},
-            "/hostnames": {"get": _op("list custom hostnames", schema=listof("Hostname")),
-                           "post": _op("register a custom hostname (always starts pending)", "201", ref("Hostname"),
-                                       "NewHostname", True)},
+            "/hostnames": {"get": {**_op("a page of custom hostnames, in the order they were registered",
+                                         schema=ref("HostnamePage"), params=_params(schema.LIST_HOSTNAMES)),
+                                   "description": "`next` is the cursor of the page after this one (null: the last); "
+                                                  "give it as `cursor`, with the same filters, for that page."},
+                           "post": {**_op("register custom hostnames (each starts pending): one, or a list of up to "
+                                          f"{schema.HOSTNAMES_BATCH_MAX}", "201", {"oneOf": [
+                                              ref("Hostname"), ref("HostnameList")]}, auth=True),
+                                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                                        "oneOf": [ref("NewHostname"), {
+                                            "type": "array", "items": ref("NewHostname"), "minItems": 1,
+                                            "maxItems": schema.HOSTNAMES_BATCH_MAX}]}}}},
+                                    "description": "A list is all or nothing: every item is checked as a single "
+                                                   "registration is (an error names its item, `item N: ...`), then "
+                                                   "all are saved in one transaction."}},
             "/hostnames/{ref}": {"get": _op("one custom hostname, by id or name", schema=ref("Hostname"), params=hostname_ref),
                                  "delete": _op("delete it (terminal; listed as deleted unless purge=1)",
                                                schema=ref("Hostname"), auth=True,
@@ -99,12 +110,20 @@ def spec() -> dict:
                     "routable": {"type": "boolean"}, "created": {"type": "number"}, "updated": {"type": "number"},
                     "failures": {"type": "integer", "description": "failed lookups in a row (not evidence)"},
                     "last_error": {"type": ["string", "null"]},
-                    "next_check": {"type": ["number", "null"], "description": "the verifier's retry, after failures"},
+                    "next_check": {"type": ["number", "null"],
+                                   "description": "when the background verifier asks next (docs/design.md, "
+                                                  "\"The verifier's schedule\"); null: never"},
                     "negatives": {"type": "integer", "description": "negative DNS answers in a row while active"},
                     "negative_since": {"type": ["number", "null"]},
+                    "checks": {"type": "integer", "description": "real answers since the status began (the "
+                                                                  "step of the pending schedule)"},
                     "poisoned_by": {"type": ["string", "null"],
                                     "description": "the lab's knowledge, never the provider's: overrides that answered "
                                                    "the verification that made it active (a forged proof)"}}},
+                "HostnamePage": {"type": "object", "required": ["hostnames", "next"], "properties": {
+                    "hostnames": listof("Hostname"), "next": {"type": ["string", "null"]}}},
+                "HostnameList": {"type": "object", "required": ["hostnames"], "properties": {
+                    "hostnames": listof("Hostname")}},
                 "Validation": schema.json_schema(schema.VALIDATION),
                 "ValidationState": {"type": "object", "properties": {
                     "mode": {"enum": list(VALIDATION_MODES)}, "modes": {"type": "array", "items": {"type": "string"}},

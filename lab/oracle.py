@@ -55,7 +55,7 @@ def authorized_origins(world: World, name: str) -> set[str]:
     if zone is not None:
         origins.add(zone.origin)
     wildcard = wildcard_of(name)
-    for custom in (world.hostname_by_name.get(name), world.hostname_by_name.get(wildcard) if wildcard else None):
+    for custom in (world.hostnames.get(name), world.hostnames.get(wildcard) if wildcard else None):
         if custom is not None and custom.status == "active" and not custom.poisoned_by:
             origins.add(world.zone_by_name[custom.zone].origin)
     return origins

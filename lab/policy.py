@@ -171,7 +171,7 @@ def decide(listener: Listener, sni: str | None, target: Target, world: World, mo
                        f"{model}: host {host} differs from SNI {sni}; Misdirected Request", host)
     # Cloudflare's hostname priority: among exact matches an active custom hostname beats the
     # zone's own record; among wildcards the zone wins (lab.models).
-    exact = world.hostname_by_name.get(name)
+    exact = world.hostnames.get(name)
     if exact is not None and exact.status == "active":
         return _custom(world, m, exact, name, sni, listener, target.path)
     zone = zone_for_host(world, name)
@@ -179,7 +179,7 @@ def decide(listener: Listener, sni: str | None, target: Target, world: World, mo
         return _route(world, zone, model, "zone-host", f"{model}: host {name} belongs to zone {zone.name}", name, sni,
                       listener, target.path)
     wildcard = wildcard_of(name)
-    custom = exact or (world.hostname_by_name.get(wildcard) if wildcard else None)
+    custom = exact or (world.hostnames.get(wildcard) if wildcard else None)
     if custom is not None:
         if custom.status in m.trusts:
             return _custom(world, m, custom, name, sni, listener, target.path)
@@ -225,11 +225,28 @@ def check_world(world: World) -> None:
             raise WorldError(f"{world.source}: {e}".split("\n")[0]) from None
 
 
+def certificate_for(world: World, name: str) -> tuple[str, ...] | None:
+    """The names of the certificate the edge serves for SNI `name` (normalised), or None: a
+    zone's (apex and wildcard) when it names the zone, an active custom hostname's when it is
+    one, else the one wildcard that may cover it, the zone's before a custom hostname's. The
+    names of one of `certificate_names`, read by name."""
+    for candidate in (name, wildcard_of(name)):
+        if candidate is None:
+            continue
+        zone = world.zone_by_name.get(candidate.removeprefix("*."))
+        if zone is not None:
+            return zone.name, f"*.{zone.name}"
+        custom = world.hostnames.get(candidate)
+        if custom is not None and custom.status == "active":
+            return (custom.name,)
+    return None
+
+
 def certificate_names(world: World) -> list[tuple[str, ...]]:
     """The certificates the edge may hold: one per zone (apex and wildcard), one per active custom hostname.
 
     A pending, moved, deleted or blocked hostname has proven nothing, so it gets no certificate in any model.
     """
     certs = [(z.name, f"*.{z.name}") for z in world.zones]
-    certs += [(c.name,) for c in world.custom_hostnames if c.status == "active"]
+    certs += [(c.name,) for c in world.hostnames.values() if c.status == "active"]
     return certs

@@ -5,7 +5,8 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Iterator
+from urllib.parse import quote
 
 
 class RemoteError(Exception):
@@ -55,6 +56,14 @@ class Api:
         with self._request(method, path, body) as resp:
             return json.loads(resp.read())
 
+    def pages(self, path: str) -> Iterator[dict]:
+        """Each page of a paged listing (`{"hostnames": [...], "next": cursor}`), the first one first."""
+        page = self.call("GET", path)
+        yield page
+        while page.get("next") is not None:
+            page = self.call("GET", next_page(path, page["next"]))
+            yield page
+
     def stream(self, path: str) -> Iterator[dict]:
         """Server-Sent Events, one dict per event."""
         with self._request("GET", path, accept="text/event-stream") as resp:
@@ -62,3 +71,20 @@ class Api:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 if line.startswith("data: "):
                     yield json.loads(line[6:])
+
+
+def next_page(path: str, cursor: str) -> str:
+    """`path` (a paged listing, with its filters) asking for the page after `cursor`."""
+    base = "&".join(p for p in path.partition("?")[2].split("&") if p and not p.startswith("cursor="))
+    return f"{path.partition('?')[0]}?{base + '&' if base else ''}cursor={quote(cursor, safe='')}"
+
+
+async def every(call: Callable[[str, str], Awaitable[Any]], path: str, key: str = "hostnames") -> list[dict]:
+    """Every item of a paged listing, page after page, through an async `call(method, path)`
+    (the scenario runner's, the demo's): for code that wants them all, in a small lab."""
+    page = await call("GET", path)
+    items = list(page[key])
+    while page.get("next") is not None:
+        page = await call("GET", next_page(path, page["next"]))
+        items += page[key]
+    return items

@@ -195,6 +195,10 @@ class Lab:
         self.endpoints["model"] = model
         self.events.emit("lab.model", model=model)
 
+    def hostnames_changed(self) -> None:
+        """Nothing to do: the edge reads the world's hostname index by name, the resolver and the
+        proxy do not read it at all."""
+
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop every part in turn within `timeout` seconds: one that fails or hangs is logged
         and left behind, never a reason to leave the others running. The event log is

@@ -25,6 +25,7 @@ import aiohttp
 from lab import oracle
 from lab.client import Outcome, probe
 from lab.dns import query
+from lab.remote import every
 from lab.results import NOT_APPLICABLE, CaseResult, RequestResult, matches, parse_decision
 from lab.target import Target, needs_control_plane
 from lab.topology import HOSTNAME_STATUSES, MODELS, PROTECTED, VALIDATION_MODES, CustomHostname, World, Zone
@@ -338,7 +339,7 @@ class Runner:
     async def _world(self, api: LabApi) -> World:
         """The running lab's world as the oracle judges it: zones added at run time, live hostnames."""
         zones = tuple(Zone.from_dict(z) for z in await api.call("GET", "/zones") if z["added"])
-        hostnames = await api.call("GET", "/hostnames")
+        hostnames = await every(api.call, "/hostnames?status=pending,active,moved,blocked")
         return self.world.with_zones(zones).with_hostnames(tuple(
             CustomHostname(h["name"], h["zone"], h["status"], h.get("poisoned_by"))
             for h in hostnames if h["status"] != "deleted"))

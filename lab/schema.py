@@ -110,6 +110,20 @@ def validate(fields: tuple[Field, ...], body: Any) -> dict[str, Any]:
     return {f.name: check_field(f, body[f.name]) if f.name in body else f.default for f in fields}
 
 
+def validate_items(fields: tuple[Field, ...], body: Any, maximum: int) -> list[dict[str, Any]]:
+    """A list of bodies, each checked as `validate` checks one; an error names its item."""
+    if not isinstance(body, list) or not 1 <= len(body) <= maximum:
+        raise SchemaError(f"body: expected an object or a list of 1 to {maximum} objects, got "
+                          f"{f'{len(body)} items' if isinstance(body, list) else _kind(body)}")
+    items = []
+    for i, item in enumerate(body):
+        try:
+            items.append(validate(fields, item))
+        except SchemaError as e:
+            raise SchemaError(f"item {i}: {e}") from None
+    return items
+
+
 def validate_query(fields: tuple[Field, ...], query: Any) -> dict[str, Any]:
     """Query parameters (always text): numbers are parsed first, then checked like a body's."""
     body = {}
@@ -177,6 +191,17 @@ NEW_HOSTNAME = (
     Field("hostname", **_NAME, doc="the custom hostname to register"),
     Field("zone", "string", minimum=1, maximum=NAME_MAX, doc="SaaS zone (default: the first SaaS zone)"),
 )
+HOSTNAMES_BATCH_MAX = 100  # registrations in one POST /hostnames: one write, one short turn of the event loop
+HOSTNAMES_PAGE = 100        # GET /hostnames: a page by default...
+HOSTNAMES_PAGE_MAX = 1000   # ...and at most
+LIST_HOSTNAMES = (
+    Field("limit", "integer", minimum=1, maximum=HOSTNAMES_PAGE_MAX, default=HOSTNAMES_PAGE,
+          doc="at most this many, in the order they were registered"),
+    Field("cursor", "string", minimum=1, maximum=32, doc="the page after the one whose `next` this is (opaque)"),
+    Field("status", "string", minimum=1, maximum=64, doc="only these statuses, comma-separated (e.g. pending,moved)"),
+    Field("zone", "string", minimum=1, maximum=NAME_MAX, doc="only this SaaS zone's"),
+    Field("prefix", "string", minimum=1, maximum=NAME_MAX, doc="only names starting with this"),
+)
 RECORD = (
     Field("name", **_NAME),
     Field("type", "string", required=True, enum=RECORD_TYPES),
@@ -215,7 +240,7 @@ EVENTS = (
     Field("trace", "string", maximum=128, doc="one client request's story"),
     Field("kind", "string", maximum=64, doc="kinds starting with this, e.g. dns or route"),
     Field("internal", "integer", minimum=0, maximum=1, default=0,
-          doc="1: also the lab's own traffic (the hostname verifier's DNS lookups), hidden by default"),
+          doc="1: also the lab's own traffic (the live page's and the demo's requests), hidden by default"),
 )
 DELETE_HOSTNAME = (
     Field("purge", "integer", minimum=0, maximum=1, default=0,

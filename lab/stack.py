@@ -55,7 +55,7 @@ def init(world: World) -> int:
     from lab.pki import LabCA
 
     ca = LabCA.open(c.CERTS, tuple(world.tlds), log=lambda m: print(m, file=sys.stderr))
-    CertStore(ca).load(world)  # the leaves of the world's zones and active custom hostnames
+    CertStore(ca).load(world)  # the leaves of the world's zones (an active custom hostname's: at its first handshake)
     for o in world.origins:  # and the collectors' (https: a page cannot post to http from https)
         if o.kind == "collector":
             collector.tls_context(ca, o, world)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from lab.events import Event, Events
-from lab.topology import Limits
+from lab.topology import Hostnames, Limits
 from lab.hostnames import Hostname, HostnameError
 from lab.hostnorm import HostError, normalize
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
 LOCK_NAME = "state.lock"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # PRAGMA application_id marks the file as ours ("SNIL"), so a foreign SQLite file is refused.
 APPLICATION_ID = 0x534E494C
 
@@ -82,9 +82,21 @@ ALTER TABLE hostnames_3 RENAME TO hostnames;
 CREATE UNIQUE INDEX hostnames_live_name ON hostnames (name) WHERE status != 'deleted';
 CREATE TABLE zones (name TEXT PRIMARY KEY, data TEXT NOT NULL)
 """
+# Schema 4: many hostnames. Every read and write of one hostname is by an index (its id, its
+# name, its status, when it is due), never a scan; `checks` is the verifier's schedule step.
+MIGRATE_4 = """
+ALTER TABLE hostnames ADD COLUMN checks INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX hostnames_name ON hostnames (name);
+CREATE INDEX hostnames_status ON hostnames (status);
+CREATE INDEX hostnames_zone ON hostnames (zone);
+CREATE INDEX hostnames_due ON hostnames (coalesce(next_check, 0)) WHERE status IN ('pending', 'active', 'moved')
+"""
 TABLES = ("hostnames", "records", "overrides", "settings", "events", "zones")
 HOSTNAME_FIELDS = ("id", "name", "zone", "status", "txt_token", "http_token", "reason", "created", "updated",
-                   "ownership", "failures", "last_error", "next_check", "negatives", "negative_since", "poisoned_by")
+                   "ownership", "failures", "last_error", "next_check", "negatives", "negative_since", "poisoned_by",
+                   "checks")
+# The hostnames the verifier checks, and when (no next_check: at once), as hostnames_due has them.
+VERIFIED, DUE = "status IN ('pending', 'active', 'moved')", "coalesce(next_check, 0)"
 OVERRIDE_FIELDS = ("id", "name", "type", "value", "client", "expires", "ttl")
 OVERRIDE_TTL = 60
 PRUNE_EVERY = 20  # event-sink flushes between prunings (sooner when a budget's eighth was written)
@@ -165,7 +177,7 @@ class State:
                 # Re-read under the write lock: another process may have migrated it meanwhile.
                 # Statement by statement: executescript() would COMMIT on its own, mid-transaction.
                 version = c.execute("PRAGMA user_version").fetchone()[0]
-                steps = [(1, SCHEMA), (2, MIGRATE_2), (3, MIGRATE_3)]
+                steps = [(1, SCHEMA), (2, MIGRATE_2), (3, MIGRATE_3), (4, MIGRATE_4)]
                 for _, script in (step for step in steps if step[0] > version):
                     for stmt in filter(str.strip, script.split(";")):
                         c.execute(stmt)
@@ -222,6 +234,34 @@ class State:
                     db.execute("ROLLBACK")
                 raise
 
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[dict[str, Any]]:
+        """What this thread asks of SQLite meanwhile: `statements` (their text) and `steps` (virtual
+        machine instructions: a scan takes some per row, an index seek a constant few), so a
+        test can show that a change reads and writes the same few rows whatever the table holds."""
+        mine = threading.get_ident()
+        seen: dict[str, Any] = {"statements": [], "steps": 0}
+
+        def statement(sql: str) -> None:
+            if threading.get_ident() == mine:
+                seen["statements"].append(sql)
+
+        def step() -> int:
+            if threading.get_ident() == mine:
+                seen["steps"] += 1
+            return 0
+
+        with self._lock:
+            db = self._conn()
+            db.set_trace_callback(statement)
+            db.set_progress_handler(step, 1)
+        try:
+            yield seen
+        finally:
+            with self._lock:
+                db.set_trace_callback(None)
+                db.set_progress_handler(None, 1)
+
     def _read(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self._lock, self._errors():
             return self._conn().execute(sql, tuple(args)).fetchall()
@@ -234,8 +274,51 @@ class State:
     # -- custom hostnames ----------------------------------------------------------
 
     def hostnames(self, include_deleted: bool = True) -> list[Hostname]:
+        """Every hostname (a whole-table read: for small labs and tests; the API pages)."""
         where = "" if include_deleted else "WHERE status != 'deleted'"
         return [_hostname(r) for r in self._read(f"SELECT * FROM hostnames {where} ORDER BY created, rowid")]
+
+    def has_hostnames(self) -> bool:
+        return bool(self._read("SELECT 1 FROM hostnames LIMIT 1"))
+
+    def edge_hostnames(self) -> Hostnames:
+        """The live hostnames as the edge's index holds them (what a start loads, once)."""
+        with self._lock, self._errors():
+            cursor = self._conn().cursor()
+            cursor.row_factory = None  # plain tuples: a start reads every live hostname
+            return Hostnames.of_rows(cursor.execute("SELECT name, zone, status, poisoned_by FROM hostnames "
+                                                    "WHERE status != 'deleted' ORDER BY rowid"))
+
+    def hostname_page(self, after: int = 0, limit: int = 100, statuses: Iterable[str] = (), zone: str | None = None,
+                      prefix: str | None = None) -> tuple[list[Hostname], int | None]:
+        """Up to `limit` hostnames after position `after`, in the order they were made, and the
+        position to go on from (None: the last page). Filters: any of `statuses`, a zone, a name prefix."""
+        where, args = ["rowid > ?"], [after]
+        statuses = list(dict.fromkeys(statuses))
+        if len(statuses) == 1:
+            where.append("status = ?")  # by the status index: a rare status is a short read
+        elif statuses:  # most of the table: in order, by rowid (the index would sort them all first)
+            where.append(f"+status IN ({', '.join('?' * len(statuses))})")
+        args += statuses
+        if zone is not None:
+            where.append("zone = ?")
+            args.append(zone)
+        if prefix:  # a range of the name index: as cheap as the names that match
+            where += ["name >= ?", "name < ?"]
+            args += [prefix, prefix + "\U0010ffff"]
+        by = " INDEXED BY hostnames_name" if prefix else ""  # else a bound prefix may scan the table
+        rows = self._read(f"SELECT rowid AS position, * FROM hostnames{by} WHERE {' AND '.join(where)} "
+                          f"ORDER BY rowid LIMIT ?", (*args, limit + 1))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [_hostname(r) for r in rows], rows[-1]["position"] if more else None
+
+    def due_hostnames(self, now: float, limit: int) -> list[Hostname]:
+        """The hostnames the verifier should ask about at `now`, the longest due first (by the due
+        index). A hostname with no next_check is due at once."""
+        return [_hostname(r) for r in self._read(
+            f"SELECT * FROM hostnames INDEXED BY hostnames_due WHERE {VERIFIED} AND {DUE} <= ? ORDER BY {DUE} LIMIT ?",
+            (now, limit))]
 
     def hostname(self, id_or_name: str) -> Hostname | None:
         """By id; else by name: the live registration, or the latest deleted one (history)."""
@@ -249,13 +332,27 @@ class State:
                               "ORDER BY status = 'deleted', updated DESC LIMIT 1", (name,))
         return _hostname(rows[0]) if rows else None
 
+    def add_hostnames(self, hostnames: Iterable[Hostname], events: Iterable[Event] = ()) -> None:
+        """Insert new registrations, with their events, all in one transaction or none. An id or a
+        live name already there is refused (HostnameError), never overwritten."""
+        cols = ", ".join(HOSTNAME_FIELDS)
+        with self._tx() as db:
+            try:
+                db.executemany(f"INSERT INTO hostnames ({cols}) VALUES ({', '.join('?' * len(HOSTNAME_FIELDS))})",
+                               [tuple(getattr(h, f) for f in HOSTNAME_FIELDS) for h in hostnames])
+            except sqlite3.IntegrityError as e:
+                if "hostnames.name" in str(e):
+                    raise HostnameError("a name is already registered as a custom hostname") from None
+                raise HostnameError("a hostname id is already used") from None
+            self._hostname_events(db, list(events))
+
     def save_hostname(self, h: Hostname, event: Event | None = None) -> None:
         """Upsert `h`; with `event` (its hostname.status), both in one transaction, so a
         kill -9 never leaves a status without its history or a history without its status."""
         cols = ", ".join(HOSTNAME_FIELDS)
         updates = ", ".join(f"{f} = excluded.{f}" for f in HOSTNAME_FIELDS[1:])
         with self._tx() as db:
-            self._hostname_event(db, event)
+            self._hostname_events(db, [event] if event else [])
             try:
                 db.execute(f"INSERT INTO hostnames ({cols}) VALUES ({', '.join('?' * len(HOSTNAME_FIELDS))}) "
                            f"ON CONFLICT (id) DO UPDATE SET {updates}",
@@ -270,13 +367,13 @@ class State:
         """Remove the row entirely: a scenario's setup undone is gone, not listed as deleted (a
         user's delete keeps the row: save_hostname). `event` is stored in the same transaction."""
         with self._tx() as db:
-            self._hostname_event(db, event)
+            self._hostname_events(db, [event] if event else [])
             return db.execute("DELETE FROM hostnames WHERE id = ?", (id,)).rowcount
 
-    def _hostname_event(self, db: sqlite3.Connection, event: Event | None) -> None:
-        if event is not None:
-            db.executemany(INSERT_EVENT, event_rows([event]))
-            self._written_with_hostname.add(event["id"])
+    def _hostname_events(self, db: sqlite3.Connection, events: list[Event]) -> None:
+        if events:
+            db.executemany(INSERT_EVENT, event_rows(events))
+            self._written_with_hostname.update(e["id"] for e in events)
 
     # -- DNS admin -----------------------------------------------------------------
 

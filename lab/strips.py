@@ -166,7 +166,19 @@ class Fold:
 
     def _complete(self, key: str, world: World) -> None:
         if key not in self._worlds:
-            self._worlds[key] = world
+            # What the world says now of the names the strip is about: the running lab's hostname
+            # index changes in place, and the verdict is the world's as it was when it completed.
+            self._worlds[key] = world.frozen(self._names(key))
+
+    def _names(self, key: str) -> set[str]:
+        """Every name a strip's verdict may be about (the oracle's N, whichever events name it)."""
+        kind, _, ref = key.partition(":")
+        decision = (self._requests.get(ref) if kind == "r" else None) or {}
+        origin = (self._origin.get(ref) if kind == "r" else None) or {}
+        conn = self._conns.get(decision.get("conn") if kind == "r" else ref) or {}
+        values = (decision.get("host"), decision.get("sni"), origin.get("host"),
+                  (conn.get("hello") or {}).get("sni"), (conn.get("error") or {}).get("sni"))
+        return {oracle.name_asked(None, v) for v in values if v}
 
     def _hide(self, key: str) -> set[str]:
         return {key} if self._at.pop(key, None) is not None else set()

@@ -4,20 +4,25 @@ which turns the world file's tables into them.
 Parsing validates the structure once and raises `WorldError` with one line naming the
 file and the key, so no user mistake ever surfaces as a traceback; `lab.world.load`
 reads the file and adds the checks that need the deciding code (WAF rules compile).
-The `World` is immutable; run-time changes (model, custom hostname states) make a new
-one with `replace`, so pure code can hold a snapshot without locks. Pure: no I/O.
+The `World` is immutable; run-time changes (model, zones) make a new one with `replace`, so
+pure code can hold a snapshot without locks. The one exception is its custom hostnames, an
+index (`Hostnames`) that a running lab changes in place one name at a time: every snapshot
+made from the lab's world shares it, so a registration, an activation or a delete is one
+dict update, never a new world (`with_hostnames` gives a snapshot an index of its own).
+Pure: no I/O.
 """
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
 from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lab.hostnorm import HostError, normalize
+from lab.hostnorm import HostError, normalize, wildcard_of
 from lab.models import MODELS, PROTECTED  # re-exported: the names callers know them by
 
 HOSTNAME_STATUSES = ("pending", "active", "moved", "deleted", "blocked")
@@ -71,7 +76,7 @@ class WafRule:
     description: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CustomHostname:
     name: str
     zone: str
@@ -79,6 +84,108 @@ class CustomHostname:
     # The lab's knowledge, never the edge's: the overrides that answered the verifier when it
     # activated this name (its proof was forged). The oracle reads it; policy never does.
     poisoned_by: str | None = None
+
+
+Row = tuple  # (name, zone, status, poisoned_by): a custom hostname as the index keeps it
+
+
+class Names(tuple):
+    """Names whose hash and set are made once: a zone's authorized hosts are asked about and
+    key the WAF's compiled context on every request, and a zone may have 100,000 of them."""
+
+    def __hash__(self) -> int:
+        found = self.__dict__.get("hash")
+        if found is None:
+            found = self.__dict__["hash"] = tuple.__hash__(self)
+        return found
+
+    def __contains__(self, name: object) -> bool:
+        found = self.__dict__.get("set")
+        if found is None:
+            found = self.__dict__["set"] = frozenset(self)
+        return name in found
+
+
+class Hostnames(Mapping[str, CustomHostname]):
+    """The custom hostnames the edge knows, by name; a deleted registration is history, not a
+    claim on a name, so it is not here. `put` and `discard` change one name in O(1); the
+    policy and the certificate store read by name, and a zone's active names (the WAF's
+    authorized hosts) are kept as they change, not gathered per request. Held as plain rows,
+    a `CustomHostname` made when one is read: a start reads 100,000 of them."""
+
+    def __init__(self, hostnames: Iterable[CustomHostname] = ()) -> None:
+        self._rows: dict[str, Row] = {}
+        self._active: dict[str, dict[str, None]] = {}  # zone -> its active names, in order
+        self._active_tuple: dict[str, tuple[str, ...]] = {}  # the same, made once per change
+        self._authorized: dict[str, tuple[tuple[str, ...], Names]] = {}  # zone -> (its hosts, authorized)
+        for c in hostnames:
+            self.put(c)
+
+    @classmethod
+    def of_rows(cls, rows: Iterable[Row]) -> "Hostnames":
+        """From (name, zone, status, poisoned_by) rows, none deleted (what a start reads)."""
+        index = cls()
+        index._rows = {r[0]: r for r in rows}
+        for name, zone, status, _ in index._rows.values():
+            if status == "active":
+                index._active.setdefault(zone, {})[name] = None
+        return index
+
+    def put(self, c: CustomHostname) -> None:
+        """Add or replace the registration of `c.name` (a deleted one removes it)."""
+        if c.status == "deleted":
+            self.discard(c.name)
+            return
+        self._unactive(self._rows.get(c.name))
+        self._rows[c.name] = (c.name, c.zone, c.status, c.poisoned_by)
+        if c.status == "active":
+            self._active.setdefault(c.zone, {})[c.name] = None
+            self._changed(c.zone)
+
+    def discard(self, name: str) -> None:
+        self._unactive(self._rows.pop(name, None))
+
+    def _unactive(self, old: Row | None) -> None:
+        if old is not None and old[2] == "active":
+            self._active.get(old[1], {}).pop(old[0], None)
+            self._changed(old[1])
+
+    def _changed(self, zone: str) -> None:
+        self._active_tuple.pop(zone, None)
+        self._authorized.pop(zone, None)
+
+    def active(self, zone: str) -> tuple[str, ...]:
+        """The active custom hostnames of `zone`, in the order they became active."""
+        found = self._active_tuple.get(zone)
+        if found is None:
+            found = self._active_tuple[zone] = tuple(self._active.get(zone, ()))
+        return found
+
+    def authorized(self, zone: str, hosts: tuple[str, ...]) -> Names:
+        """`hosts` (the zone's own) and its active custom hostnames, made once per change."""
+        kept = self._authorized.get(zone)
+        if kept is None or kept[0] != hosts:
+            kept = self._authorized[zone] = (hosts, Names(hosts + self.active(zone)))
+        return kept[1]
+
+    def __getitem__(self, name: str) -> CustomHostname:
+        return CustomHostname(*self._rows[name])
+
+    def get(self, name: str, default: Any = None) -> Any:  # the hot path: no KeyError in between
+        row = self._rows.get(name)
+        return default if row is None else CustomHostname(*row)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __repr__(self) -> str:
+        return f"Hostnames({len(self)} names)"
 
 
 @dataclass(frozen=True)
@@ -164,6 +271,9 @@ class Limits:
     verify_moved_after: int = 3            # an active hostname is moved after this many real negative answers
     verify_moved_span: float = 600.0       # in a row, the first and the last at least this many seconds apart
     verify_retry_max: float = 600.0        # a failed lookup is retried after 10 s, doubling up to this
+    verify_pending_max: float = 14400.0    # a pending or moved hostname: Cloudflare's growing intervals, up to 4 h
+    verify_active_every: float = 86400.0   # an active hostname is re-checked about once a day
+    verify_rate: float = 5.0               # hostnames the background verifier checks per second, at most
     # the process
     descriptor_reserve: int = 256          # descriptors never given to edge connections (control, DNS, origins, log)
 
@@ -190,7 +300,7 @@ class World:
     listeners: tuple[Listener, ...]
     origins: tuple[Origin, ...]
     zones: tuple[Zone, ...]
-    custom_hostnames: tuple[CustomHostname, ...]
+    hostnames: Hostnames  # the custom hostnames, by name (the class says why it is not frozen)
     records: tuple[Record, ...]
     dns_zones: tuple[str, ...]
     resolver: Endpoint
@@ -231,25 +341,37 @@ class World:
     def zone_by_host(self) -> dict[str, Zone]:
         return {h: z for z in self.zones for h in z.hosts}
 
-    @cached_property
-    def hostname_by_name(self) -> dict[str, CustomHostname]:
-        # A deleted registration is history, not a claim on the name.
-        return {c.name: c for c in self.custom_hostnames if c.status != "deleted"}
+    @property
+    def custom_hostnames(self) -> tuple[CustomHostname, ...]:
+        """Every custom hostname, in a tuple: a copy, for code that wants them all (not the edge)."""
+        return tuple(self.hostnames.values())
 
     def active_hostnames(self, zone: str) -> tuple[str, ...]:
-        return tuple(c.name for c in self.custom_hostnames if c.zone == zone and c.status == "active")
+        return self.hostnames.active(zone)
 
     def authorized_hosts(self, zone: Zone) -> tuple[str, ...]:
         """The names a zone's owner sends to its origin: its own and its active custom hostnames."""
-        return zone.hosts + self.active_hostnames(zone.name)
+        return self.hostnames.authorized(zone.name, zone.hosts)
 
     def with_model(self, model: str) -> "World":
         if model not in MODELS:
             raise WorldError(f"unknown model {model!r} (choose from {', '.join(MODELS)})")
         return dataclasses.replace(self, model=model)
 
-    def with_hostnames(self, hostnames: tuple[CustomHostname, ...]) -> "World":
-        return dataclasses.replace(self, custom_hostnames=tuple(hostnames))
+    def with_hostnames(self, hostnames: Iterable[CustomHostname] | Hostnames) -> "World":
+        """This world with an index of its own holding `hostnames` (for one name, the last wins)."""
+        index = hostnames if isinstance(hostnames, Hostnames) else Hostnames(hostnames)
+        return dataclasses.replace(self, hostnames=index)
+
+    def frozen(self, names: Iterable[str]) -> "World":
+        """This world with an index of its own holding what it says now of `names` (each, and the
+        wildcard that may cover it): a snapshot for a reader that judges later, in O(len(names))."""
+        said = [c for name in names for n in (name, wildcard_of(name)) if n and (c := self.hostnames.get(n))]
+        if said:
+            return dataclasses.replace(self, hostnames=Hostnames(said))
+        if "_frozen_none" not in self.__dict__:  # the usual case, a zone's own host: one snapshot per world
+            self.__dict__["_frozen_none"] = dataclasses.replace(self, hostnames=Hostnames())
+        return self.__dict__["_frozen_none"]
 
     def with_zones(self, added: tuple[Zone, ...]) -> "World":
         """The world file's zones plus `added` (zones put on the edge at run time), checked as the
@@ -259,9 +381,8 @@ class World:
         parser.check_unique([z.name for z in zones], [f"zone {z.name}" for z in zones], what="name")
         parser.check_unique([h for z in zones for h in z.hosts], [f"zone {z.name}" for z in zones for _ in z.hosts],
                             what="host")
-        names = {h.name for h in self.custom_hostnames}
         for z in added:
-            taken = sorted(names & set(z.hosts))
+            taken = sorted(h for h in z.hosts if h in self.hostnames)
             if taken:
                 raise WorldError(f"zone {z.name}: {taken[0]} is already a custom hostname on the edge")
         listeners = parser.v1_addresses(tuple(dataclasses.replace(l, zone=None) for l in self.listeners), zones)
@@ -405,7 +526,7 @@ class _Parser:
         self.check_unique([h.name for h in hostnames], [f"custom hostname {h.name}" for h in hostnames], what="name")
         self.check_unique([h for z in zones for h in z.hosts], [f"zone {z.name}" for z in zones for _ in z.hosts], what="host")
         world = World(model=model, tlds=tlds, listeners=listeners, origins=origins, zones=tuple(zones),
-                      custom_hostnames=tuple(hostnames), records=records, dns_zones=dns_zones,
+                      hostnames=Hostnames(hostnames), records=records, dns_zones=dns_zones,
                       resolver=resolver, control=control, proxy=proxy, source=self.source, ttl=ttl,
                       challenge_port=challenge_port, vantages=vantages, blocked_hostnames=blocked,
                       limits=self.limits(self.get(data, "limits", "", dict, {})),

@@ -192,7 +192,7 @@ def test_cli_over_the_api(tmp_path):
                 ["dns", "poison", "www.victim.example", "127.0.0.11", "--client", "127.0.0.1", "--expires", "30"])])
             assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
             listed = json.loads((await asyncio.to_thread(run, "hostnames", "list", "--json")).stdout)
-            assert {h["name"]: h["status"] for h in listed}["www.newshop.test"] == "pending"
+            assert {h["name"]: h["status"] for h in listed["hostnames"]}["www.newshop.test"] == "pending"
             assert (await asyncio.to_thread(run, "model")).stdout.strip() == "v1-waf"
             dig = await asyncio.to_thread(run, "dig", "www.victim.example")
             assert "127.0.0.11" in dig.stdout
@@ -320,7 +320,7 @@ def test_run_against_a_running_lab_leaves_no_hostname_behind(tmp_path):
     """Undo means gone: a scenario's hostnames are purged, while a user's own `rm` keeps history."""
     run = lambda *a: subprocess.run([sys.executable, "-m", "lab", *a, "--state", str(tmp_path / "state")],
                                     capture_output=True, text=True, timeout=120)
-    listed = lambda: json.loads(run("hostnames", "list", "--json").stdout)
+    listed = lambda: json.loads(run("hostnames", "list", "--all", "--json").stdout)["hostnames"]
 
     async def scenario():
         lab = UpProcess(tmp_path)

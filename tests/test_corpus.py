@@ -650,7 +650,7 @@ def _strict_json(body: bytes):
 
 async def control_state(lab: Lab) -> dict:
     out = {}
-    for path in ("/hostnames", "/dns/records", "/dns/overrides", "/model"):
+    for path in ("/hostnames?limit=1000", "/dns/records", "/dns/overrides", "/model"):
         status, body = await api(lab, "GET", path)
         try:
             out[path] = (status, _strict_json(body))
@@ -674,9 +674,9 @@ async def _restore(lab: Lab, before: dict) -> None:
     for r in resolver.records():
         if r not in before["/dns/records"][1]:
             await api(lab, "DELETE", f"/dns/records?name={r['name']}&type={r['type']}", token)
-    known = {h["id"] for h in before["/hostnames"][1]}
-    status, body = await api(lab, "GET", "/hostnames")
-    for h in json.loads(body) if status == 200 else []:
+    known = {h["id"] for h in before["/hostnames?limit=1000"][1]["hostnames"]}
+    status, body = await api(lab, "GET", "/hostnames?limit=1000")
+    for h in json.loads(body)["hostnames"] if status == 200 else []:
         if h["id"] not in known and h["status"] != "deleted":
             await api(lab, "DELETE", f"/hostnames/{h['id']}", token)
 

@@ -102,6 +102,7 @@ CHANGES = [
     ("POST", "/dns/overrides", {"name": "www.victim.example", "value": "127.0.0.12"}),
     ("PUT", "/model", {"model": "v1"}),
     ("POST", "/hostnames", {"hostname": "www.newshop.test"}),
+    ("POST", "/hostnames", [{"hostname": "a.newshop.test"}, {"hostname": "b.newshop.test"}]),  # a list: one write
     ("DELETE", f"/hostnames/{SHOP}", None),
     ("DELETE", "/dns/records?name=shop.customer.example", None),
 ]
@@ -211,7 +212,8 @@ async def test_kill_9_during_hostname_transitions_leaves_no_half_state(tmp_path)
                 done = await asyncio.gather(*tasks, return_exceptions=True)
             await up.start()
             async with aiohttp.ClientSession() as s:
-                _, hostnames = await up.api(s, "GET", "/hostnames")
+                _, page = await up.api(s, "GET", "/hostnames?limit=1000")
+                hostnames = page["hostnames"]
                 _, events = await up.api(s, "GET", "/events?kind=hostname.status&limit=10000")
             last = {}
             for e in events:

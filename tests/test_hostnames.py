@@ -68,9 +68,11 @@ def test_not_owned_reason_names_what_was_looked_for_and_found(world):
     assert txt_name(h.name) in h2.reason and h.txt_token in h2.reason and http_path(h) in h2.reason
     assert "something-else?second line" in h2.reason and "A 127.0.0.11" in h2.reason
     assert "\n" not in h2.reason and len(h2.reason) < 400  # one line, evidence truncated
-    # Same evidence again: nothing changed, the very same object comes back (nothing to save).
+    # Same evidence again: the reason and its time stay; only the schedule moves on.
     h3, t = verify(h2, ev, target=TARGET, now=102.0)
-    assert h3 is h2 and t is None
+    assert t is None and (h3.reason, h3.updated) == (h2.reason, h2.updated)
+    assert dataclasses.replace(h3, checks=h2.checks, next_check=h2.next_check) == h2
+    assert h3.checks == h2.checks + 1 and h3.next_check - 102.0 > h2.next_check - 101.0
 
 
 def test_legit_txt_and_cname_is_active_in_one_verify(world):
@@ -104,7 +106,7 @@ def test_active_moves_when_dns_changes_and_comes_back(world):
     active, _ = verify(h, owned_txt(h), target=TARGET, now=150.0)
     # Still pointing, token gone: activation does not depend on keeping the TXT.
     same, t = verify(active, Evidence((), None, True, "CNAME customers.saas.example"), target=TARGET, now=151.0)
-    assert same is active and t is None
+    assert t is None and dataclasses.replace(same, checks=0, next_check=active.next_check) == active
     # The operator's "verify now": one real answer decides (the background verifier waits, below).
     moved, t = verify(active, Evidence((), None, False, "CNAME elsewhere.example"), target=TARGET, now=160.0,
                       recheck=CONCLUSIVE)
@@ -142,7 +144,8 @@ def test_a_failed_lookup_is_not_evidence(world, status):
     assert waits == [10, 20, 40, 80, 160, 320, 600, 600, 600, 600, 600, 600]
     # The first real answer clears the errors and is evidence again: owned and pointing is active.
     h, _ = verify(h, owned_txt(h), target=TARGET, now=2000.0, recheck=recheck)
-    assert (h.failures, h.last_error, h.next_check, h.status) == (0, None, None, "active")
+    assert (h.failures, h.last_error, h.status) == (0, None, "active")
+    assert 2000.0 + 0.9 * 86400 <= h.next_check <= 2000.0 + 1.1 * 86400  # back on the schedule: a day
 
 
 def test_active_is_moved_only_after_negative_answers_in_a_row_over_time(world):
@@ -194,7 +197,7 @@ def test_duplicate_registration_refused_unless_deleted(world):
 def test_world_declared_hostnames_count_unless_state_knows_them(world):
     with pytest.raises(HostnameError, match="shop.customer.example is already registered"):
         new(world, "shop.customer.example")
-    seed = from_world(world.hostname_by_name["shop.customer.example"], id="seed1", txt_token="t", http_token="u",
+    seed = from_world(world.hostnames["shop.customer.example"], id="seed1", txt_token="t", http_token="u",
                       now=1.0, source="lab.toml")
     assert seed.status == "active" and seed.ownership == "world" and routable(seed)
     assert seed.reason == "declared active in lab.toml"
@@ -344,3 +347,31 @@ def test_served_by_edge(world):
     assert served_by_edge(world, new(world, "www.victim.example"))
     assert served_by_edge(world, new(world, "*.victim.example"))  # its base is a zone's own host
     assert not served_by_edge(world, new(world, "www.newshop.test"))
+
+
+def test_the_pending_schedule_is_cloudflares_backoff():
+    """Cloudflare's published table: 60 s growing 5% a check for ten, then 15%, capped at 4 h."""
+    r = Recheck()
+    assert [r.pending(n) for n in range(12)] == [60, 63, 66, 69, 72, 76, 80, 84, 88, 93, 242, 279]
+    assert r.pending(39) < 14400 == r.pending(40) == r.pending(75) == r.pending(10 ** 6)
+
+
+def test_the_background_schedule_over_a_week(world):
+    """Asked at each next_check: a pending hostname gets Cloudflare's 75 checks in 7 days, ten of
+    them in its first 20 minutes; an active one whose DNS leaves is asked again the next day,
+    then moved 600 s (three negative answers) later."""
+    h = new(world, now=0.0)
+    times = []
+    while h.next_check < 7 * 86400:
+        times.append(h.next_check)
+        h, t = verify(h, MOVED_AWAY, target=TARGET, now=h.next_check)
+        assert t is None and h.status == "pending"
+    assert 74 <= len(times) <= 76 and sum(1 for x in times if x <= 20 * 60) >= 10
+    active, _ = verify(h, owned_txt(h), target=TARGET, now=times[-1] + 1)
+    assert 0.9 * 86400 <= active.next_check - (times[-1] + 1) <= 1.1 * 86400
+    h, asked = active, []
+    while h.status == "active":
+        asked.append(h.next_check)
+        h, t = verify(h, MOVED_AWAY, target=TARGET, now=h.next_check)
+    assert h.status == "moved" and t.new == "moved" and len(asked) == 3 and asked[-1] - asked[0] == 600
+    assert h.next_check - asked[-1] == 60  # and back on the pending schedule, from its start

@@ -12,7 +12,7 @@ import pytest
 
 from lab.events import Events
 from lab.hostnames import Hostname, HostnameError
-from lab.state import DB_NAME, EventSink, State, StateError
+from lab.state import DB_NAME, SCHEMA_VERSION, EventSink, State, StateError
 
 
 def hostname(id="h1", name="www.newshop.test", status="pending", **kw):
@@ -411,7 +411,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_hostnames(tmp_path):
                                   negative_since=3.0))
         assert st.hostname("h2").to_dict() == hostname("h2", failures=2, last_error="no answer", next_check=9.0,
                                                        negatives=1, negative_since=3.0).to_dict()
-    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 3
+    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_newest_events_filtered_in_the_database(tmp_path):
@@ -467,4 +467,4 @@ def test_a_schema_2_database_is_migrated_keeps_its_hostnames_and_takes_blocked_a
         st.save_zone({"name": "saas3.example", "origin": "saas2", "saas": True, "hosts": ["saas3.example"]})
         assert [z["name"] for z in st.zones()] == ["saas3.example"]
         assert st.delete_zone("saas3.example") == 1 and st.zones() == []
-    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 3
+    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

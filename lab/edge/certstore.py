@@ -1,9 +1,12 @@
 """Certificates by SNI: exact name first, then the one wildcard that may cover it.
 
-Holds only what `policy.certificate_names` allows (zones, active custom hostnames) and
-never mints on demand; an SNI it holds nothing for gets no certificate at all. The SNI is
+Serves only what `policy.certificate_for` allows (zones, active custom hostnames) and
+never mints for anything else; an SNI it holds nothing for gets no certificate at all. The SNI is
 read with `hostnorm.sni_name`, the policy's own normalisation: the certificate is always
-the one for the name the policy routes on, or none.
+the one for the name the policy routes on, or none. The zones' certificates are loaded with
+the world; an active custom hostname's at its first handshake (the world's hostname index
+says, by name, whether it is still active), and the newest `CUSTOM_CONTEXTS` are kept, so
+neither the start nor the memory grows with the number of custom hostnames.
 
 The TLS settings both engines share are here too: ALPN, TLS 1.2 suites, no tickets.
 """
@@ -12,15 +15,16 @@ from __future__ import annotations
 import ssl
 from typing import NamedTuple
 
-from lab.hostnorm import HostError, sni_name, wildcard_of
+from lab.hostnorm import HostError, sni_name
 from lab.pki import LabCA
-from lab.policy import certificate_names
+from lab.policy import certificate_for
 from lab.topology import World
 
 ALPN = ["h2", "http/1.1"]
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 # TLS 1.2 offers forward-secret AEAD suites only (TLS 1.3's are all AEAD already).
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+CUSTOM_CONTEXTS = 1024  # custom hostnames' contexts kept (~20 KB each); one beyond is made again when asked
 
 
 class Cert(NamedTuple):
@@ -46,24 +50,21 @@ def server_context(cert: str | None = None, key: str | None = None) -> ssl.SSLCo
 class CertStore:
     def __init__(self, ca: LabCA) -> None:
         self.ca = ca
-        self._by_names: dict[tuple[str, ...], ssl.SSLContext] = {}
-        self._index: dict[str, tuple[tuple[str, ...], ssl.SSLContext]] = {}
+        self.world: World | None = None
+        self._zones: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self._custom: dict[tuple[str, ...], ssl.SSLContext] = {}  # oldest first
 
     def load(self, world: World) -> None:
-        """Hold exactly the certificates the world allows now (issuing any that are missing)."""
-        wanted = certificate_names(world)
-        contexts = {}
-        for names in wanted:
-            ctx = self._by_names.get(names)
-            if ctx is None:
-                leaf = self.ca.leaf(names)
-                ctx = server_context(str(leaf.cert_path), str(leaf.key_path))
-            contexts[names] = ctx
-        index = {}
-        for names, ctx in contexts.items():
-            for name in names:
-                index.setdefault(name, (names, ctx))
-        self._by_names, self._index = contexts, index
+        """Serve what `world` allows from now on; the zones' certificates at once (issuing any missing)."""
+        zones = {}
+        for z in world.zones:
+            names = (z.name, f"*.{z.name}")
+            zones[names] = self._zones.get(names) or self._context(names)
+        self.world, self._zones = world, zones
+
+    def _context(self, names: tuple[str, ...]) -> ssl.SSLContext:
+        leaf = self.ca.leaf(names)
+        return server_context(str(leaf.cert_path), str(leaf.key_path))
 
     def lookup(self, sni: bytes | str | None) -> Cert | None:
         """The certificate for an SNI as sent (raw bytes or text); None if it names none."""
@@ -73,14 +74,20 @@ class CertStore:
             name = sni_name(sni)
         except HostError:
             return None
-        found = self._index.get(name)
-        if found is None:
-            wildcard = wildcard_of(name)
-            found = self._index.get(wildcard) if wildcard else None
-        return Cert(name, *found) if found else None
+        names = certificate_for(self.world, name) if self.world is not None else None
+        if names is None:
+            return None
+        ctx = self._zones.get(names)
+        if ctx is None:
+            ctx = self._custom.pop(names, None) or self._context(names)
+            self._custom[names] = ctx  # the newest last
+            if len(self._custom) > CUSTOM_CONTEXTS:
+                del self._custom[next(iter(self._custom))]
+        return Cert(name, names, ctx)
 
     def names(self) -> list[tuple[str, ...]]:
-        return list(self._by_names)
+        """The certificates held now: the zones', and the custom hostnames' asked for lately."""
+        return [*self._zones, *self._custom]
 
 
 def refusal(sni: bytes | str | None) -> str:

@@ -215,7 +215,8 @@ async function refreshLoot() {
 
 async function refreshHostnames() {
   let list;
-  try { list = await api("GET", "/hostnames"); } catch (e) { return; }
+  // One page (the API pages them): a room's lab has a handful; a big one shows its first.
+  try { list = (await api("GET", "/hostnames?limit=100")).hostnames; } catch (e) { return; }
   $("hostnames").replaceChildren(...list.map((h) => {
     const li = el("li");
     li.append(el("span", "chip " + h.status, h.status), el("span", "h", h.name));

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from lab.control import ApiError
 from lab.live import LIVE_KEY
+from lab.remote import every
 from lab.results import matches
 from lab.scenarios import DEFAULT_DIR as CATALOG_DIR, LabApi, Runner, ScenarioError, discover, parse
 from lab.strips import INTERNAL
@@ -213,7 +214,7 @@ class Workshop:
             for name in {o["name"] for o in await api.call("GET", "/dns/overrides")} & names:
                 await api.call("DELETE", f"/dns/overrides/{name}")
         purge = set(start.get("purge_hostnames", ()))
-        for h in await api.call("GET", "/hostnames") if purge else ():
+        for h in await every(api.call, "/hostnames") if purge else ():
             if h["name"] in purge:
                 await api.call("DELETE", f"/hostnames/{h['id']}?purge=1")
         for r in start.get("delete_records", ()):
