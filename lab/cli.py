@@ -10,8 +10,8 @@ from pathlib import Path
 
 from lab import __version__
 from lab.compose import ROLES as COMPOSE_ROLES
-from lab.remote import RemoteError
 from lab.models import FLAVOURS
+from lab.remote import RemoteError
 from lab.schema import EVENTS_MAX, HOSTNAMES_PAGE, HOSTNAMES_PAGE_MAX
 from lab.topology import MODELS, VALIDATION_MODES, WorldError
 
