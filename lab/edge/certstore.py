@@ -38,16 +38,22 @@ def server_context(cert: str | None = None, key: str | None = None) -> ssl.SSLCo
     # lab.edge.tls keeps one session cache per listener and name instead.
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
+    # As nginx: a client cannot make the server redo a handshake (OpenSSL 3 refuses it by
+    # default, 1.1.1 does not), so a connection adds at most one session to a cache.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     if cert:
         ctx.load_cert_chain(cert, key)
     return ctx
 
 
 class CertStore:
+    MEMO = 4096  # SNIs as sent, remembered with their certificate until the next load
+
     def __init__(self, ca: LabCA) -> None:
         self.ca = ca
         self._by_names: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._index: dict[str, tuple[tuple[str, ...], ssl.SSLContext]] = {}
+        self._memo: dict[bytes | str, Cert] = {}
 
     def load(self, world: World) -> None:
         """Hold exactly the certificates the world allows now (issuing any that are missing)."""
@@ -63,12 +69,15 @@ class CertStore:
         for names, ctx in contexts.items():
             for name in names:
                 index.setdefault(name, (names, ctx))
-        self._by_names, self._index = contexts, index
+        self._by_names, self._index, self._memo = contexts, index, {}
 
     def lookup(self, sni: bytes | str | None) -> Cert | None:
         """The certificate for an SNI as sent (raw bytes or text); None if it names none."""
         if sni is None:
             return None
+        cert = self._memo.get(sni)
+        if cert is not None:
+            return cert
         try:
             name = sni_name(sni)
         except HostError:
@@ -77,7 +86,12 @@ class CertStore:
         if found is None:
             wildcard = wildcard_of(name)
             found = self._index.get(wildcard) if wildcard else None
-        return Cert(name, *found) if found else None
+        if found is None:
+            return None
+        if len(self._memo) >= self.MEMO:
+            self._memo.clear()  # many names (a wildcard's): the next lookups work it out again
+        cert = self._memo[sni] = Cert(name, *found)
+        return cert
 
     def names(self) -> list[tuple[str, ...]]:
         return list(self._by_names)
