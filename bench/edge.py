@@ -386,7 +386,7 @@ http {{
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_tickets off;
         ssl_session_cache off;
-        location / {{
+{no_tickets}        location / {{
             proxy_pass http://lab_origin;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -441,8 +441,12 @@ def start_nginx(procs: Procs, nginx: str, base: Path, workers: str, ip: str, ori
         user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
     fmt = dict(dir=d, name=NAME, cert=cert, key=key)
     extra = NGINX_CHECK_SERVER.format(listen=f"{ip}:{check_port}", **fmt) if check_port else ""
+    # As our edge: no TLS 1.3 ticket at all (`ssl_session_tickets off` alone still sends two
+    # stateful ones, which `ssl_session_cache off` never resumes). ssl_conf_command: nginx >= 1.19.4.
+    version = tuple(int(x) for x in nginx_version(nginx).split(".") if x.isdigit())
+    no_tickets = "        ssl_conf_command NumTickets 0;\n" if version >= (1, 19, 4) else ""
     conf = NGINX_CONF.format(workers=workers, user=user, origin=origin_url.split("//", 1)[1], listen=f"{ip}:{port}",
-                             extra=extra, **fmt)
+                             extra=extra, no_tickets=no_tickets, **fmt)
     (d / "nginx.conf").write_text(conf)
     cmd = [nginx, "-p", str(d), "-e", str(d / "error.log"), "-c", "nginx.conf", "-g", "daemon off;"]
     t = subprocess.run(cmd + ["-t", "-q"], capture_output=True, text=True, timeout=20)
