@@ -1,6 +1,6 @@
 """Our edge next to nginx, same origin, same load, one run: keep-alive req/s and new TLS handshakes/s.
 
-    .venv/bin/python -m bench.edge [--quick] [--duration S] [--json] [--profile] [--check]
+    .venv/bin/python -m bench.edge [--quick] [--duration S] [--json] [--profile [--profile-load L]] [--check]
 
 What runs (everything on loopback, in a temp dir, stopped at exit even on Ctrl-C):
   - `sni-lab origins` (the lab's origins, in their own process) and `sni-lab up --engine
@@ -52,7 +52,8 @@ LISTENER = "saas-v1"          # the SaaS v1 listener: model v1 routes it to ORIG
 ORIGIN = "saas"
 NGINX_HOST_FALLBACK = "127.0.0.11"
 TARGET_KEEPALIVE = 0.5        # the project's targets, ours / nginx (worker_processes 1)
-TARGET_HANDSHAKES = 0.9
+TARGET_HANDSHAKES = 0.9       # handshakes/s: bounded by the client's core, so the figure that counts is
+TARGET_HANDSHAKES_PER_CPU = 0.8  # handshakes per CPU-second of the proxy process(es)
 TARGET_READY_S = 1.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -385,7 +386,7 @@ http {{
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_tickets off;
         ssl_session_cache off;
-        location / {{
+{no_tickets}        location / {{
             proxy_pass http://lab_origin;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -440,8 +441,12 @@ def start_nginx(procs: Procs, nginx: str, base: Path, workers: str, ip: str, ori
         user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
     fmt = dict(dir=d, name=NAME, cert=cert, key=key)
     extra = NGINX_CHECK_SERVER.format(listen=f"{ip}:{check_port}", **fmt) if check_port else ""
+    # As our edge: no TLS 1.3 ticket at all (`ssl_session_tickets off` alone still sends two
+    # stateful ones, which `ssl_session_cache off` never resumes). ssl_conf_command: nginx >= 1.19.4.
+    version = tuple(int(x) for x in nginx_version(nginx).split(".") if x.isdigit())
+    no_tickets = "        ssl_conf_command NumTickets 0;\n" if version >= (1, 19, 4) else ""
     conf = NGINX_CONF.format(workers=workers, user=user, origin=origin_url.split("//", 1)[1], listen=f"{ip}:{port}",
-                             extra=extra, **fmt)
+                             extra=extra, no_tickets=no_tickets, **fmt)
     (d / "nginx.conf").write_text(conf)
     cmd = [nginx, "-p", str(d), "-e", str(d / "error.log"), "-c", "nginx.conf", "-g", "daemon off;"]
     t = subprocess.run(cmd + ["-t", "-q"], capture_output=True, text=True, timeout=20)
@@ -474,6 +479,9 @@ class Run:
     skipped: str | None = None
     note: str | None = None
     per_cpu_s: float | None = None        # req/s per core of proxy + origin (edge: the lab process)
+    per_proxy_cpu_s: float | None = None  # req/s per core of the proxy alone (edge: the lab process; nginx: all its)
+    proxy_us: float | None = None         # proxy CPU per request (one request per connection: per handshake)
+    client_us: float | None = None        # client CPU per request: what it took to talk to this server
     rounds: list = field(default_factory=list)  # req/s of every round (the row is the median round)
     raw: str = ""
 
@@ -599,6 +607,11 @@ class Load:
         served = lab + (server if server_pgid and server_pgid != lab_pgid else 0)
         if served > 0 and run.requests:
             run.per_cpu_s = round(run.requests / served)
+        if run.requests:
+            run.client_us = round(1e6 * client / run.requests)
+            if server_pgid and server_pgid != lab_pgid and server > 0:
+                run.per_proxy_cpu_s = round(run.requests / server)
+                run.proxy_us = round(1e6 * server / run.requests)
         return run
 
     def _exec(self, cmd: list[str], timeout: float) -> str:
@@ -644,21 +657,23 @@ def resumption_check(load: Load, ip: str, port: int, tmp: Path) -> dict:
 # ---- profile --------------------------------------------------------------------------------------
 
 def profile_edge(load: Load, procs: Procs, lab: LabProc, url: str, ip: str, port: int, tmp: Path,
-                 out_path: str | None) -> dict:
+                 out_path: str | None, close: bool = False) -> dict:
+    """py-spy on the lab process under keep-alive load, or under new handshakes (`close`)."""
     pyspy = Path(sys.executable).parent / "py-spy"
     pyspy = str(pyspy) if pyspy.exists() else shutil.which("py-spy")
     if not pyspy:
         return {"skipped": "py-spy not installed (.venv/bin/pip install py-spy)"}
-    raw = Path(out_path) if out_path else tmp / "profile.txt"
+    raw = Path(out_path) if out_path else tmp / f"profile{'-handshakes' if close else ''}.txt"
     seconds = load.args.duration
     cmd = [pyspy, "record", "--pid", str(lab.proc.pid), "--duration", str(seconds), "--rate", "200",
            "--format", "raw", "--output", str(raw)] + (["--native"] if load.args.profile_native else [])
     connect = f"{ip}:{port}"
-    if load.args.warmup > 0:
-        load._once(url, load.args.warmup, False, None, connect, warmup=True)
+    load._close_rate = None
+    if load.args.warmup > 0 or close:  # h2load sizes a run of new connections from its warm-up
+        load._once(url, max(load.args.warmup, 1), close, None, connect, warmup=True)
     spy = procs.start(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "py-spy.log", "ab"), stdin=subprocess.DEVNULL)
     time.sleep(0.3)
-    out = load._once(url, seconds, False, None, connect)
+    out = load._once(url, seconds, close, None, connect)
     try:
         spy.wait(seconds + 20)
     except subprocess.TimeoutExpired:
@@ -668,7 +683,8 @@ def profile_edge(load: Load, procs: Procs, lab: LabProc, url: str, ip: str, port
         return {"skipped": "py-spy wrote nothing: " + (tmp / "py-spy.log").read_text(errors="replace").strip()[-300:]}
     r = Run("edge", "profiled")
     (parse_h2load if load.client == "h2load" else parse_wrk)(out, r)
-    return summarize_profile(raw, r.rps, str(raw) if out_path else None)
+    return {"load": "new handshakes" if close else "keep-alive",
+            **summarize_profile(raw, r.rps, str(raw) if out_path else None)}
 
 
 def summarize_profile(raw: Path, rps: float | None, kept: str | None, top: int = 10) -> dict:
@@ -766,14 +782,56 @@ def fmt_row(r: Run, base: Run | None, target: float | None) -> str:
     return line
 
 
+def print_handshakes(res: dict) -> None:
+    """New handshakes, per CPU-second first: the client saturates its core, so handshakes/s flatter the slower server."""
+    runs = [Run(**r) for r in res["handshakes"]]
+    base = next((r for r in runs if r.target == "nginx-1" and not r.skipped), None)
+    q, q_all = res.get("handshakes_per_proxy_cpu_ratio"), res.get("handshakes_per_cpu_ratio")
+    head = "\nnew TLS handshakes per CPU-second (Connection: close, no resumption, one request each)"
+    if q is not None:
+        ok = "ok" if q >= TARGET_HANDSHAKES_PER_CPU else "MISSED"
+        head += (f": ours / nginx worker_processes 1 = {q:.2f}x of the proxy's CPU (target >= "
+                 f"{TARGET_HANDSHAKES_PER_CPU}x: {ok})" + (f", {q_all:.2f}x of proxy + origin" if q_all else ""))
+    print(head if base else head + "  (no nginx baseline: no ratio)")
+    print(f"  {'target':<44} {'hs/cpu-s':>8} {'+origin':>8} {'proxy':>7} {'client':>7} {'hs/s':>7} {'ours/ng1':>8}"
+          "  cpu (% of one core)")
+    print(f"  {'':<44} {'(proxy)':>8} {'':>8} {'us/hs':>7} {'us/hs':>7}")
+    for r in runs:
+        if r.skipped:
+            print(f"  {r.label:<44} {'skipped':>8}  {r.skipped}")
+            continue
+        rq = ratio(r, base) if base is not None and r is not base and r.target.startswith("edge") else None
+        cpu = [f"{'edge' if r.target.startswith('edge') else 'nginx'} {r.cpu_server_pct:.0f}%",
+               f"origins {r.cpu_lab_pct:.0f}%", f"client {r.cpu_client_pct:.0f}%"]
+        if r.cpu_other_pct is not None and r.cpu_other_pct >= 10:
+            cpu.append(f"OTHER {r.cpu_other_pct:.0f}%")
+        num = lambda v, w: f"{v:>{w}.0f}" if v else f"{'':>{w}}"  # noqa: E731
+        line = (f"  {r.label:<44} {num(r.per_proxy_cpu_s, 8)} {num(r.per_cpu_s, 8)} {num(r.proxy_us, 7)} "
+                f"{num(r.client_us, 7)} {r.rps:>7.0f} {f'{rq:.2f}x' if rq is not None else '':>8}  cpu: {', '.join(cpu)}")
+        errs = ([f"non-2xx/3xx {r.non_2xx_3xx}"] if r.non_2xx_3xx else []) + \
+            (["socket errors " + ", ".join(f"{k} {v}" for k, v in r.socket_errors.items())] if r.socket_errors else [])
+        if errs:
+            line += "  ERRORS: " + "; ".join(errs)
+        if len(r.rounds) > 1:
+            line += "  rounds (hs/s): " + "/".join(f"{x:.0f}" for x in r.rounds)
+        if r.note:
+            line += f"  [{r.note}]"
+        print(line)
+    if res.get("handshakes_ratio") is not None:
+        print(f"  handshakes/s, ours / nginx worker_processes 1: {res['handshakes_ratio']:.2f}x (bounded by the client's "
+              f"core; target >= {TARGET_HANDSHAKES}x)")
+    if res.get("handshakes_ratio_auto") is not None:
+        print(f"  ours / nginx worker_processes auto: {res['handshakes_ratio_auto']:.2f}x")
+
+
 def print_report(res: dict) -> None:
     s = res["settings"]
     print(f"sni-lab edge bench: {s['cpus']} CPUs, {s.get('client', 'wrk')} -t{s['threads']} -c{s['connections']}, "
           f"{s['duration_s']} s per "
           f"measurement after {s['warmup_s']} s warm-up" + (f", median of {s['rounds']} rounds" if s['rounds'] > 1 else "")
           + f"; target {s['target']}")
-    for key, title, target in (("keepalive", "keep-alive requests/s, HTTPS (HTTP/1.1)", TARGET_KEEPALIVE),
-                               ("handshakes", "new TLS handshakes/s (Connection: close, no resumption)", TARGET_HANDSHAKES)):
+    print_handshakes(res)
+    for key, title, target in (("keepalive", "keep-alive requests/s, HTTPS (HTTP/1.1)", TARGET_KEEPALIVE),):
         runs = [Run(**{k: v for k, v in r.items()}) for r in res[key]]
         base = next((r for r in runs if r.target == "nginx-1" and not r.skipped), None)
         print(f"\n{title}" + ("" if base else "  (no nginx baseline: no ratio)"))
@@ -797,13 +855,15 @@ def print_report(res: dict) -> None:
         print("\nsession resumption:")
         for k, v in rs.items():
             print(f"  {k}: {v}")
-    prof = res.get("profile")
-    if prof:
+    for prof in (res.get("profile_handshakes"), res.get("profile")):
+        if not prof:
+            continue
         if prof.get("skipped"):
             print(f"\nprofile: skipped: {prof['skipped']}")
         else:
-            print(f"\nprofile of the lab process under keep-alive load (py-spy, 200 Hz, {prof['samples']} busy samples, "
-                  f"{prof['rps_while_profiled'] or 0:.0f} req/s while sampled); % of all busy samples")
+            print(f"\nprofile of the lab process under {prof.get('load', 'keep-alive')} load (py-spy, 200 Hz, "
+                  f"{prof['samples']} busy samples, {prof['rps_while_profiled'] or 0:.0f} req/s while sampled); "
+                  "% of all busy samples")
             print(f"  event-loop thread {prof['loop_thread_pct']:.0f}%, other threads {prof['other_threads_pct']:.0f}% "
                   f"(includes waiting for the GIL)")
             print("  event-loop thread, self time by line (where the CPU is; C calls count in their Python caller):")
@@ -992,8 +1052,14 @@ def bench(args) -> dict:
 
         # 4. profile (optional)
         if args.profile and ns_ok:
-            log("profile: our edge under keep-alive load (py-spy)")
-            res["profile"] = profile_edge(load, procs, lab, edge_url, ip, edge_port, tmp, args.profile_out)
+            loads = ["handshakes", "keepalive"] if args.profile_load == "both" else [args.profile_load]
+            for kind in loads:
+                log(f"profile: our edge under {kind} load (py-spy)")
+                out_path = args.profile_out
+                if out_path and len(loads) > 1 and kind == "handshakes":
+                    out_path = str(Path(out_path).with_name(f"{Path(out_path).stem}-handshakes{Path(out_path).suffix}"))
+                res["profile_handshakes" if kind == "handshakes" else "profile"] = profile_edge(
+                    load, procs, lab, edge_url, ip, edge_port, tmp, out_path, close=kind == "handshakes")
 
         procs.stop(lab.proc, signal.SIGINT)
         procs.stop(origins)  # the timed starts below run the whole world, origins included
@@ -1019,8 +1085,10 @@ def bench(args) -> dict:
             res[f"{key}_ratio_mitmproxy"] = ratio(runs.get("edge-mitm"), runs.get("nginx-1"))
             e, n = runs.get("edge"), runs.get("nginx-1")
             res[f"{key}_per_cpu_ratio"] = round(e.per_cpu_s / n.per_cpu_s, 3) if e and n and e.per_cpu_s and n.per_cpu_s else None
+            res[f"{key}_per_proxy_cpu_ratio"] = (round(e.per_proxy_cpu_s / n.per_proxy_cpu_s, 3)
+                                                 if e and n and e.per_proxy_cpu_s and n.per_proxy_cpu_s else None)
         if resumed_rows & {"edge", "nginx-1"}:
-            res["handshakes_ratio"] = res["handshakes_per_cpu_ratio"] = None
+            res["handshakes_ratio"] = res["handshakes_per_cpu_ratio"] = res["handshakes_per_proxy_cpu_ratio"] = None
         if resumed_rows & {"edge", "nginx-auto"}:
             res["handshakes_ratio_auto"] = None
         res["resumption"] = {
@@ -1088,8 +1156,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-auto", action="store_true", help="skip nginx with worker_processes auto")
     p.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmproxy engine")
     p.add_argument("--ready-runs", type=int, default=3, help="timed starts of sni-lab up (default 3)")
-    p.add_argument("--profile", action="store_true", help="also profile our edge under keep-alive load with py-spy")
-    p.add_argument("--profile-out", metavar="FILE", help="keep py-spy's collapsed stacks in FILE")
+    p.add_argument("--profile", action="store_true", help="also profile our edge with py-spy (--profile-load)")
+    p.add_argument("--profile-load", choices=("both", "handshakes", "keepalive"), default="both",
+                   help="under which load --profile samples our edge (default both: new handshakes, then keep-alive)")
+    p.add_argument("--profile-out", metavar="FILE",
+                   help="keep py-spy's collapsed stacks in FILE (with both loads, the handshakes' in FILE-handshakes)")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames (OpenSSL, uvloop) too")
     p.add_argument("--check", action="store_true", help="exit 1 when a project target is missed")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -1113,7 +1184,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print_report(res)
     if args.check:
-        missed = [k for k, t in (("keepalive_ratio", TARGET_KEEPALIVE), ("handshakes_ratio", TARGET_HANDSHAKES))
+        missed = [k for k, t in (("keepalive_ratio", TARGET_KEEPALIVE), ("handshakes_ratio", TARGET_HANDSHAKES),
+                                 ("handshakes_per_proxy_cpu_ratio", TARGET_HANDSHAKES_PER_CPU))
                   if res.get(k) is not None and res[k] < t]
         if res.get("ready") and res["ready"]["median_s"] > TARGET_READY_S:
             missed.append("ready")

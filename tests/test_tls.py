@@ -18,7 +18,7 @@ from cryptography import x509
 
 from lab.edge.admission import Refusals
 from lab.run import Lab
-from tests.conftest import need
+from tests.conftest import NATIVE_ONLY, need
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,6 +218,77 @@ async def test_tls12_offers_aead_suites_only(lab, cipher, ok):
         assert out.line("New,") == f"New, TLSv1.2, Cipher is {cipher}", out.text[-400:]
     else:
         assert out.cert_names is None and out.alert == 40, out.text[-400:]  # handshake_failure
+
+
+@NATIVE_ONLY  # mitmproxy's OpenSSL refuses too, but its warning alert waits for its next write: no answer to wait for
+async def test_a_client_cannot_renegotiate(lab):
+    # As nginx: a handshake redone on demand costs the server a handshake for nothing, and the
+    # edge's session caches count on one session per connection (lab.edge.tls.SessionContexts).
+    l = lab.world.listener_by_name["anycast"]
+    proc = await asyncio.create_subprocess_exec(
+        need("openssl"), "s_client", "-connect", f"{l.host}:{l.port}", "-CAfile", str(lab.ca.cert_path), "-tls1_2",
+        "-servername", "www.victim.example", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = b""
+    try:
+        while b"Verify return code" not in out:  # handshake done: now ask for another (s_client's "R" command)
+            out += await asyncio.wait_for(proc.stdout.read(4096), 10) or b"\n(eof)"
+            assert not out.endswith(b"(eof)"), out[-400:]
+        proc.stdin.write(b"R\n")
+        mark = len(out)
+        try:
+            while b"no renegotiation" not in out and (chunk := await asyncio.wait_for(proc.stdout.read(4096), 10)):
+                out += chunk
+        except TimeoutError:
+            raise AssertionError(f"no answer to a renegotiation: {out[mark:]!r}") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    text = out.decode("latin-1")
+    assert "RENEGOTIATING" in text and "no renegotiation" in text, text[-400:]
+
+
+async def test_a_client_hello_in_pieces_gets_its_certificate(lab):
+    """A ClientHello that arrives over several reads is read whole, then answered like any other."""
+    l = lab.world.listener_by_name["anycast"]
+    ctx = _client_ctx(lab)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="www.victim.example")
+    reader, writer = await asyncio.open_connection(l.host, l.port)
+    try:
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        hello = outgoing.read()
+        for piece in (hello[:3], hello[3:9], hello[9:100], hello[100:]):  # in the record header, in the body
+            writer.write(piece)
+            await writer.drain()
+            for _ in range(5):  # the edge runs on this loop: let it read this piece on its own
+                await asyncio.sleep(0)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                writer.write(outgoing.read())
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data, "the edge closed the connection during the handshake"
+                incoming.write(data)
+        names = [v for k, v in tls.getpeercert()["subjectAltName"] if k == "DNS"]
+        assert sorted(names) == sorted(VICTIM)
+        tls.write(b"GET / HTTP/1.1\r\nHost: www.victim.example\r\nConnection: close\r\n\r\n")
+        writer.write(outgoing.read())
+        answer = b""
+        while not answer.startswith(b"HTTP/1.1 ") or b"\r\n\r\n" not in answer:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, answer
+            incoming.write(data)
+            try:
+                answer += tls.read(65536)
+            except ssl.SSLWantReadError:
+                pass
+        assert b"X-Lab-Decision: " in answer, answer[:300]
+    finally:
+        writer.close()
 
 
 # ---- handshake timeout ------------------------------------------------------------------

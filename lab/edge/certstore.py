@@ -48,9 +48,14 @@ def server_context(cert: str | None = None, key: str | None = None) -> ssl.SSLCo
 
 
 class CertStore:
+    # SNIs as sent -> their normalised name. Only the normalisation is remembered (a pure
+    # function of the bytes): which certificate a name gets follows the hostname index live.
+    MEMO = 4096
+
     def __init__(self, ca: LabCA) -> None:
         self.ca = ca
         self.world: World | None = None
+        self._names: dict[bytes | str, str] = {}
         self._zones: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._custom: dict[tuple[str, ...], ssl.SSLContext] = {}  # oldest first
 
@@ -70,10 +75,15 @@ class CertStore:
         """The certificate for an SNI as sent (raw bytes or text); None if it names none."""
         if sni is None:
             return None
-        try:
-            name = sni_name(sni)
-        except HostError:
-            return None
+        name = self._names.get(sni)
+        if name is None:
+            try:
+                name = sni_name(sni)
+            except HostError:
+                return None
+            if len(self._names) >= self.MEMO:
+                self._names.clear()  # many names (a wildcard's): the next lookups work them out again
+            self._names[sni] = name
         names = certificate_for(self.world, name) if self.world is not None else None
         if names is None:
             return None

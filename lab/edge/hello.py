@@ -40,7 +40,8 @@ def client_hello(data: bytes) -> Hello | None:
     """The ClientHello at the start of `data`, or None while more bytes are needed.
 
     Cheap to call again on every read: it walks record headers and copies nothing until
-    the whole ClientHello is there.
+    the whole ClientHello is there. It runs once per connection before any TLS work, so it
+    reads by index, not through a reader object.
     """
     if not data:
         return None
@@ -50,88 +51,89 @@ def client_hello(data: bytes) -> Hello | None:
         return None
     if data[1] != 3:
         raise HelloError("the client did not start TLS", alert=None)
-    if int.from_bytes(data[3:5], "big") < 4:
+    if (data[3] << 8 | data[4]) < 4:
         raise HelloError("ClientHello header split over records")
     if data[5] != CLIENT_HELLO:
         raise HelloError(f"handshake message {data[5]} where a ClientHello belongs")
-    needed = 4 + int.from_bytes(data[6:9], "big")
+    needed = 4 + (data[6] << 16 | data[7] << 8 | data[8])
     if needed > MAX_HELLO:
         raise HelloError(f"ClientHello of {needed - 4} bytes")
-    records, have, pos = [], 0, 0
+    records, have, pos, size = [], 0, 0, len(data)
     while have < needed:
         if len(records) == MAX_RECORDS:
             raise HelloError(f"ClientHello split over more than {MAX_RECORDS} records")
-        if len(data) < pos + 5:
+        if size < pos + 5:
             return None
-        ctype, major, length = data[pos], data[pos + 1], int.from_bytes(data[pos + 3:pos + 5], "big")
-        if ctype != HANDSHAKE or major != 3:
+        if data[pos] != HANDSHAKE or data[pos + 1] != 3:
             raise HelloError("ClientHello split by another record")
+        length = data[pos + 3] << 8 | data[pos + 4]
         if length == 0 or length > MAX_RECORD:
             raise HelloError(f"handshake record of {length} bytes")
-        if len(data) < pos + 5 + length:
+        if size < pos + 5 + length:
             return None
         records.append((pos + 5, pos + 5 + length))
         have += length
         pos += 5 + length
-    body = b"".join(data[start:end] for start, end in records)
-    return Hello(sni=_sni(body[4:needed]))
+    body = bytes(data[5:5 + needed]) if len(records) == 1 else b"".join(data[s:e] for s, e in records)[:needed]
+    return Hello(sni=_sni(body, 4, needed))
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise HelloError("truncated ClientHello")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def number(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
-
-    def vector(self, n: int) -> bytes:
-        return self.take(self.number(n))
-
-    def done(self) -> bool:
-        return self.pos == len(self.data)
+def _vector(data: bytes, pos: int, width: int, end: int) -> int:
+    """Where the vector at `pos` (its length in `width` bytes) ends; HelloError if past `end`."""
+    if pos + width > end:
+        raise HelloError("truncated ClientHello")
+    stop = pos + width + int.from_bytes(data[pos:pos + width], "big")
+    if stop > end:
+        raise HelloError("truncated ClientHello")
+    return stop
 
 
-def _sni(body: bytes) -> bytes | None:
-    r = _Reader(body)
-    r.take(2 + 32)  # legacy_version, random
-    r.vector(1)  # legacy_session_id
-    r.vector(2)  # cipher_suites
-    r.vector(1)  # legacy_compression_methods
-    if r.done():
+def _sni(body: bytes, pos: int, end: int) -> bytes | None:
+    """The host_name of the ClientHello body `body[pos:end]`, None without a server_name extension."""
+    pos += 2 + 32  # legacy_version, random
+    if pos > end:
+        raise HelloError("truncated ClientHello")
+    pos = _vector(body, pos, 1, end)  # legacy_session_id
+    pos = _vector(body, pos, 2, end)  # cipher_suites
+    pos = _vector(body, pos, 1, end)  # legacy_compression_methods
+    if pos == end:
         return None  # no extensions at all
-    extensions = _Reader(r.vector(2))
-    if not r.done():
+    stop = _vector(body, pos, 2, end)
+    if stop != end:
         raise HelloError("bytes after the ClientHello's extensions")
+    pos += 2
     sni = None
     seen = set()
-    while not extensions.done():
-        kind, data = extensions.number(2), extensions.vector(2)
+    while pos < stop:
+        if pos + 4 > stop:
+            raise HelloError("truncated ClientHello")
+        kind = body[pos] << 8 | body[pos + 1]
+        ext_end = pos + 4 + (body[pos + 2] << 8 | body[pos + 3])
+        if ext_end > stop:
+            raise HelloError("truncated ClientHello")
         if kind in seen:
             raise HelloError(f"extension {kind} twice")
         seen.add(kind)
         if kind == SERVER_NAME:
-            sni = server_name(data)
+            sni = server_name(body[pos + 4:ext_end])
+        pos = ext_end
     return sni
 
 
 def server_name(ext: bytes) -> bytes:
     """The host_name of a server_name extension's body (RFC 6066 §3: exactly one, as OpenSSL reads it)."""
-    names = _Reader(_Reader(ext).vector(2))
-    if len(ext) != 2 + len(names.data):
+    end = len(ext)
+    names_end = _vector(ext, 0, 2, end)
+    if names_end != end:
         raise HelloError("bytes after the server_name list")
-    if names.number(1) != HOST_NAME:
+    if end < 3:
+        raise HelloError("truncated ClientHello")
+    if ext[2] != HOST_NAME:
         raise HelloError("server_name of an unknown type")
-    name = names.vector(2)
-    if not names.done():
+    name_end = _vector(ext, 3, 2, end)
+    if name_end != end:
         raise HelloError("more than one server_name")
-    return name  # empty, NUL or too long: not a host name, refused with 112 like any other
+    return bytes(ext[5:name_end])  # empty, NUL or too long: not a host name, refused with 112 like any other
 
 
 def shown(sni: bytes | None) -> str | None:
