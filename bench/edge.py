@@ -18,6 +18,9 @@ by SNI and, under model v1, routes by listener to the `saas` origin, which answe
 with the attacker tenant's page. nginx proxies to that same `saas` origin with the same
 Host, so both return the same page; the origin measured directly (plain HTTP) is the ceiling.
 
+HTTP/2: h2load (ALPN h2) with 8 connections of 10 concurrent streams each, against our edge
+and against nginx with http2 on the same origin (`python -m bench.edge` prints the ratio).
+
 New handshakes: wrk with `Connection: close`, one request per connection. wrk keeps its
 SSL object across reconnects (SSL_shutdown + SSL_clear, which keeps the session), so it
 *does* offer the previous session on every reconnect and a server with tickets on
@@ -55,6 +58,9 @@ TARGET_KEEPALIVE = 0.5        # the project's targets, ours / nginx (worker_proc
 TARGET_HANDSHAKES = 0.9       # handshakes/s: bounded by the client's core, so the figure that counts is
 TARGET_HANDSHAKES_PER_CPU = 0.8  # handshakes per CPU-second of the proxy process(es)
 TARGET_READY_S = 1.0
+TARGET_HTTP2 = 0.5
+H2_CONNECTIONS, H2_STREAMS = 8, 10   # h2load -c8 -m10: multiplexed, as a browser is
+H2_REQUESTS = 40000                  # per measurement (--quick: 10000), fewer when the warm-up says it would be slow
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # LD_PRELOADed into the client for the handshake measurements: no SSL object ever gets a
@@ -329,6 +335,16 @@ def check_origin(url: str) -> None:
         raise BenchError(f"origin {url}: GET / with Host {NAME} answered {status}")
 
 
+def check_h2(h2load: str, label: str, url: str, connect: str) -> None:
+    """The target speaks HTTP/2 (ALPN h2) and answers 200s."""
+    r = subprocess.run(h2load_cmd(h2load, url, connect, 20), capture_output=True, text=True, timeout=30)
+    run = Run(label, label)
+    parse_h2load(r.stdout, run)
+    if "Application protocol: h2" not in r.stdout or run.requests != 20 or run.non_2xx_3xx or run.socket_errors:
+        raise BenchError(f"{label}: h2load over HTTP/2 at {connect} did not get 20 answers 2xx over h2:\n"
+                         f"{(r.stdout + r.stderr).strip()[-600:]}")
+
+
 def namespace_works(tmp: Path, hosts: Path, ip: str) -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "not root: cannot give wrk its own /etc/hosts in a private mount namespace"
@@ -432,8 +448,8 @@ def wait_tcp(host: str, port: int, p: subprocess.Popen, timeout: float = 10.0) -
 
 
 def start_nginx(procs: Procs, nginx: str, base: Path, workers: str, ip: str, origin_url: str, cert: str, key: str,
-                check_port: int | None = None) -> tuple[subprocess.Popen, int]:
-    d = base / f"nginx-{workers}"
+                check_port: int | None = None, http2: bool = False) -> tuple[subprocess.Popen, int]:
+    d = base / f"nginx-{'h2-' if http2 else ''}{workers}"
     (d / "tmp").mkdir(parents=True, exist_ok=True)
     port = free_tcp_port(ip)
     user = ""
@@ -445,7 +461,9 @@ def start_nginx(procs: Procs, nginx: str, base: Path, workers: str, ip: str, ori
     # stateful ones, which `ssl_session_cache off` never resumes). ssl_conf_command: nginx >= 1.19.4.
     version = tuple(int(x) for x in nginx_version(nginx).split(".") if x.isdigit())
     no_tickets = "        ssl_conf_command NumTickets 0;\n" if version >= (1, 19, 4) else ""
-    conf = NGINX_CONF.format(workers=workers, user=user, origin=origin_url.split("//", 1)[1], listen=f"{ip}:{port}",
+    # `listen ... http2` is what nginx before 1.25.1 knows (later ones accept it, deprecated).
+    listen = f"{ip}:{port}" + (" http2" if http2 else "")
+    conf = NGINX_CONF.format(workers=workers, user=user, origin=origin_url.split("//", 1)[1], listen=listen,
                              extra=extra, no_tickets=no_tickets, **fmt)
     (d / "nginx.conf").write_text(conf)
     cmd = [nginx, "-p", str(d), "-e", str(d / "error.log"), "-c", "nginx.conf", "-g", "daemon off;"]
@@ -584,18 +602,23 @@ class Load:
         self._close_rate = None
         if self.args.warmup > 0:
             self._once(url, self.args.warmup, close, host_header, connect, warmup=True)
+        return self.measured(run, lambda: self._once(url, seconds, close, host_header, connect),
+                             parse_h2load if self.client == "h2load" else parse_wrk, server_pgid, lab_pgid)
+
+    def measured(self, run: Run, load, parse, server_pgid: int | None, lab_pgid: int | None) -> Run:
+        """`load()` (the client's output), with the CPU of the client, the proxy and the origin over it."""
         s0 = group_ticks(server_pgid) if server_pgid else 0
         l0 = group_ticks(lab_pgid) if lab_pgid else 0
         m0, c0, t0 = machine_busy_ticks(), children_cpu(), time.monotonic()
-        out = self._once(url, seconds, close, host_header, connect)
+        out = load()
         wall = time.monotonic() - t0
         s1 = group_ticks(server_pgid) if server_pgid else 0
         l1 = group_ticks(lab_pgid) if lab_pgid else 0
         m1, c1 = machine_busy_ticks(), children_cpu()
         run.raw = out
-        (parse_h2load if self.client == "h2load" else parse_wrk)(out, run)
+        parse(out, run)
         if run.rps is None:
-            raise BenchError(f"{run.label}: could not read {self.client}'s output:\n{out}")
+            raise BenchError(f"{run.label}: could not read the load generator's output:\n{out}")
         server = (s1 - s0) / CLK_TCK
         lab = (l1 - l0) / CLK_TCK
         client = c1 - c0
@@ -654,11 +677,33 @@ def resumption_check(load: Load, ip: str, port: int, tmp: Path) -> dict:
     return out
 
 
+# ---- HTTP/2 ---------------------------------------------------------------------------------------
+
+def h2load_cmd(h2load: str, url: str, connect: str, requests: int) -> list[str]:
+    """h2load over TLS with ALPN h2: the URL's host is the SNI and :authority, `connect` the address."""
+    return [h2load, f"-n{requests}", f"-c{H2_CONNECTIONS}", f"-m{H2_STREAMS}", "-t1", f"--connect-to={connect}", url]
+
+
+def run_h2(load: Load, run: Run, url: str, connect: str, server_pgid: int, lab_pgid: int) -> Run:
+    """One HTTP/2 measurement of `args.h2_requests` requests; a warm-up first, which also bounds the
+    run: fewer requests when that many would take longer than `args.h2_max_s` at the warm-up's rate."""
+    args = load.args
+    warm = max(args.h2_requests // 20, 500)
+    t0 = time.monotonic()
+    load._exec(h2load_cmd(load.h2load, url, connect, warm), 60)
+    rate = warm / max(time.monotonic() - t0, 0.05)
+    n = min(args.h2_requests, max(int(rate * args.h2_max_s), 1000))
+    if n < args.h2_requests:
+        run.note = f"{n} requests, not {args.h2_requests}: the warm-up's {rate:.0f} req/s would take over {args.h2_max_s} s"
+    return load.measured(run, lambda: load._exec(h2load_cmd(load.h2load, url, connect, n), n / rate * 3 + 30),
+                         parse_h2load, server_pgid, lab_pgid)
+
+
 # ---- profile --------------------------------------------------------------------------------------
 
 def profile_edge(load: Load, procs: Procs, lab: LabProc, url: str, ip: str, port: int, tmp: Path,
-                 out_path: str | None, close: bool = False) -> dict:
-    """py-spy on the lab process under keep-alive load, or under new handshakes (`close`)."""
+                 out_path: str | None, close: bool = False, http2: bool = False) -> dict:
+    """py-spy on the lab process under keep-alive load, new handshakes (`close`) or HTTP/2 (`http2`)."""
     pyspy = Path(sys.executable).parent / "py-spy"
     pyspy = str(pyspy) if pyspy.exists() else shutil.which("py-spy")
     if not pyspy:
@@ -669,11 +714,21 @@ def profile_edge(load: Load, procs: Procs, lab: LabProc, url: str, ip: str, port
            "--format", "raw", "--output", str(raw)] + (["--native"] if load.args.profile_native else [])
     connect = f"{ip}:{port}"
     load._close_rate = None
-    if load.args.warmup > 0 or close:  # h2load sizes a run of new connections from its warm-up
+    if http2:  # h2load has no timed mode worth using here: runs of a size that lasts about `seconds`, until it ends
+        n = max(load.args.h2_requests // 20, 500)
+        t0 = time.monotonic()
+        load._exec(h2load_cmd(load.h2load, url, connect, n), 60)
+        n = max(int(n / max(time.monotonic() - t0, 0.05) * seconds / 4), 500)
+    elif load.args.warmup > 0 or close:  # h2load sizes a run of new connections from its warm-up
         load._once(url, max(load.args.warmup, 1), close, None, connect, warmup=True)
     spy = procs.start(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "py-spy.log", "ab"), stdin=subprocess.DEVNULL)
     time.sleep(0.3)
-    out = load._once(url, seconds, close, None, connect)
+    if http2:
+        out, until = "", time.monotonic() + seconds
+        while time.monotonic() < until and spy.poll() is None:
+            out = load._exec(h2load_cmd(load.h2load, url, connect, n), seconds + 30)
+    else:
+        out = load._once(url, seconds, close, None, connect)
     try:
         spy.wait(seconds + 20)
     except subprocess.TimeoutExpired:
@@ -682,8 +737,8 @@ def profile_edge(load: Load, procs: Procs, lab: LabProc, url: str, ip: str, port
     if not raw.exists():
         return {"skipped": "py-spy wrote nothing: " + (tmp / "py-spy.log").read_text(errors="replace").strip()[-300:]}
     r = Run("edge", "profiled")
-    (parse_h2load if load.client == "h2load" else parse_wrk)(out, r)
-    return {"load": "new handshakes" if close else "keep-alive",
+    (parse_h2load if load.client == "h2load" or http2 else parse_wrk)(out, r)
+    return {"load": "HTTP/2" if http2 else "new handshakes" if close else "keep-alive",
             **summarize_profile(raw, r.rps, str(raw) if out_path else None)}
 
 
@@ -831,7 +886,11 @@ def print_report(res: dict) -> None:
           f"measurement after {s['warmup_s']} s warm-up" + (f", median of {s['rounds']} rounds" if s['rounds'] > 1 else "")
           + f"; target {s['target']}")
     print_handshakes(res)
-    for key, title, target in (("keepalive", "keep-alive requests/s, HTTPS (HTTP/1.1)", TARGET_KEEPALIVE),):
+    for key, title, target in (("keepalive", "keep-alive requests/s, HTTPS (HTTP/1.1)", TARGET_KEEPALIVE),
+                               ("http2", f"HTTP/2 requests/s (h2load: {H2_CONNECTIONS} connections x {H2_STREAMS} "
+                                         f"streams)", TARGET_HTTP2)):
+        if not res.get(key):
+            continue
         runs = [Run(**{k: v for k, v in r.items()}) for r in res[key]]
         base = next((r for r in runs if r.target == "nginx-1" and not r.skipped), None)
         print(f"\n{title}" + ("" if base else "  (no nginx baseline: no ratio)"))
@@ -855,7 +914,7 @@ def print_report(res: dict) -> None:
         print("\nsession resumption:")
         for k, v in rs.items():
             print(f"  {k}: {v}")
-    for prof in (res.get("profile_handshakes"), res.get("profile")):
+    for prof in (res.get("profile_handshakes"), res.get("profile"), res.get("profile_http2")):
         if not prof:
             continue
         if prof.get("skipped"):
@@ -897,7 +956,7 @@ def bench(args) -> dict:
         "cpus": os.cpu_count(), "threads": args.threads, "connections": args.connections, "duration_s": args.duration,
         "rounds": args.rounds, "warmup_s": args.warmup, "load_avg_at_start": os.getloadavg()[0],
         "target": f"https://{NAME}:PORT/ on listener {LISTENER} (model v1 -> origin {ORIGIN})"},
-        "keepalive": [], "handshakes": [], "notes": notes}
+        "keepalive": [], "handshakes": [], "http2": [], "notes": notes}
     m0, t0 = machine_busy_ticks(), time.monotonic()
     time.sleep(0.5)
     busy = 100 * (machine_busy_ticks() - m0) / CLK_TCK / (time.monotonic() - t0)
@@ -1015,17 +1074,45 @@ def bench(args) -> dict:
             res["targets"][tgt] = {"url": urls[tgt], "address": ip, "workers": workers,
                                    **check_target(f"nginx {workers}", ip, port, ca)}
 
+        # HTTP/2: h2load connects where it is told (--connect-to), no hosts file needed; nginx with
+        # http2 is a server of its own (worker_processes 1), on the same origin with the same leaf.
+        h2: dict[str, tuple[int, int]] = {}  # target -> (port, process group)
+        h2load = shutil.which("h2load")
+        for tgt, label in (("edge", edge_label), ("nginx-1", f"nginx {nginx_version(nginx) if nginx else ''} "
+                                                             f"worker_processes 1, http2".replace("  ", " ")),
+                           ("edge-mitm", mitm_label)):
+            rows["http2", tgt] = Run(tgt, label)
+            if not h2load:
+                rows["http2", tgt].skipped = "h2load not installed (apt-get install nghttp2-client)"
+            elif tgt == "nginx-1" and not nginx:
+                rows["http2", tgt].skipped = "nginx not installed (apt-get install nginx-light)"
+            elif tgt == "edge-mitm" and tgt not in ports:
+                rows["http2", tgt].skipped = rows["keepalive", tgt].skipped
+            elif tgt == "nginx-1":
+                p, port = start_nginx(procs, nginx, tmp, "1", ip, origin_url, cert, key, http2=True)
+                h2[tgt], pgids["nginx-h2"] = (port, p.pid), p.pid
+            else:
+                h2[tgt] = (ports[tgt], pgids[tgt])
+        for tgt, (port, _) in h2.items():
+            check_h2(h2load, rows["http2", tgt].label, f"https://{NAME}:{port}/", f"{ip}:{port}")
+        res["settings"]["http2"] = (f"h2load -n{args.h2_requests} -c{H2_CONNECTIONS} -m{H2_STREAMS} -t1 "
+                                    f"(at most {args.h2_max_s} s per measurement)")
+
         # Rounds: every measurement once per round, the order reversed every other round so
         # slow drift and a noisy neighbour hit every target alike; each row reports its median round.
         plan = [(kind, t) for (kind, t), r in rows.items() if not r.skipped and kind == "keepalive"] + \
-               [(kind, t) for (kind, t), r in rows.items() if not r.skipped and kind == "handshakes"]
+               [(kind, t) for (kind, t), r in rows.items() if not r.skipped and kind == "handshakes"] + \
+               [(kind, t) for (kind, t), r in rows.items() if not r.skipped and kind == "http2"]
         per_round: dict[tuple[str, str], list[Run]] = {k: [] for k in plan}
         for rnd in range(args.rounds):
             for kind, t in (plan if rnd % 2 == 0 else plan[::-1]):
                 row = rows[kind, t]
                 log(f"{'round %d: ' % (rnd + 1) if args.rounds > 1 else ''}{kind}: {row.label}")
                 r = Run(row.target, row.label)
-                if t == "origin" and client == "h2load":  # h2load's -H host would add a second Host
+                if kind == "http2":
+                    port, pgid = h2[t]
+                    run_h2(load, r, f"https://{NAME}:{port}/", f"{ip}:{port}", pgid, lab_pg)
+                elif t == "origin" and client == "h2load":  # h2load's -H host would add a second Host
                     ohost, oport = origin_url.split("//", 1)[1].rsplit(":", 1)
                     load.run(r, f"http://{NAME}:{oport}/", connect=f"{ohost}:{oport}", lab_pgid=lab_pg)
                 elif t == "origin":
@@ -1044,6 +1131,7 @@ def bench(args) -> dict:
             procs.stop(p)  # nginx
         res["keepalive"] = [r for (kind, _), r in rows.items() if kind == "keepalive"]
         res["handshakes"] = [r for (kind, _), r in rows.items() if kind == "handshakes"]
+        res["http2"] = [r for (kind, _), r in rows.items() if kind == "http2"]
         # Without the shim, only a server that resumes sessions can have been offered one it accepts.
         resumed_rows = set() if noresume else {t for t, v in res["targets"].items() if v.get("resumes_sessions")}
         for r in res["handshakes"]:
@@ -1054,12 +1142,16 @@ def bench(args) -> dict:
         if args.profile and ns_ok:
             loads = ["handshakes", "keepalive"] if args.profile_load == "both" else [args.profile_load]
             for kind in loads:
+                if kind == "http2" and not h2load:
+                    res["profile_http2"] = {"skipped": "h2load not installed (apt-get install nghttp2-client)"}
+                    continue
                 log(f"profile: our edge under {kind} load (py-spy)")
                 out_path = args.profile_out
                 if out_path and len(loads) > 1 and kind == "handshakes":
                     out_path = str(Path(out_path).with_name(f"{Path(out_path).stem}-handshakes{Path(out_path).suffix}"))
-                res["profile_handshakes" if kind == "handshakes" else "profile"] = profile_edge(
-                    load, procs, lab, edge_url, ip, edge_port, tmp, out_path, close=kind == "handshakes")
+                res[{"handshakes": "profile_handshakes", "http2": "profile_http2"}.get(kind, "profile")] = profile_edge(
+                    load, procs, lab, edge_url, ip, edge_port, tmp, out_path, close=kind == "handshakes",
+                    http2=kind == "http2")
 
         procs.stop(lab.proc, signal.SIGINT)
         procs.stop(origins)  # the timed starts below run the whole world, origins included
@@ -1078,7 +1170,7 @@ def bench(args) -> dict:
                             "target_s": TARGET_READY_S}
 
         # ratios and session facts
-        for key in ("keepalive", "handshakes"):
+        for key in ("keepalive", "handshakes", "http2"):
             runs = {r.target: r for r in res[key]}
             res[f"{key}_ratio"] = ratio(runs.get("edge"), runs.get("nginx-1"))
             res[f"{key}_ratio_auto"] = ratio(runs.get("edge"), runs.get("nginx-auto"))
@@ -1125,8 +1217,8 @@ def bench(args) -> dict:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    for key in ("keepalive", "handshakes"):
-        res[key] = [r if isinstance(r, dict) else asdict(r) for r in res[key]]
+    for key in ("keepalive", "handshakes", "http2"):
+        res[key] = [r if isinstance(r, dict) else asdict(r) for r in res.get(key, [])]
         for r in res[key]:
             if not args.raw:
                 r.pop("raw", None)
@@ -1157,10 +1249,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mitmproxy", action="store_true", help="skip the mitmproxy engine")
     p.add_argument("--ready-runs", type=int, default=3, help="timed starts of sni-lab up (default 3)")
     p.add_argument("--profile", action="store_true", help="also profile our edge with py-spy (--profile-load)")
-    p.add_argument("--profile-load", choices=("both", "handshakes", "keepalive"), default="both",
-                   help="under which load --profile samples our edge (default both: new handshakes, then keep-alive)")
+    p.add_argument("--profile-load", choices=("both", "handshakes", "keepalive", "http2"), default="both",
+                   help="under which load --profile samples our edge (default both: new handshakes, then keep-alive; "
+                        "http2: under h2load)")
     p.add_argument("--profile-out", metavar="FILE",
                    help="keep py-spy's collapsed stacks in FILE (with both loads, the handshakes' in FILE-handshakes)")
+    p.add_argument("--h2-requests", type=int, help=f"HTTP/2 requests per measurement (default {H2_REQUESTS}; --quick 5000)")
+    p.add_argument("--h2-max-s", type=int, help="fewer HTTP/2 requests when the warm-up says they would take longer "
+                                                "(default 60 s; --quick 4 s)")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames (OpenSSL, uvloop) too")
     p.add_argument("--check", action="store_true", help="exit 1 when a project target is missed")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -1169,6 +1265,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.duration is None:
         args.duration = 2 if args.quick else 8
+    if args.h2_requests is None:
+        args.h2_requests = 5000 if args.quick else H2_REQUESTS
+    if args.h2_max_s is None:
+        args.h2_max_s = 4 if args.quick else 60
     if args.quick:
         args.warmup = min(args.warmup, 1)
     try:
@@ -1185,7 +1285,8 @@ def main(argv: list[str] | None = None) -> int:
         print_report(res)
     if args.check:
         missed = [k for k, t in (("keepalive_ratio", TARGET_KEEPALIVE), ("handshakes_ratio", TARGET_HANDSHAKES),
-                                 ("handshakes_per_proxy_cpu_ratio", TARGET_HANDSHAKES_PER_CPU))
+                                 ("handshakes_per_proxy_cpu_ratio", TARGET_HANDSHAKES_PER_CPU),
+                                 ("http2_ratio", TARGET_HTTP2))
                   if res.get(k) is not None and res[k] < t]
         if res.get("ready") and res["ready"]["median_s"] > TARGET_READY_S:
             missed.append("ready")

@@ -56,17 +56,26 @@ class Events:
         self.field_limit = field_limit
 
     def emit(self, kind: str, trace: str | None = None, **data: Any) -> Event:
-        return self.publish(self.prepare(kind, trace, **data))
+        return self.publish(self._prepare(kind, trace, data))
 
     def prepare(self, kind: str, trace: str | None = None, **data: Any) -> Event:
         """An event with its id and time, not yet told: to store it first (State.save_hostname)."""
-        return self.stamp(kind, bounded(trace, self.field_limit), self.bound(data))
+        return self._prepare(kind, trace, data)
+
+    def _prepare(self, kind: str, trace: str | None, data: dict[str, Any]) -> Event:
+        if trace is not None and (type(trace) is not str or len(trace) > self.field_limit):
+            trace = bounded(trace, self.field_limit)
+        return self.stamp(kind, trace, self.bound(data))
 
     def bound(self, data: dict[str, Any]) -> dict[str, Any]:
         """`data` as events store it, each field bounded (`bounded`): done once, `stamp`ed many times."""
         limit = self.field_limit
-        for k, v in data.items():
-            if type(v) is not int and v is not None and type(v) is not bool:  # the common fields, fast
+        for k, v in data.items():  # on every request's path: the common cases without a call
+            t = type(v)
+            if t is str:
+                if len(v) > limit:
+                    data[k] = bounded(v, limit)
+            elif t is not int and v is not None and t is not bool:
                 data[k] = bounded(v, limit)
         return data
 

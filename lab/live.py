@@ -76,7 +76,7 @@ class Live:
         self._runs: set[asyncio.Task] = set()
         self._http: aiohttp.ClientSession | None = None
         for e in self.lab.events.since(0):  # what happened before the page was mounted
-            self.fold.add(e, self.lab.world)
+            self.fold.defer(e, self.lab.world)
         self._unsubscribe = self.lab.events.subscribe(self._on_event)  # no await in between: no event missed
 
     # ---- auth ---------------------------------------------------------------------
@@ -143,7 +143,11 @@ class Live:
 
     # ---- the stream ---------------------------------------------------------------
     def _on_event(self, e: dict) -> None:
-        # On the hot path of every request: fold, note, and leave the sending to one timer.
+        # On the hot path of every request. Nobody watching: the fold takes it when next read.
+        if not self._clients:
+            self.fold.defer(e, self.lab.world)
+            return
+        # Someone is: fold, note, and leave the sending to one timer.
         changed, gone = self.fold.add(e, self.lab.world)
         self._dirty |= changed
         self._gone |= gone
@@ -155,10 +159,8 @@ class Live:
             self._notes["hostnames"] = {"hostname": e.get("hostname"), "status": e.get("new")}
         elif kind == "origin.hit" and e.get("path") == "/collect" and not str(e.get("trace") or "").startswith(INTERNAL):
             self._notes["loot"] = {"origin": e.get("origin")}
-        if self._clients and self._flush is None and (self._dirty or self._gone or self._notes):
+        if self._flush is None and (self._dirty or self._gone or self._notes):
             self._flush = asyncio.get_running_loop().call_later(COALESCE, self._send)
-        elif not self._clients:
-            self._dirty.clear(), self._gone.clear(), self._notes.clear()
 
     def _send(self) -> None:
         self._flush = None

@@ -19,6 +19,13 @@ decision, origin reached, verdict. Events are joined by ids, never by order:
   A later event that joins them takes them into the request's strip, so the strips do not
   depend on the order the events come in.
 
+Nobody watching costs little: `defer` keeps a request's events (`route.decision`,
+`origin.*`, one or two per request) with their world in a deque of the newest
+`4 * keep` and folds them when the strips are next read; since the strips do not depend
+on the order of events, the rest (connections, DNS, tunnels: few, and joined to requests
+long after) is folded at once. The strips read are the ones folding everything at once
+would show.
+
 The lab's own traffic is `internal`, hidden unless asked for: a trace that starts with
 `INTERNAL`, and a DNS answer with no trace asked from one of the lab's own addresses (the
 hostname verifier). The verdict is the oracle's, judged with the world as it was when the
@@ -26,6 +33,7 @@ request completed (kept with the strip): a setup undone later must not change wh
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Iterable
 
 from lab import oracle
@@ -34,6 +42,7 @@ from lab.topology import World
 
 INTERNAL = "lab-internal-"  # trace prefix of the lab's own requests (the live page's loot fetch)
 KEEP = 1000  # strips kept; each index holds at most twice that
+_PER_REQUEST = frozenset({"route.decision", "origin.hit", "origin.error"})
 
 Event = dict[str, Any]
 
@@ -76,10 +85,29 @@ class Fold:
         self._origin: _Bounded = _Bounded(cap)     # trace -> origin.hit or origin.error
         self._worlds: _Bounded = _Bounded(cap)     # key -> the world when its request completed
         self._at: _Bounded = _Bounded(cap)         # key -> id of the event that made it a strip
+        # A request's events, not folded yet, with the world at each: at most `cap` requests' worth.
+        self._later: deque[tuple[Event, World]] = deque(maxlen=2 * cap)
 
     # ---- folding ------------------------------------------------------------------
     def add(self, e: Event, world: World) -> tuple[set[str], set[str]]:
         """Fold one event; returns (keys of strips changed, keys of strips no longer shown)."""
+        if self._later:
+            self._catch_up()
+        return self._add(e, world)
+
+    def defer(self, e: Event, world: World) -> None:
+        """Fold `e` when the strips are next read (nobody is told what changed)."""
+        if e.get("kind") in _PER_REQUEST:
+            self._later.append((e, world))
+        else:
+            self._add(e, world)
+
+    def _catch_up(self) -> None:
+        later, self._later = self._later, deque(maxlen=self._later.maxlen)
+        for e, world in later:
+            self._add(e, world)
+
+    def _add(self, e: Event, world: World) -> tuple[set[str], set[str]]:
         kind, trace = e.get("kind"), e.get("trace")
         if kind == "route.decision" and trace:
             return self._decision(e, trace, world)
@@ -130,8 +158,7 @@ class Fold:
             c = self._conn(conn)
             if not c["requests"]:
                 removed |= self._hide("c:" + conn)
-            if trace not in c["requests"]:
-                c["requests"].append(trace)
+            c["requests"][trace] = None
         if not e.get("origin") or trace in self._origin:  # the edge answered itself, or the origin already did
             self._complete(key, world)
         return {key}, removed
@@ -153,8 +180,8 @@ class Fold:
 
     def _conn(self, conn: str) -> dict:
         c = self._conns.get(conn)
-        if c is None:
-            c = self._conns[conn] = {"requests": []}
+        if c is None:  # its requests: trace -> None, the newest kept (an HTTP/2 connection may carry millions)
+            c = self._conns[conn] = {"requests": _Bounded(self._requests.cap)}
         return c
 
     def _show(self, key: str, event_id: int, completed: World | None = None) -> None:
@@ -226,6 +253,8 @@ class Fold:
     # ---- reading ------------------------------------------------------------------
     def strips(self, limit: int = 200, internal: bool = False) -> list[dict]:
         """Newest first."""
+        if self._later:
+            self._catch_up()
         out = []
         for key in sorted(self._at, key=self._at.__getitem__, reverse=True):
             s = self.strip(key)
@@ -237,6 +266,8 @@ class Fold:
 
     def strip(self, key: str) -> dict | None:
         """The strip as the page shows it, or None when it is no longer shown."""
+        if self._later:
+            self._catch_up()
         if key not in self._at:
             return None
         kind, _, ref = key.partition(":")

@@ -176,6 +176,23 @@ def test_a_flood_costs_history_not_memory(run):
     assert 0 < len(f.strips(limit=10**6, internal=True)) <= 20
 
 
+def test_a_fold_nobody_reads_shows_what_folding_at_once_shows(run):
+    # The live page with no page open defers each request's events; read later, the strips are the same,
+    # also after more requests than it keeps (a load test on one HTTP/2 connection).
+    world = run["world"]
+    flood = [e for e in run["events"] if e["kind"] in ("route.decision", "origin.hit")]
+    events = list(run["events"]) + [{**e, "id": e["id"] + n * 10**6, "trace": f"{e['trace']}-{n}"}
+                                    for n in range(1, 200) for e in flood]
+    assert sum(e["kind"] in ("route.decision", "origin.hit") for e in events) > 4 * 1000  # more than it holds back
+    for keep in (1000, 50):
+        at_once, later = Fold({world.control.host}, keep=keep), Fold({world.control.host}, keep=keep)
+        for e in events:
+            at_once.add(e, world)
+            later.defer(e, world)
+        assert later.strips(limit=keep, internal=True) == at_once.strips(limit=keep, internal=True)
+        assert len(at_once.strips(limit=keep, internal=True)) == keep
+
+
 @pytest.mark.parametrize("names, name, covered", [
     (["victim.example", "*.victim.example"], "www.victim.example", True),
     (["victim.example", "*.victim.example"], "victim.example", True),

@@ -9,7 +9,7 @@ everything a user could tell apart between them is here, and both import it:
   `world.limits`, and the `tls.clienthello` / `tls.cert` / `tls.error` events, which carry
   the peer's "ip:port" (`lab.strips` joins it to the browser proxy's `proxy.tunnel`);
 - `new_request`: a carrier's parsed request as `EdgeCore` takes it, with its trace;
-- `h1_head` and `h2_malformed`: the edge's request-head checks, HTTP/1 and HTTP/2;
+- `h1_head` and `h2_head` (`h2_malformed`): the edge's request-head checks, HTTP/1 and HTTP/2;
 - `body_too_large`: the one body limit (`limits.max_body`), declared or as it arrives;
 - `response_fields`, `reason` and `sent_body`: how an answer is framed (Content-Length
   always, no connection-specific field, `Connection: close` where HTTP/1 closes, no body
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Callable
 
@@ -245,55 +245,91 @@ _HPACK_OVERHEAD = 32  # per field, as SETTINGS_MAX_HEADER_LIST_SIZE counts (RFC 
 _DEFAULT_LIMITS = Limits()
 
 
-def h2_malformed(headers: list[tuple[str, str]], limits: Limits | None = None) -> Malformed | None:
+@dataclass(slots=True)
+class H2Head:
+    """An HTTP/2 request's header fields as the edge reads them, or why it refuses them."""
+
+    problem: Malformed | None = None
+    pseudo: dict[str, str] = field(default_factory=dict)  # :method, :scheme, :path, :authority
+    fields: list[tuple[str, str]] = field(default_factory=list)  # the regular ones, in order
+    hosts: list[str] = field(default_factory=list)  # every `host` field's value
+    length: int | None = None  # the first content-length
+
+
+def h2_head(headers: list[tuple[str, str]], limits: Limits | None = None) -> H2Head:
     """The edge's one HTTP/2 request-header check: RFC 9113 8.2-8.3 and the world's size limits.
 
     The HTTP/2 libraries' own inbound validation is off, because it kills the whole
     connection over a `host` that disagrees with `:authority`, where the policy answers that
     one stream 400; every other rule they would apply is here, and what the edge refuses
     besides (CONNECT, a scheme other than https), so no such request reaches an origin.
+    One pass over the fields: it is on the path of every HTTP/2 request.
     """
     limits = limits or _DEFAULT_LIMITS
+    head = H2Head()
     if len(headers) > limits.max_headers:
-        return Malformed(f"{len(headers)} header fields, more than {limits.max_headers}", 431, "headers-too-large")
+        head.problem = Malformed(f"{len(headers)} header fields, more than {limits.max_headers}", 431,
+                                 "headers-too-large")
+        return head
+    max_field, max_total = limits.max_field, limits.max_header_bytes
+    pseudo, fields = head.pseudo, head.fields
     total = 0
-    seen_regular = False
-    pseudo: dict[str, str] = {}
     for name, value in headers:
-        if name == ":path" and len(value) > limits.max_request_line:
-            return Malformed(f":path of {len(value)} bytes, more than {limits.max_request_line}", 414, "uri-too-long")
         size = len(name) + len(value)
-        if size > limits.max_field and name != ":path":
-            return Malformed(f"header {name[:64]!r} of {size} bytes, more than {limits.max_field}", 431,
-                             "headers-too-large")
         total += size + _HPACK_OVERHEAD
-        if total > limits.max_header_bytes:
-            return Malformed(f"header fields over {limits.max_header_bytes} bytes", 431, "headers-too-large")
-        bare = name[1:] if name.startswith(":") else name
-        if not bare or not _NAME_CHARS.issuperset(bare):
-            return Malformed(f"bad header name {name[:64]!r}")
-        if not _BAD_VALUE.isdisjoint(value) or value[:1] in (" ", "\t") or value[-1:] in (" ", "\t"):
-            return Malformed(f"bad value in header {name[:64]}")
-        if name.startswith(":"):
-            if seen_regular or name not in _PSEUDO or name in pseudo:
-                return Malformed(f"misplaced, repeated or unknown pseudo-header {name[:64]}")
+        regular = name[:1] != ":"
+        if name == ":path":
+            if len(value) > limits.max_request_line:
+                head.problem = Malformed(f":path of {len(value)} bytes, more than {limits.max_request_line}", 414,
+                                         "uri-too-long")
+                return head
+        elif size > max_field:
+            head.problem = Malformed(f"header {name[:64]!r} of {size} bytes, more than {max_field}", 431,
+                                     "headers-too-large")
+            return head
+        if total > max_total:
+            head.problem = Malformed(f"header fields over {max_total} bytes", 431, "headers-too-large")
+            return head
+        if regular or name not in _PSEUDO:
+            bare = name if regular else name[1:]
+            if not bare or not _NAME_CHARS.issuperset(bare):
+                head.problem = Malformed(f"bad header name {name[:64]!r}")
+                return head
+        if not _BAD_VALUE.isdisjoint(value) or (value and (value[0] in " \t" or value[-1] in " \t")):
+            head.problem = Malformed(f"bad value in header {name[:64]}")
+            return head
+        if not regular:
+            if fields or name not in _PSEUDO or name in pseudo:
+                head.problem = Malformed(f"misplaced, repeated or unknown pseudo-header {name[:64]}")
+                return head
             pseudo[name] = value
-        else:
-            seen_regular = True
-            if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
-                return Malformed(f"connection-specific header {name}")
-            if name == "content-length":
-                if not (value.isascii() and value.isdigit()):
-                    return Malformed(f"bad content-length {value[:32]!r}")
-                too_large = body_too_large(limits, int(value), declared=True)
-                if too_large:
-                    return too_large
+            continue
+        if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
+            head.problem = Malformed(f"connection-specific header {name}")
+            return head
+        if name == "content-length":
+            if not (value.isascii() and value.isdigit()):
+                head.problem = Malformed(f"bad content-length {value[:32]!r}")
+                return head
+            length = int(value)
+            head.problem = body_too_large(limits, length, declared=True)
+            if head.problem:
+                return head
+            if head.length is None:
+                head.length = length
+        elif name == "host":
+            head.hosts.append(value)
+        fields.append((name, value))
+    head.problem = _h2_request_line(pseudo)
+    return head
+
+
+def _h2_request_line(pseudo: dict[str, str]) -> Malformed | None:
     method = pseudo.get(":method")
     if method == "CONNECT":
         return Malformed("CONNECT: the edge is not a proxy")
-    missing = [p for p in (":method", ":scheme", ":path") if p not in pseudo]
-    if missing:
-        return Malformed(f"missing {', '.join(missing)}")
+    if method is None or ":scheme" not in pseudo or ":path" not in pseudo:
+        return Malformed(f"missing {', '.join(p for p in (':method', ':scheme', ':path') if p not in pseudo)}")
     if not method or not _METHOD_CHARS.issuperset(method):
         return Malformed(f"bad method {method[:32]!r}")
     if pseudo[":scheme"] != "https":
@@ -301,9 +337,14 @@ def h2_malformed(headers: list[tuple[str, str]], limits: Limits | None = None) -
     path = pseudo[":path"]
     if not (path.startswith("/") or (path == "*" and method == "OPTIONS")):
         return Malformed(f":path {path[:64]!r} is neither absolute nor * for OPTIONS")
-    if any(c <= " " or c == "\x7f" for c in path):
+    if (" " in path or not path.isprintable()) and any(c <= " " or c == "\x7f" for c in path):
         return Malformed("space or control character in :path")
     return None
+
+
+def h2_malformed(headers: list[tuple[str, str]], limits: Limits | None = None) -> Malformed | None:
+    """`h2_head`'s verdict alone: None for a request the edge serves."""
+    return h2_head(headers, limits).problem
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -326,7 +367,7 @@ def response_fields(headers: list[tuple[str, str]], length: int, *, http2: bool,
     `Connection: keep-alive` (an HTTP/1.0 client that asked for it).
     """
     if http2:
-        out = [(k.lower(), v) for k, v in headers if k.lower() not in _FRAMING]
+        out = [(low, v) for k, v in headers if (low := k.lower()) not in _FRAMING]
         out.append(("content-length", str(length)))
         return out
     out = [(k, v) for k, v in headers if k.lower() not in _FRAMING]

@@ -83,10 +83,13 @@ class EdgeCore:
               method: str | None, path: str | None) -> Decision:
         """The one `route.decision` emitter, for a routed request and a refused one alike."""
         cap = self.world.limits.event_field
+        reason = decision.reason
         self.events.emit("route.decision", trace=trace, conn=conn, listener=listener.name, sni=sni,
                          host=decision.host, model=decision.model, rule=decision.rule, origin=decision.origin,
                          status=decision.status or None, code=decision.code or None,
-                         reason=excerpt(decision.reason, cap), method=excerpt(method, cap), path=excerpt(path, cap))
+                         reason=reason if len(reason) <= cap else excerpt(reason, cap),
+                         method=method if method is None or len(method) <= cap else excerpt(method, cap),
+                         path=path if path is None or len(path) <= cap else excerpt(path, cap))
         return decision
 
     def decide(self, listener: Listener, req: Request) -> Decision:
@@ -106,9 +109,8 @@ class EdgeCore:
         """Decide (unless the carrier did), then answer through `respond`: at once for a refusal, later for
         a forward. Returns the origin exchange of a forwarded request (`.cancel()` it if the client goes away)."""
         decision = decision or self.decide(listener, req)
-        accept = next((v for k, v in req.headers if k.lower() == "accept"), None)
         if not decision.routed:
-            respond(pages.refusal(decision, accept))
+            respond(pages.refusal(decision, _accept(req)))
             return None
         origin = self.world.origin_by_name[decision.origin]
 
@@ -116,7 +118,7 @@ class EdgeCore:
             if isinstance(result, Failure):
                 self.events.emit("origin.error", trace=req.trace, conn=req.conn, origin=decision.origin,
                                  status=result.status, error=result.reason)
-                respond(pages.upstream_failure(decision, result, accept))
+                respond(pages.upstream_failure(decision, result, _accept(req)))
                 return
             status, headers, body = result
             out = [(k, v) for k, v in headers if k.lower() not in _NOT_RETURNED]
@@ -138,6 +140,10 @@ class EdgeCore:
             raise
 
 
+def _accept(req: Request) -> str | None:
+    return next((v for k, v in req.headers if k.lower() == "accept"), None)
+
+
 def _request_bytes(req: Request, host: str | None) -> bytes:
     lines = [f"{req.method} {req.path_qs} HTTP/1.1"]
     lines += [f"{name}: {value}" for name, value in _forward_headers(req, host)]
@@ -146,26 +152,33 @@ def _request_bytes(req: Request, host: str | None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + req.body
 
 
+# Not forwarded as the client sent them: hop-by-hop, and what the edge itself says to the origin.
+_DROPPED = HOP_BY_HOP | {"x-forwarded-for", "x-forwarded-proto", "x-lab-trace"}
+
+
 def _forward_headers(req: Request, host: str | None) -> list[tuple[str, str]]:
-    connection_named = {t.strip().lower() for k, v in req.headers if k.lower() == "connection" for t in v.split(",")}
     out = []
     xff = None
+    named: set[str] = set()  # what the client's Connection header names is hop-by-hop too
     for name, value in req.headers:
         low = name.lower()
-        if low in HOP_BY_HOP or low in connection_named:
-            continue
-        if low == "x-forwarded-for":
-            xff = f"{value}, {req.client}"
-            continue
-        if low in ("x-forwarded-proto", "x-lab-trace"):
+        if low in _DROPPED:
+            if low == "connection":
+                named.update(t.strip().lower() for t in value.split(","))
+            elif low == "x-forwarded-for":
+                xff = value
             continue
         out.append((name, value))
+    if named:
+        out = [(k, v) for k, v in out if k.lower() not in named]
+        if "x-forwarded-for" in named:
+            xff = None
     # The origin picks its tenant by host: the one the decision was about, as the client sent it.
-    named = named_hosts(req.target)
-    sent_host = named[0][1] if named else host
+    named_host = named_hosts(req.target)
+    sent_host = named_host[0][1] if named_host else host
     if sent_host:
         out.append(("Host", sent_host))
-    out.append(("X-Forwarded-For", xff or req.client))
+    out.append(("X-Forwarded-For", f"{xff}, {req.client}" if xff is not None else req.client))
     out.append(("X-Forwarded-Proto", "https"))
     out.append(("X-Lab-Trace", req.trace))
     return out

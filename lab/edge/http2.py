@@ -3,7 +3,7 @@
 One connection may carry requests for several hosts (connection coalescing); the
 certificate was chosen once, by SNI, but every `:authority` goes through the policy.
 
-Request headers are checked by `contract.h2_malformed`, as on the mitmproxy engine.
+Request headers are checked by `contract.h2_head`, as on the mitmproxy engine.
 What a connection may cost is bounded by the world's limits, as nginx bounds it:
 - request bodies: the connection window is `h2_max_buffered` (at least one `max_body` and
   a byte), handed back when a stream is done with its body, never on arrival, so flow
@@ -18,6 +18,11 @@ What a connection may cost is bounded by the world's limits, as nginx bounds it:
 - a peer that does not read: while the transport is paused nothing is read, and so
   nothing (PING answers, responses) is generated;
 - idle: no stream for `idle_timeout`: GOAWAY and close.
+
+h2 is pure Python, so what it does per stream is the edge's floor on HTTP/2: its header
+validation and normalisation are off (the checks are `h2_head`'s, the framing of an
+answer `response_fields`', cookie crumbs are joined here, RFC 9113 8.2.3), and what h2
+has to send goes out in one write per read or per loop iteration, not one per frame.
 """
 from __future__ import annotations
 
@@ -30,12 +35,13 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from lab.edge.contract import body_too_large, h2_malformed, new_request, response_fields, sent_body
+from lab.edge.contract import H2Head, body_too_large, h2_head, new_request, response_fields, sent_body
 from lab.edge.core import EdgeCore, Malformed
 from lab.policy import Target
 
 CONTROL_PERIOD = 10.0  # seconds over which h2_control_frames are counted
 _SLICE = 16 * 1024  # bytes handed to h2 at a time: a flood is cut off within one slice
+_FLUSH_AT = 64 * 1024  # response bytes queued in h2 before they are written at once (backpressure stays prompt)
 
 
 class _Settings(h2.settings.Settings):
@@ -51,10 +57,11 @@ class _Settings(h2.settings.Settings):
 
 
 class _Stream:
-    __slots__ = ("headers", "body", "held", "ended", "receiving", "exchange", "out")
+    __slots__ = ("headers", "head", "body", "held", "ended", "receiving", "exchange", "out")
 
-    def __init__(self, headers: list[tuple[str, str]]) -> None:
+    def __init__(self, headers: list[tuple[str, str]], head: H2Head) -> None:
         self.headers = headers
+        self.head = head
         self.body: bytearray | None = bytearray()
         self.held = 0  # flow-controlled bytes received and not yet acknowledged
         self.ended = False  # the client's side is done
@@ -69,8 +76,11 @@ class H2Protocol(asyncio.Protocol):
         self.conn = conn  # the TLSConnection: our transport
         self.state = conn.state
         self.limits = limits = core.world.limits  # a connection keeps the limits it started with
+        # h2's own header checks are off both ways: inbound they would kill the whole connection over
+        # what the edge answers on one stream (h2_head), outbound they re-check response_fields.
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=False))
+            client_side=False, header_encoding=None, validate_inbound_headers=False, normalize_inbound_headers=False,
+            validate_outbound_headers=False, normalize_outbound_headers=False))
         # A body may reach max_body + 1 bytes without a window update: one byte over is how a
         # stream shows it is too large. The connection window bounds them all (connection_made).
         self.h2.local_settings = _Settings(client=False, initial_values={
@@ -79,6 +89,9 @@ class H2Protocol(asyncio.Protocol):
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
         })
         self.streams: dict[int, _Stream] = {}
+        self.sending: dict[int, _Stream] = {}  # streams with response bytes still to send
+        self.queued = 0  # response bytes handed to h2 and not yet written
+        self.flush_soon = False  # a write of what h2 has to send is scheduled
         self.held = 0  # request body bytes held on this connection
         self.pending = bytearray()  # read, not yet given to h2 (while the peer does not read)
         self.paused = False
@@ -102,9 +115,22 @@ class H2Protocol(asyncio.Protocol):
         self.timer = self.loop.call_later(self.limits.idle_timeout, self._tick)
 
     def _flush(self) -> None:
+        self.queued = 0
         data = self.h2.data_to_send()
         if data:
             self.conn.write(data)
+
+    def _soon(self) -> None:
+        """Write what h2 has to send once this loop iteration is done: the answers of every origin
+        that replied in it go out in one TLS record and one system call."""
+        if not self.flush_soon:
+            self.flush_soon = True
+            self.loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self.flush_soon = False
+        if not self.closed:
+            self._flush()
 
     # ---- reading ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -176,11 +202,13 @@ class H2Protocol(asyncio.Protocol):
             return
         # As HTTP/1: bytes kept as latin-1, so any byte is a rule's matter, never a decode error.
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
-        stream = self.streams[stream_id] = _Stream(headers)
+        if any(k == b"cookie" for k, _ in raw):
+            headers = _join_cookies(headers)
+        head = h2_head(headers, self.limits)
+        stream = self.streams[stream_id] = _Stream(headers, head)
         self.idle_since = None
-        problem = h2_malformed(headers, self.limits)
-        if problem is not None:
-            self._refuse(stream_id, stream, problem)
+        if head.problem is not None:
+            self._refuse(stream_id, stream, head.problem)
 
     def _window(self) -> int:
         """Request body bytes a connection may hold: h2_max_buffered, and one whole body at least."""
@@ -215,20 +243,17 @@ class H2Protocol(asyncio.Protocol):
 
     # ---- answering --------------------------------------------------------------------
     def _dispatch(self, stream_id: int, stream: _Stream) -> None:
-        headers, body = stream.headers, bytes(stream.body)
+        head, body = stream.head, bytes(stream.body)
         stream.body = None
         stream.receiving = False
-        length = next((v for k, v in headers if k == "content-length"), None)
-        if length is not None and int(length) != len(body):
-            self._refuse(stream_id, stream, Malformed(f"content-length {length} but a body of {len(body)} bytes"))
+        if head.length is not None and head.length != len(body):
+            self._refuse(stream_id, stream, Malformed(f"content-length {head.length} but a body of {len(body)} bytes"))
             return
-        pseudo = {k: v for k, v in headers if k.startswith(":")}
-        plain = [(k, v) for k, v in headers if not k.startswith(":")]
+        pseudo = head.pseudo
         path = pseudo[":path"]
         req = new_request(self.state, pseudo[":method"],
-                          Target(hosts=tuple(v for k, v in plain if k == "host"), authority=pseudo.get(":authority"),
-                                 path=path.split("?", 1)[0]),
-                          path, plain, body)
+                          Target(hosts=tuple(head.hosts), authority=pseudo.get(":authority"), path=path.split("?", 1)[0]),
+                          path, head.fields, body)
         exchange = self.core.handle(self.conn.listener, req, lambda response: self._answer(stream_id, response))
         if self.streams.get(stream_id) is stream and stream.out is None:
             stream.exchange = exchange  # still waiting for the origin
@@ -252,7 +277,7 @@ class H2Protocol(asyncio.Protocol):
         head = [(b":status", str(status).encode())]
         head += [(k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
                  for k, v in response_fields(out, len(payload), http2=True)]
-        payload = sent_body(next((v for k, v in stream.headers if k == ":method"), ""), payload)
+        payload = sent_body(stream.head.pseudo.get(":method", ""), payload)
         try:
             self.h2.send_headers(stream_id, head, end_stream=not payload)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -260,27 +285,33 @@ class H2Protocol(asyncio.Protocol):
             return
         if payload:
             stream.out = memoryview(payload)
-            self._pump()
+            self.sending[stream_id] = stream
+            self._send(stream_id, stream)
         else:
             self._finish(stream_id, stream)
-        self._flush()
+        self._soon()
 
     def _pump(self) -> None:
         """Send what windows and the transport allow of every pending response."""
-        for stream_id, stream in list(self.streams.items()):
-            while stream.out is not None and not self.paused and not self.closed:
-                try:
-                    window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
-                    if window <= 0:
-                        break
-                    chunk, stream.out = stream.out[:window], stream.out[window:]
-                    self.h2.send_data(stream_id, bytes(chunk), end_stream=not stream.out)
-                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                    stream.out = None
-                if not stream.out:
-                    stream.out = None
-                    self._finish(stream_id, stream)
-                self._flush()
+        for stream_id, stream in list(self.sending.items()):
+            self._send(stream_id, stream)
+
+    def _send(self, stream_id: int, stream: _Stream) -> None:
+        while stream.out is not None and not self.paused and not self.closed:
+            try:
+                window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                chunk, stream.out = stream.out[:window], stream.out[window:]
+                self.h2.send_data(stream_id, bytes(chunk), end_stream=not stream.out)
+                self.queued += len(chunk)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                stream.out = None
+            if not stream.out:
+                stream.out = None
+                self._finish(stream_id, stream)
+            if self.queued >= _FLUSH_AT:
+                self._flush()  # the transport may pause us (pause_writing) before more is queued
 
     def _release(self, stream: _Stream) -> None:
         if stream.held:
@@ -298,6 +329,7 @@ class H2Protocol(asyncio.Protocol):
     def _finish(self, stream_id: int, stream: _Stream) -> None:
         """The stream is done (answered or reset): its origin leg stops and its window comes back."""
         self.streams.pop(stream_id, None)
+        self.sending.pop(stream_id, None)
         if stream.exchange is not None:
             stream.exchange.cancel()
             stream.exchange = None
@@ -349,6 +381,7 @@ class H2Protocol(asyncio.Protocol):
             if stream.exchange is not None:
                 stream.exchange.cancel()
         self.streams.clear()
+        self.sending.clear()
 
     def eof_received(self) -> None:
         pass
@@ -369,3 +402,9 @@ class H2Protocol(asyncio.Protocol):
         self._process()
         self._pump()
         self._flush()
+
+
+def _join_cookies(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Cookie crumbs as one field, last, as HTTP/1.1 carries it (RFC 9113 8.2.3; what h2 would do)."""
+    cookies = [v for k, v in headers if k == "cookie"]
+    return [h for h in headers if h[0] != "cookie"] + [("cookie", "; ".join(cookies))]
