@@ -46,8 +46,8 @@ async def edges_matrix(world, edges: tuple[str, ...], flavours: tuple[str, ...],
                     async with running(edge, lab.world, flavour, lab.ca) as started:
                         listeners = {l["name"]: (l["host"], l["port"]) for l in started.listeners}
                         target = target_of(listeners, lab.world, edge, flavour)
-                        ep = {**lab.endpoints, "engine": edge, "edge": started.listeners}
-                        results += await Runner(ep, target.place(lab.world), target=target).run(
+                        results += await Runner(target.endpoints(lab.endpoints), target.place(lab.world),
+                                                target=target).run(
                             scenarios, (flavour,), progress)
                         configs[(edge, flavour)] = {"version": version(edge) or "",
                                                     "lines": fixed_lines(edge, lab.world, lab.ca)}

@@ -136,12 +136,10 @@ async def against(target: Target, world: World, args, scenarios: list[Scenario],
     """The catalog against another edge, with an in-process lab's resolver, origins and control
     plane around it: the origins where the world file says (that edge's config points there)."""
     await check_answers(target)
-    placed = target.place(world)
     # The CA that edge's certificates come from: the lab's usual certs/ unless told (`--certs`).
-    async with Lab.ephemeral(placed, args.certs or "certs", run_edge=False, keep_origin_ports=True) as lab:
-        ep = {**lab.endpoints, "engine": target.name,
-              "edge": [e for e in lab.endpoints["edge"] if e["name"] in target.listeners]}
-        results = await Runner(ep, lab.world, target=target).run(scenarios, (target.flavour,), progress)
+    async with target.lab(world, args.certs or "certs") as lab:
+        results = await Runner(target.endpoints(lab.endpoints), lab.world, target=target).run(
+            scenarios, (target.flavour,), progress)
         if events is not None:
             events += [e for r in results for q in r.requests if q.trace for e in _story(lab.events.trace, q.trace)]
     return results

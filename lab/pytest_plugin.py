@@ -139,11 +139,9 @@ class LabThread:
             self.lab = Lab.ephemeral(world, engine=engine)
         else:
             self.call(check_answers(target))
-            self.lab = Lab.ephemeral(target.place(world), certs, run_edge=False, keep_origin_ports=True)
+            self.lab = target.lab(world, certs)
         self.call(self.lab.start())
-        endpoints = {**self.lab.endpoints, "engine": engine}
-        if target is not None:
-            endpoints["edge"] = [e for e in endpoints["edge"] if e["name"] in target.listeners]
+        endpoints = target.endpoints(self.lab.endpoints) if target else {**self.lab.endpoints, "engine": engine}
         self.runner = Runner(endpoints, self.lab.world, engine, target=target)
 
     @property

@@ -452,18 +452,18 @@ class Runner:
         results: list[RequestResult] = []
         reference = self.target.reference if self.target else model
         expectations = iter(sc.expect[reference])
-        honest = iter(legitimate(sc))
+        honest = legitimate(sc)
         for i, req in enumerate(sc.requests):
             trace = f"{self.trace_prefix}{re.sub(r'[^0-9a-zA-Z_-]', '-', sc.name)[:40]}-{model}-{i}-{os.urandom(3).hex()}"
             try:
                 results += await self._request(req, world, trace, expectations)
             except _NotApplicable as e:
                 return self._not_applicable(sc, model, str(e))
-        for r in results:
-            r.legitimate = next(honest, None) is not None
+        for r, origin in zip(results, honest):
+            r.legitimate = origin is not None
         verdict = oracle.worst(r.verdict for r in results)
         if self.target is not None:
-            failures = self._judge_edge(sc, results)
+            failures = self._judge_edge(results, honest)
         else:
             failures = [f"request {i + 1}: expected {r.expected}, got {r.outcome}" for i, r in enumerate(results)
                         if not matches(r.expected, r.outcome)]
@@ -485,13 +485,12 @@ class Runner:
             also=tuple({k: (at(v) if k != "headers" else [[hk, at(hv)] for hk, hv in v]) for k, v in a.items()}
                        for a in req.also))
 
-    def _judge_edge(self, sc: Scenario, results: list[RequestResult]) -> list[str]:
+    def _judge_edge(self, results: list[RequestResult], wanted: list[str | None]) -> list[str]:
         """Verdict first, for an edge that is not the lab's: a case fails when a protected flavour
         is MISROUTED, or when a legitimate request does not reach its origin (over-blocking). How
         it refuses (its status, its alert) is told against the lab's reference model in the
         report, never a failure: the lab's own refusal codes are not another edge's."""
         failures = []
-        wanted = legitimate(sc)
         for i, (r, want) in enumerate(zip(results, wanted)):
             if r.verdict == oracle.MISROUTED and self.target.protected:
                 failures.append(f"request {i + 1}: MISROUTED under {self.target.flavour}: {r.why}")

@@ -12,9 +12,13 @@ import asyncio
 import dataclasses
 import ipaddress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lab.models import FLAVOURS, is_protected
 from lab.topology import World
+
+if TYPE_CHECKING:
+    from lab.run import Lab
 
 
 class TargetError(Exception):
@@ -49,6 +53,19 @@ class Target:
         moved = tuple(dataclasses.replace(l, host=self.listeners[l.name][0], port=self.listeners[l.name][1])
                       if l.name in self.listeners else l for l in world.listeners)
         return dataclasses.replace(world, listeners=moved)
+
+
+    def lab(self, world: World, certs) -> Lab:
+        """The lab that serves this edge (not started): its resolver, origins where the world file
+        says (the edge's config points there) and control plane; no edge of its own."""
+        from lab.run import Lab
+
+        return Lab.ephemeral(self.place(world), certs, run_edge=False, keep_origin_ports=True)
+
+    def endpoints(self, lab_endpoints: dict) -> dict:
+        """The serving lab's endpoints with this edge's listeners as the edge."""
+        return {**lab_endpoints, "engine": self.name,
+                "edge": [e for e in lab_endpoints["edge"] if e["name"] in self.listeners]}
 
 
 def parse_edges(specs: list[str], world: World, name: str = "edge", flavour: str = "deployed") -> Target:
