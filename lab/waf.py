@@ -21,8 +21,11 @@ attribute 'checked_exception'). `common-expression-language` 0.10.0 (`cel`,
 Rust-backed, released 2026-09) took ~27 µs per evaluation when handed a fresh dict of all
 fields, ~4-5 µs as used here (the zone's values are converted once into a cached
 `cel.Context`; only the per-request fields the rules reference are added), and ~30 µs
-per compile. We use `cel`: 10-60x faster on the request path, the more recent release,
-and it reports compile errors with line, column and a caret.
+per compile. CEL's `in` walks a list, though (~12 ms per request at 100,000 authorized
+names): the built-in allowlist is answered as the set lookup it means, and the list is
+handed to CEL only for a zone's own rule that names it. We use `cel`: 10-60x faster on
+the request path, the more recent release, and it reports compile errors with line,
+column and a caret.
 """
 from __future__ import annotations
 
@@ -79,6 +82,8 @@ class CompiledRules:
     rules: tuple[_Compiled, ...]
     # Root variables the rules read, so evaluate() converts only those per request.
     needs: frozenset[str]
+    # Whether a rule may read zone.authorized: only then is the list handed to CEL.
+    reads_authorized: bool
 
 
 @lru_cache(maxsize=4096)
@@ -88,6 +93,9 @@ def _program(expression: str) -> cel.Program:
     return cel.compile(expression)
 
 
+# The built-in rule is compiled like any other (its text is checked), but evaluate() runs it
+# as the set lookup it means: CEL's `in` walks the list (~12 ms at 100,000 names, every
+# request), a set answers at once, with the same answer (`in` on a list of strings is equality).
 _ALLOWLIST = _Compiled(ALLOWLIST_RULE_ID, "block", ALLOWLIST_DESCRIPTION, _program(ALLOWLIST_EXPRESSION))
 
 
@@ -101,23 +109,26 @@ def compile_rules(zone: str, rules: tuple[Rule, ...]) -> CompiledRules:
         except ValueError as e:  # cel raises ValueError with the parser's message
             raise WafError(zone, rule.id, str(e)) from None
     needs = frozenset(v for c in compiled for v in c.program.variables()) & frozenset(_REQUEST_VARS)
-    return CompiledRules(zone, tuple(compiled), needs)
+    # By the text, not the parse: a rule that names `authorized` anywhere gets the list (never less).
+    reads = any("zone" in c.program.variables() and "authorized" in r.expression for c, r in zip(compiled, rules))
+    return CompiledRules(zone, tuple(compiled), needs, reads)
 
 
 class _ZoneContext:
-    """A cel.Context holding `zone` already converted (converting the authorized list is
-    most of an evaluation's cost), plus a lock: the per-request variables are written
-    into the shared context, so two threads must not interleave."""
+    """A cel.Context holding `zone` already converted, plus a lock: the per-request variables
+    are written into the shared context, so two threads must not interleave."""
 
-    def __init__(self, name: str, authorized: tuple[str, ...]) -> None:
-        self.ctx = cel.Context(variables={"zone": {"name": name, "authorized": list(authorized)}})
+    def __init__(self, name: str, authorized: tuple[str, ...] | None) -> None:
+        zone: dict = {"name": name} if authorized is None else {"name": name, "authorized": list(authorized)}
+        self.ctx = cel.Context(variables={"zone": zone})
         self.lock = threading.Lock()
 
 
 @lru_cache(maxsize=256)
-def _zone_context(name: str, authorized: tuple[str, ...]) -> _ZoneContext:
-    # Keyed by the authorized names themselves: activating a custom hostname makes a
-    # new key, so a stale list can never answer.
+def _zone_context(name: str, authorized: tuple[str, ...] | None) -> _ZoneContext:
+    # Keyed by the authorized names themselves (None: no rule reads them): activating a custom
+    # hostname makes a new key, so a stale list can never answer. The world's index hands the
+    # same `Names` until it changes, whose hash is made once.
     return _ZoneContext(name, authorized)
 
 
@@ -125,31 +136,32 @@ def evaluate(rules: tuple[Rule, ...], *, zone: str, authorized: tuple[str, ...],
              path: str, include_allowlist: bool) -> RuleHit | None:
     """Run zone `zone`'s rules in order (then the allowlist rule if asked): the first `block`
     match returns a RuleHit, the first `allow` match returns None. Never raises: a rule
-    that cannot be compiled or evaluated, or does not yield a bool, blocks (fail closed)."""
+    that cannot be compiled or evaluated, or does not yield a bool, blocks (fail closed).
+    `authorized`: a tuple of names; membership is asked of it with `in`, so a `topology.Names`
+    (a set made once per change of the index) answers the allowlist in O(1)."""
     try:
         compiled = compile_rules(zone, rules)
     except WafError as e:  # the world loader should have caught it; refuse rather than guess
         return RuleHit(e.rule_id, "block", f"rule failed to compile, blocked (fail closed): {e}")
-    todo = compiled.rules
-    needs = compiled.needs
-    if include_allowlist:
-        todo = todo + (_ALLOWLIST,)
-        needs = needs | {"http"}
-    request = {"http": {"host": host or "", "path": path or ""}, "ssl": {"sni": sni or ""}, "ip": {"dst": dst or ""}}
-    zc = _zone_context(zone, authorized)
-    with zc.lock:
-        for name in needs:
-            zc.ctx.add_variable(name, request[name])
-        for rule in todo:
-            try:
-                matched = rule.program.execute(zc.ctx)
-            except Exception as e:  # no such field, type mismatch...: the library raises several types
-                return RuleHit(rule.id, "block", f"rule failed to evaluate, blocked (fail closed): {e}")
-            if not isinstance(matched, bool):
-                return RuleHit(rule.id, "block",
-                               f"rule returned {type(matched).__name__}, not a bool, blocked (fail closed)")
-            if matched:
-                if rule.action == "allow":
-                    return None
-                return RuleHit(rule.id, "block", rule.description or f"blocked by rule {rule.id}")
+    if compiled.rules:
+        request = {"http": {"host": host or "", "path": path or ""}, "ssl": {"sni": sni or ""},
+                   "ip": {"dst": dst or ""}}
+        zc = _zone_context(zone, authorized if compiled.reads_authorized else None)
+        with zc.lock:
+            for name in compiled.needs:
+                zc.ctx.add_variable(name, request[name])
+            for rule in compiled.rules:
+                try:
+                    matched = rule.program.execute(zc.ctx)
+                except Exception as e:  # no such field, type mismatch...: the library raises several types
+                    return RuleHit(rule.id, "block", f"rule failed to evaluate, blocked (fail closed): {e}")
+                if not isinstance(matched, bool):
+                    return RuleHit(rule.id, "block",
+                                   f"rule returned {type(matched).__name__}, not a bool, blocked (fail closed)")
+                if matched:
+                    if rule.action == "allow":
+                        return None
+                    return RuleHit(rule.id, "block", rule.description or f"blocked by rule {rule.id}")
+    if include_allowlist and (host or "") not in authorized:  # ALLOWLIST_EXPRESSION
+        return RuleHit(_ALLOWLIST.id, _ALLOWLIST.action, _ALLOWLIST.description)
     return None

@@ -1,6 +1,7 @@
 """lab.waf: the v1 host allowlist and per-zone CEL rules, without a socket."""
 from __future__ import annotations
 
+import builtins
 import dataclasses
 
 import pytest
@@ -171,3 +172,48 @@ def test_compiled_rules_are_reused_not_recompiled(world, monkeypatch):
     monkeypatch.setattr(waf.cel, "compile", boom)
     assert check(w, z, "app.saas.example", path="/admin").rule_id == "no-admin"
     assert check(w, z, "www.victim.example").rule_id == waf.ALLOWLIST_RULE_ID
+
+
+# ---- at scale: the allowlist is a set made once per change, never a list handed to CEL ------------
+
+def test_the_allowlist_of_10k_names_is_converted_once_per_index_change(world, monkeypatch):
+    names = [f"h{i:05d}.newshop.test" for i in range(10_000)]
+    w = world.with_hostnames(world.custom_hostnames + tuple(CustomHostname(n, SAAS, "active") for n in names))
+    z = w.zone_by_name[SAAS]
+    sets, contexts = _count(monkeypatch, topology, "frozenset"), _count(monkeypatch, waf.cel, "Context")
+
+    assert all(check(w, z, names[i]) is None for i in range(0, 10_000, 100))  # 100 requests
+    assert check(w, z, "www.victim.example").rule_id == waf.ALLOWLIST_RULE_ID
+    assert (len(sets), len(contexts)) == (1, 0)  # one set of the names; the list never reaches CEL
+
+    w.hostnames.put(CustomHostname("late.newshop.test", SAAS, "active"))  # the index changes in place
+    assert check(w, z, "late.newshop.test") is None and check(w, z, names[7]) is None
+    w.hostnames.put(CustomHostname(names[7], SAAS, "moved"))
+    assert check(w, z, names[7]).rule_id == waf.ALLOWLIST_RULE_ID
+    assert all(check(w, z, n) is None for n in names[8:50])
+    assert (len(sets), len(contexts)) == (3, 0)
+
+
+def test_a_rule_that_reads_zone_authorized_gets_the_list_once_per_index_change(world, monkeypatch):
+    names = [f"h{i:05d}.newshop.test" for i in range(10_000)]
+    w = world.with_hostnames(world.custom_hostnames + tuple(CustomHostname(n, SAAS, "active") for n in names))
+    w, z = with_rules(w, WafRule("known", 'http.host in zone.authorized && http.path == "/known"'))
+    contexts = _count(monkeypatch, waf.cel, "Context")
+    assert [check(w, z, names[i], path="/known", allowlist=False).rule_id for i in (1, 2, 3)] == ["known"] * 3
+    assert check(w, z, "www.victim.example", path="/known", allowlist=False) is None
+    w.hostnames.put(CustomHostname("late.newshop.test", SAAS, "active"))
+    assert check(w, z, "late.newshop.test", path="/known", allowlist=False).rule_id == "known"
+    assert len(contexts) == 2  # one per version of the index
+
+
+def _count(monkeypatch, module, name: str) -> list:
+    """Calls of `module.<name>` (a builtin is looked up in the module first) from here on."""
+    real = getattr(module, name, None) or getattr(builtins, name)
+    calls: list = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting, raising=False)
+    return calls
