@@ -122,6 +122,7 @@ class Control:
         self.validation = VALIDATION_MODES[0]
         self._override_ids: dict[str, Any] = {}  # resolver id -> saved id (resolver ids restart with the process)
         self._streams: set[asyncio.Queue] = set()  # one per SSE client: stop() wakes each to end it
+        self._queued: list[tuple[list[dict], bool, asyncio.Future]] = []  # registrations of this turn (_register)
 
     # ---- state <-> running lab -------------------------------------------------
     def restore(self) -> None:
@@ -474,16 +475,64 @@ class Control:
         single add would be, then saved in one transaction, all or none."""
         body = await self._json_body(request.clone(client_max_size=BATCH_BODY_MAX))
         if not isinstance(body, list):
-            return _json(self._register([schema.validate(schema.NEW_HOSTNAME, body)])[0].to_dict(), 201)
+            return _json((await self._register([schema.validate(schema.NEW_HOSTNAME, body)]))[0].to_dict(), 201)
         items = schema.validate_items(schema.NEW_HOSTNAME, body, schema.HOSTNAMES_BATCH_MAX)
-        return _json({"hostnames": [h.to_dict() for h in self._register(items, batch=True)]}, 201)
+        return _json({"hostnames": [h.to_dict() for h in await self._register(items, batch=True)]}, 201)
 
-    def _register(self, items: list[dict], batch: bool = False) -> list[hn.Hostname]:
+    async def _register(self, items: list[dict], batch: bool = False) -> list[hn.Hostname]:
+        """The registrations of one request, saved together with those of every other request
+        that reached this point in the same turn of the loop: one commit for all of them (a commit
+        is most of an add's time on the loop, which the edge shares), each request still checked,
+        answered and failed on its own. Durable before the answer, as one add alone."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._queued.append((items, batch, answer))
+        if len(self._queued) == 1:
+            loop.call_soon(self._register_queued)  # after the handlers already runnable in this turn
+        return await answer
+
+    def _register_queued(self) -> None:
         """Check, save (one transaction), apply, tell: with no pause in between, so the events are
-        told in the order of their ids (a list is short enough for that: HOSTNAMES_BATCH_MAX)."""
+        told in the order of their ids (a turn's requests are few, each list short enough:
+        HOSTNAMES_BATCH_MAX)."""
+        queued, self._queued = self._queued, []
         world, now = self.lab.world, self.clock()
+        made: dict[str, hn.Hostname] = {}  # made by this turn's earlier requests: not in the index yet
+        accepted = []
+        for items, batch, answer in queued:
+            if answer.done():  # its client went away before the turn came: nothing saved for it
+                continue
+            try:
+                accepted.append((self._check(items, batch, world, now, made), answer))
+            except ApiError as e:
+                answer.set_exception(e)
+        if not accepted:
+            return
+        try:
+            self._save([h for hostnames, _ in accepted for h in hostnames])
+        except (StateError, hn.HostnameError) as e:
+            if len(accepted) == 1:
+                accepted[0][1].set_exception(e)
+                return
+            # A refusal of one request must not fail the others: each alone, as if it came alone.
+            saved = []
+            for hostnames, answer in accepted:
+                try:
+                    self._save(hostnames)
+                except (StateError, hn.HostnameError) as e:
+                    answer.set_exception(e)
+                else:
+                    saved.append((hostnames, answer))
+            accepted = saved
+        for hostnames, answer in accepted:
+            answer.set_result(hostnames)
+
+    def _check(self, items: list[dict], batch: bool, world: World, now: float,
+               made: dict[str, hn.Hostname]) -> list[hn.Hostname]:
+        """One request's registrations, checked as a single add is (ApiError for the first bad
+        item); they join `made`."""
         first_saas = next((z.name for z in world.zones if z.saas), None)
-        made: dict[str, hn.Hostname] = {}
+        mine: dict[str, hn.Hostname] = {}
         for i, body in enumerate(items):
             # The live registrations are the world's index (the state's, applied): create() reads
             # the name there. The unique index of State catches what could race past it.
@@ -494,15 +543,17 @@ class Control:
                               http_token=_token(), now=now)
             except hn.HostnameError as e:
                 raise ApiError(400, f"item {i}: {e}" if batch else str(e)) from None
-            made[h.name] = h
-        hostnames = list(made.values())
+            mine[h.name] = made[h.name] = h
+        return list(mine.values())
+
+    def _save(self, hostnames: list[hn.Hostname]) -> None:
+        """Save new registrations with their events (one transaction), then apply and tell."""
         events = [self._status_event(h, _registered(h)) for h in hostnames]
         self.state.add_hostnames(hostnames, events)
         for h, event in zip(hostnames, events):
             self._apply(h)  # the edge learns it is pending: refused as such, never routed
             self.lab.events.publish(event)
         self.lab.hostnames_changed()
-        return hostnames
 
     async def get_hostname(self, request: web.Request) -> web.Response:
         return _json(self._hostname(request).to_dict())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import json
 import logging
@@ -27,6 +28,7 @@ ENGINES = ("native", "mitmproxy")
 STOP_TIMEOUT = 1.2
 PART_MIN = 0.1
 SINK_RESERVE = 0.3
+CHECKPOINT_INTERVAL = 0.5  # the state's WAL copied into its database this often, off the loop
 
 
 class Lab:
@@ -63,6 +65,7 @@ class Lab:
         self.engine_name = engine
         self.flows = flows
         self.state = self.control = self.sink = None
+        self._checkpoints: asyncio.Task | None = None
         if state_dir is not None:
             from lab.state import State
 
@@ -169,6 +172,19 @@ class Lab:
         limits = self.world.limits
         self.sink = EventSink(self.events, self.state, keep_rows=limits.event_log_rows, keep_bytes=limits.event_log_bytes)
         await self.sink.start()
+        self.state.checkpoint_apart()
+        self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="lab.run.checkpoints")
+
+    async def _checkpoint_forever(self) -> None:
+        """The state's checkpoints in a worker thread: a commit on the loop (an add) then only appends."""
+        from lab.state import StateError
+
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            try:
+                await asyncio.to_thread(self.state.checkpoint)
+            except StateError as e:  # busy or failing: the next round tries again, the backstop remains
+                log.warning("state checkpoint: %s", e)
 
     def _make_edge(self):
         if self.engine_name == "mitmproxy":
@@ -210,6 +226,10 @@ class Lab:
             setattr(self, name, None)
             if part is not None:
                 await _stop_part(name, part.stop(), max(deadline - loop.time(), PART_MIN))
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            await asyncio.gather(self._checkpoints, return_exceptions=True)
+            self._checkpoints = None
         if self.sink is not None:
             sink, self.sink = self.sink, None
             await _stop_part("event log", sink.close(), max(deadline - loop.time(), SINK_RESERVE))
@@ -278,6 +298,11 @@ async def _serve(world: World, args) -> int:
     from lab.state import StateError
 
     stop = _stop_on_signals()
+    # The start makes what lives as long as the lab (100,000 hostnames make some 300,000
+    # objects): no collection while it does (each full one walked them all, ~30 ms, twice a
+    # start), and none of them walked again afterwards (a full collection during traffic
+    # would stall every request for as long).
+    gc.disable()
     try:
         lab = Lab(world, args.certs, engine=args.engine, log=lambda m: print(m, file=sys.stderr), state_dir=args.state,
                   model=args.model, flows=args.flows, run_origins=not args.no_origins, allow_remote=args.allow_remote)
@@ -298,6 +323,8 @@ async def _serve(world: World, args) -> int:
     if not ipaddress.ip_address(lab.world.control.host).is_loopback:
         print(f"sni-lab: warning: the control plane listens on {endpoints['control']['url']}, reachable from other "
               f"machines: anyone who learns its token can change this lab", file=sys.stderr, flush=True)
+    gc.freeze()
+    gc.enable()
     state = Path(args.state)
     write_endpoints(state, endpoints)
     ready_ms = (time.perf_counter() - started) * 1000

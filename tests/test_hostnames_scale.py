@@ -170,6 +170,34 @@ async def test_a_list_of_registrations_is_all_or_nothing(tmp_path, world, certs)
         assert status == 201 and len(body["hostnames"]) == 100  # the longest list, of long names
 
 
+async def test_adds_that_arrive_together_are_one_commit_each_answered_on_its_own(tmp_path, world, certs):
+    """Requests whose handlers reach the save in one turn of the loop share a transaction (a
+    commit is most of an add's time on the loop the edge shares); a refused one fails alone."""
+    async with lab_with(tmp_path, world, certs, [seeded(0)]) as lab:
+        control = lab.control
+        requests = [[{"hostname": "t0.newshop.test", "zone": ZONE}], [{"hostname": "h000000.newshop.test", "zone": ZONE}],
+                    [{"hostname": f"t{i}.newshop.test", "zone": ZONE} for i in (1, 2)],
+                    [{"hostname": "T0.newshop.test", "zone": ZONE}], [{"hostname": "t3.newshop.test", "zone": ZONE}]]
+        with lab.state.counting() as seen:
+            got = await asyncio.gather(*(control._register(r) for r in requests), return_exceptions=True)
+        assert [s.split()[0] for s in seen["statements"]].count("COMMIT") == 1
+        assert [[h.name for h in g] if isinstance(g, list) else g.status for g in got] == [
+            ["t0.newshop.test"], 400, ["t1.newshop.test", "t2.newshop.test"], 400, ["t3.newshop.test"]]
+        assert "already registered" in str(got[1]) and "already registered" in str(got[3])
+        told = [e for e in lab.events.since(0) if e["kind"] == "hostname.status" and e["hostname"].startswith("t")]
+        assert [e["hostname"] for e in told] == [f"t{i}.newshop.test" for i in range(4)]
+        assert [e["id"] for e in lab.events.since(0)] == sorted(e["id"] for e in lab.events.since(0))
+        # A name the index does not know but the database holds (what a race past create() would
+        # leave): the shared commit fails, so each request is saved alone, and only that one fails.
+        lab.state.add_hostnames([Hostname("ch-race", "race.newshop.test", ZONE, "pending", "t", "h", "r", 1.0, 1.0)])
+        got = await asyncio.gather(*(control._register([{"hostname": n, "zone": ZONE}]) for n in
+                                     ("u1.newshop.test", "race.newshop.test", "u2.newshop.test")), return_exceptions=True)
+        assert [g[0].name if isinstance(g, list) else type(g).__name__ for g in got] == [
+            "u1.newshop.test", "HostnameError", "u2.newshop.test"]
+        assert lab.state.hostname("u2.newshop.test").status == "pending" and "u2.newshop.test" in lab.world.hostnames
+        assert lab.state.hostname("race.newshop.test").id == "ch-race"
+
+
 async def test_the_verifier_asks_only_about_what_is_due_the_longest_due_first(tmp_path, world, certs):
     now = [10_000.0]
     due = [dataclasses.replace(seeded(i), next_check=t) for i, t in enumerate((9_000.0, 9_999.0, 10_001.0, None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 
+import cel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,6 +39,19 @@ def test_allowlist_blocks_the_victims_name_on_the_saas_zone(world):
                                   "shop.customer.example"])  # the last: an ACTIVE custom hostname
 def test_allowlist_lets_authorized_hosts_through(world, host):
     assert check(world, world.zone_by_name[SAAS], host) is None
+
+
+@pytest.mark.parametrize("host", ["shop.customer.example", "SHOP.customer.example", "shop.customer.example.",
+                                  "www.victim.example", "", "saas.example", "app.saas.example "])
+def test_the_allowlist_answers_as_its_expression_does_in_cel(world, host):
+    # The rule users see is CEL text; the WAF answers it as a set lookup: the same verdict.
+    zone = world.zone_by_name[SAAS]
+    authorized = world.authorized_hosts(zone)
+    in_cel = cel.compile(waf.ALLOWLIST_EXPRESSION).execute(
+        {"http": {"host": host, "path": "/"}, "zone": {"name": SAAS, "authorized": list(authorized)}})
+    by_set = waf.evaluate((), zone=SAAS, authorized=authorized, host=host, sni="", dst="127.0.0.11", path="/",
+                          include_allowlist=True)
+    assert in_cel == (by_set is not None)
 
 
 def test_allowlist_is_only_applied_when_asked(world):
@@ -169,7 +183,7 @@ def test_compiled_rules_are_reused_not_recompiled(world, monkeypatch):
     def boom(expression):
         raise AssertionError(f"recompiled {expression!r}")
 
-    monkeypatch.setattr(waf.cel, "compile", boom)
+    monkeypatch.setattr(cel, "compile", boom)
     assert check(w, z, "app.saas.example", path="/admin").rule_id == "no-admin"
     assert check(w, z, "www.victim.example").rule_id == waf.ALLOWLIST_RULE_ID
 
@@ -180,7 +194,7 @@ def test_the_allowlist_of_10k_names_is_converted_once_per_index_change(world, mo
     names = [f"h{i:05d}.newshop.test" for i in range(10_000)]
     w = world.with_hostnames(world.custom_hostnames + tuple(CustomHostname(n, SAAS, "active") for n in names))
     z = w.zone_by_name[SAAS]
-    sets, contexts = _count(monkeypatch, topology, "frozenset"), _count(monkeypatch, waf.cel, "Context")
+    sets, contexts = _count(monkeypatch, topology, "frozenset"), _count(monkeypatch, cel, "Context")
 
     assert all(check(w, z, names[i]) is None for i in range(0, 10_000, 100))  # 100 requests
     assert check(w, z, "www.victim.example").rule_id == waf.ALLOWLIST_RULE_ID
@@ -198,7 +212,7 @@ def test_a_rule_that_reads_zone_authorized_gets_the_list_once_per_index_change(w
     names = [f"h{i:05d}.newshop.test" for i in range(10_000)]
     w = world.with_hostnames(world.custom_hostnames + tuple(CustomHostname(n, SAAS, "active") for n in names))
     w, z = with_rules(w, WafRule("known", 'http.host in zone.authorized && http.path == "/known"'))
-    contexts = _count(monkeypatch, waf.cel, "Context")
+    contexts = _count(monkeypatch, cel, "Context")
     assert [check(w, z, names[i], path="/known", allowlist=False).rule_id for i in (1, 2, 3)] == ["known"] * 3
     assert check(w, z, "www.victim.example", path="/known", allowlist=False) is None
     w.hostnames.put(CustomHostname("late.newshop.test", SAAS, "active"))
