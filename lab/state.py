@@ -197,16 +197,17 @@ class State:
         with self._lock, self._errors():
             self._conn().execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_BACKSTOP_PAGES}")
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> int:
         """A PASSIVE checkpoint on a connection of its own: writers go on meanwhile (WAL mode), and
-        this connection's lock is not the one a write waits for."""
+        this connection's lock is not the one a write waits for. Returns the pages the WAL held
+        (copied, unless a reader held some back)."""
         with self._checkpoint_lock, self._errors():
             if self._db is None:
-                return  # closed meanwhile
+                return 0  # closed meanwhile
             if self._checkpointer is None:
                 self._checkpointer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                                      timeout=0)
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return max(0, self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
 
     def close(self) -> None:
         with self._checkpoint_lock:

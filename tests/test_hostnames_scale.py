@@ -198,6 +198,21 @@ async def test_adds_that_arrive_together_are_one_commit_each_answered_on_its_own
         assert lab.state.hostname("race.newshop.test").id == "ch-race"
 
 
+def test_with_checkpoints_apart_a_commit_only_appends_and_the_checkpointer_copies(tmp_path):
+    """What `sni-lab up` does (lab.run): the commits of adds never copy the WAL into the database
+    themselves (the one past SQLite's threshold would, while the loop waits); checkpoint() does."""
+    held = {}
+    for apart in (False, True):
+        with State(tmp_path / str(apart)) as st:
+            if apart:
+                st.checkpoint_apart()
+            for i in range(300):  # some 3,000 WAL pages: three times SQLite's threshold
+                st.add_hostnames([seeded(i)])
+            held[apart] = st.checkpoint()
+            assert len(st.hostnames()) == 300
+    assert held[False] < 1100 < 2000 < held[True]  # SQLite's own: every 1,000 pages, by a commit
+
+
 async def test_the_verifier_asks_only_about_what_is_due_the_longest_due_first(tmp_path, world, certs):
     now = [10_000.0]
     due = [dataclasses.replace(seeded(i), next_check=t) for i, t in enumerate((9_000.0, 9_999.0, 10_001.0, None,
