@@ -33,7 +33,7 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -101,7 +101,7 @@ class Running(Protocol):
     resolver: DnsAdmin
     def set_world(self, world: World) -> None: ...
     def set_model(self, model: str) -> None: ...
-    def hostnames_changed(self) -> None: ...  # after a change of `world.hostnames` in place
+    def hostnames_changed(self, names: Iterable[str]) -> None: ...  # after a change of `world.hostnames` in place
 
 
 class Control:
@@ -178,7 +178,7 @@ class Control:
             self.state.save_hostname(h, event)
         if event is not None:
             self._apply(h)
-            self.lab.hostnames_changed()
+            self.lab.hostnames_changed((h.name,))
             self.lab.events.publish(event)
 
     # ---- verification (I/O: gathers evidence; hostnames.verify decides) ---------
@@ -553,7 +553,7 @@ class Control:
         for h, event in zip(hostnames, events):
             self._apply(h)  # the edge learns it is pending: refused as such, never routed
             self.lab.events.publish(event)
-        self.lab.hostnames_changed()
+        self.lab.hostnames_changed([h.name for h in hostnames])
 
     async def get_hostname(self, request: web.Request) -> web.Response:
         return _json(self._hostname(request).to_dict())

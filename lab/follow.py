@@ -11,6 +11,11 @@ verification) answers once every follower seen lately has applied it, so a clien
 request meets the new state, as in one process. Followers' events (DNS answers, TLS,
 decisions, origin hits) are pushed to `POST /follow/events` with the token and told again
 by the hub's event bus: the live page, `events` and `explain` see one story.
+
+A snapshot is small but for the hostnames (100,000 of them are some 7 MB): a follower that
+applied generation N gets only the hostnames changed since (`changes`, read by name from the
+hub's index) and changes its index in place, as `lab.run.Lab` does; the whole list
+(`hostnames`) only on its first poll or when it fell further behind than the hub remembers.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -29,7 +34,7 @@ from aiohttp import web
 from lab.control import Control
 from lab.dns import Resolver
 from lab.events import KINDS, Events
-from lab.topology import CustomHostname, World, Zone
+from lab.topology import CustomHostname, Hostnames, World, Zone
 
 log = logging.getLogger("lab.follow")
 
@@ -38,6 +43,8 @@ SETTLE = 3.0            # s: longest a change waits for the followers to apply i
 FOLLOWER_GONE = 30.0    # s: a follower silent this long is not waited for
 PUSH_BATCH_BYTES = 48 * 1024  # below the control plane's request body limit (64 KiB)
 PUSH_BUFFER = 10000     # events held while the control plane is away; the oldest go first
+CHANGES_KEPT = 1000     # hostname changes (generations) the hub remembers for followers behind
+CHANGES_MAX = 2000      # names in one answer's `changes`; further behind, the whole list
 # What followers tell: the hub tells its own (hostnames, model) and believes no follower about them.
 FOLLOWER_KINDS = tuple(k for k in KINDS if k.split(".")[0] in ("dns", "tls", "route", "origin"))
 
@@ -45,7 +52,8 @@ FOLLOWER_KINDS = tuple(k for k in KINDS if k.split(".")[0] in ("dns", "tls", "ro
 # ---- the control plane's side ---------------------------------------------------------
 
 class Generations:
-    """A change counter, and which follower applied which generation (its last poll's `after`)."""
+    """A change counter, and which follower applied which generation (its last poll's `after`);
+    for the generations that changed hostnames, which names."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.current = 0
@@ -53,11 +61,37 @@ class Generations:
         self.applied: dict[str, tuple[int, float]] = {}  # role -> (generation, when seen)
         self._changed = asyncio.Event()
         self._acked = asyncio.Event()
+        self._names: deque[tuple[int, tuple[str, ...]]] = deque()  # (generation, hostnames it changed)
+        self._forgotten = 0  # the newest generation whose hostname change is no longer in _names
 
-    def bump(self) -> None:
+    def bump(self, names: Iterable[str] = ()) -> None:
+        """A new generation; `names`: the hostnames it changed (none: something else changed)."""
         self.current += 1
+        names = tuple(names)
+        if names:
+            self._names.append((self.current, names))
+            if len(self._names) > CHANGES_KEPT:
+                self._forgotten = self._names.popleft()[0]
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def hostnames_replaced(self) -> None:
+        self._names.clear()
+        self._forgotten = self.current
+
+    def hostnames_since(self, after: int) -> set[str] | None:
+        """The hostnames changed after generation `after`; None when they are not all known (a
+        first poll, or one from further back than the changes kept, or too many to list)."""
+        if after < 0 or after < self._forgotten or after > self.current:
+            return None
+        names: set[str] = set()
+        for generation, changed in reversed(self._names):
+            if generation <= after:
+                break
+            names.update(changed)
+            if len(names) > CHANGES_MAX:
+                return None
+        return names
 
     def seen(self, role: str, applied: int) -> None:
         self.applied[role] = (applied, self.clock())
@@ -121,23 +155,35 @@ class Hub:
         self.endpoints: dict = {}
 
     def set_world(self, world: World) -> None:
+        replaced = world.hostnames is not self.world.hostnames
         self.world = world
         self.resolver.update_world(world)  # a new generation
+        if replaced:  # not one name changed: every follower needs the whole list
+            self.generations.hostnames_replaced()
 
     def set_model(self, model: str) -> None:
         self.set_world(self.world.with_model(model))
         self.endpoints["model"] = model
         self.events.emit("lab.model", model=model)
 
-    def hostnames_changed(self) -> None:
-        self.generations.bump()  # the followers' snapshot holds the hostnames
+    def hostnames_changed(self, names: Iterable[str]) -> None:
+        self.generations.bump(names)  # the followers' snapshot holds the hostnames
 
-    def snapshot(self) -> dict:
+    def snapshot(self, after: int = -1) -> dict:
+        """What a follower that applied generation `after` needs: everything but the hostnames,
+        and of those the ones changed since (`changes`; a deleted one has status "deleted") or,
+        when the hub cannot say, all of them (`hostnames`)."""
         overrides = self.resolver.overrides()  # first: dropping the expired ones is a change too
-        return {"generation": self.generations.current, "model": self.world.model,
-                "hostnames": [{"name": c.name, "zone": c.zone, "status": c.status} for c in self.world.custom_hostnames],
+        snap = {"generation": self.generations.current, "model": self.world.model,
                 "zones": [z.to_dict() for z in self.world.zones if z.added],
                 "records": self.resolver.records(), "overrides": overrides}
+        index = self.world.hostnames
+        changed = self.generations.hostnames_since(after)
+        if changed is None:
+            snap["hostnames"] = [_told(c) for c in index.values()]
+        else:
+            snap["changes"] = [_told(c) if (c := index.get(n)) else {"name": n, "status": "deleted"} for n in changed]
+        return snap
 
     def told(self, events: list) -> int:
         """Tell a follower's events again on the hub's bus (new ids, their own time)."""
@@ -213,7 +259,7 @@ class HubControl(Control):
             for w in waits:
                 w.cancel()
         self.hub.generations.seen(role, after)  # still there, still at `after`
-        return web.json_response(self.hub.snapshot(), dumps=lambda d: json.dumps(d, allow_nan=False))
+        return web.json_response(self.hub.snapshot(after), dumps=lambda d: json.dumps(d, allow_nan=False))
 
     async def follow_events(self, request: web.Request) -> web.Response:
         # the middleware checked the token (a POST)
@@ -226,14 +272,54 @@ class HubControl(Control):
         return web.json_response({"told": self.hub.told(body["events"])})
 
 
+def _told(c: CustomHostname) -> dict:
+    return {"name": c.name, "zone": c.zone, "status": c.status}
+
+
 # ---- the followers' side --------------------------------------------------------------
 
-def world_of(base: World, snapshot: dict) -> World:
+def world_of(base: World, snapshot: dict, hostnames: Hostnames | None = None) -> World:
     """The base world (the file, on the bridge) with the control plane's model, zones added at
-    run time and hostnames."""
-    hostnames = tuple(CustomHostname(h["name"], h["zone"], h["status"]) for h in snapshot["hostnames"])
+    run time and hostnames (those of the snapshot, else the index `hostnames`)."""
+    if hostnames is None:
+        hostnames = Hostnames(CustomHostname(h["name"], h["zone"], h["status"]) for h in snapshot["hostnames"])
     zones = tuple(Zone.from_dict(z) for z in snapshot.get("zones", ()))
     return base.with_model(snapshot["model"]).with_zones(zones).with_hostnames(hostnames)
+
+
+class WorldFollower:
+    """The world a follower serves, in step with the hub's snapshots: a hostname change is
+    one name of its index changed in place (what the edge reads by name); the model, the
+    zones or the whole list of hostnames make a new world from the base."""
+
+    def __init__(self, base: World) -> None:
+        self.base = base
+        self.world: World | None = None
+        self._made_of: tuple = ()  # the model and zones self.world was made with
+
+    def apply(self, snapshot: dict) -> bool:
+        """Apply `snapshot`; True when that made a new world (to hand to the edge or resolver)."""
+        made_of = (snapshot["model"], snapshot.get("zones", []))
+        if "changes" in snapshot and self.world is not None:
+            index = self.world.hostnames
+            for c in snapshot["changes"]:
+                if c["status"] == "deleted":
+                    index.discard(c["name"])
+                else:
+                    index.put(CustomHostname(c["name"], c["zone"], c["status"]))
+            if made_of == self._made_of:
+                return False
+            self.world = world_of(self.base, snapshot, index)
+        else:
+            self.world = world_of(self.base, snapshot)
+        self._made_of = made_of
+        return True
+
+
+def edge_follower(base: World, edge) -> Callable[[dict], None]:
+    """A Follower's `apply` for an edge (anything with `set_world`)."""
+    world = WorldFollower(base)
+    return lambda snapshot: world.apply(snapshot) and edge.set_world(world.world)
 
 
 class DnsFollower:
@@ -241,12 +327,14 @@ class DnsFollower:
 
     def __init__(self, base: World, resolver: Resolver) -> None:
         self.base = base
+        self.world = WorldFollower(base)
         self.resolver = resolver
         self.local: dict[str, str] = {}  # hub override id -> this resolver's id
 
     def apply(self, snapshot: dict) -> None:
         r = self.resolver
-        r.update_world(world_of(self.base, snapshot))
+        if self.world.apply(snapshot):  # the resolver reads no hostname: a change of one is nothing here
+            r.update_world(self.world.world)
         want: dict[tuple[str, str], tuple[list[str], int]] = {}
         for rec in snapshot["records"]:
             values, _ = want.setdefault((rec["name"], rec["type"]), ([], rec["ttl"]))

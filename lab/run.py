@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 from lab.binding import bind_hint, free_port
 from lab.events import Events
@@ -211,7 +212,7 @@ class Lab:
         self.endpoints["model"] = model
         self.events.emit("lab.model", model=model)
 
-    def hostnames_changed(self) -> None:
+    def hostnames_changed(self, names: Iterable[str]) -> None:
         """Nothing to do: the edge reads the world's hostname index by name, the resolver and the
         proxy do not read it at all."""
 

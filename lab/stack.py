@@ -23,7 +23,7 @@ from pathlib import Path
 from lab import compose as c
 from lab.binding import bind_hint
 from lab.events import Events
-from lab.follow import DnsFollower, Follower, Hub, HubControl, Pusher, world_of
+from lab.follow import DnsFollower, Follower, Hub, HubControl, Pusher, edge_follower
 from lab.run import _stop_on_signals, run_loop
 from lab.topology import World
 from lab.world import load
@@ -157,7 +157,7 @@ async def _edge(world: World, token: str, args):
     events = Events(field_limit=world.limits.event_field)
     edge = NativeEdge(world, events, LabCA.open(c.CERTS, tuple(world.tlds)))
     await edge.start()
-    follower = Follower(_control_url(world), token, "edge", lambda snap: edge.set_world(world_of(world, snap)))
+    follower = Follower(_control_url(world), token, "edge", edge_follower(world, edge))
     pusher = Pusher(events, _control_url(world), token)
     listeners = ", ".join(f"{l.host}:{l.port}" for l in world.listeners)
     tasks = [asyncio.ensure_future(follower.run()), asyncio.ensure_future(pusher.run()),

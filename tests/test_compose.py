@@ -18,7 +18,7 @@ from lab.client import probe
 from lab.dns import Resolver, query
 from lab.edge.native import NativeEdge
 from lab.events import Events
-from lab.follow import DnsFollower, Follower, Hub, HubControl, Pusher, world_of
+from lab.follow import DnsFollower, Follower, Hub, HubControl, Pusher, edge_follower
 from lab.origins import Origins
 from lab.scenarios import Runner, discover
 from lab.state import State
@@ -167,7 +167,7 @@ class Split:
         self.hub.world = self.hub.world.with_ports({"control": port})
         self.url, self.token, self.world = f"http://{host}:{port}", self.control.token, world
         self.dns = DnsFollower(world, self.resolver)
-        self.edge_follower = Follower(self.url, self.token, "edge", lambda s: self.edge.set_world(world_of(world, s)))
+        self.edge_follower = Follower(self.url, self.token, "edge", edge_follower(world, self.edge))
         self.dns_follower = Follower(self.url, self.token, "resolver", self.dns.apply)
         self.tasks = [asyncio.ensure_future(t) for t in (
             self.edge_follower.run(), self.dns_follower.run(),
@@ -282,6 +282,56 @@ async def test_followers_need_the_token_and_cannot_tell_the_hubs_own_events(spli
         assert status == 400
     status, _, _ = await split.api("GET", "/follow/snapshot?role=edge&after=x")
     assert status == 400
+
+
+async def test_a_hostname_change_reaches_the_edge_as_that_name_alone(split):
+    """O(1) in the hostnames the lab holds: the edge follower's answer names the changed hostname
+    only, and its index changes in place (no new world on the edge)."""
+    for b in range(20):  # 2,000 hostnames, each list a generation
+        status, _, _ = await split.api("POST", "/hostnames", [{"hostname": f"h{b:02d}x{i:02d}.newshop.test"}
+                                                              for i in range(100)])
+        assert status == 201
+    assert len(split.edge.world.hostnames) > 2000
+    status, _, _ = await split.api("PUT", "/model", {"model": "host"})  # routes by Host: a registration counts
+    answers, worlds = [], []
+    real = split.edge_follower.apply
+    split.edge_follower.apply = lambda snap: answers.append(snap) or real(snap)
+    split.edge.set_world = worlds.append
+    before = split.edge.world
+    status, made, headers = await split.api("POST", "/hostnames", {"hostname": "one.newshop.test"})
+    assert status == 201 and "X-Lab-Followers-Behind" not in headers
+    assert [a.get("changes") for a in answers] == [[{"name": "one.newshop.test", "zone": "saas.example",
+                                                      "status": "pending"}]]
+    assert "hostnames" not in answers[0] and worlds == [] and split.edge.world is before
+    assert split.edge.world.hostnames["one.newshop.test"].status == "pending"
+    anycast = split.world.listener_by_name["anycast"]
+    out = await probe(anycast.host, anycast.port, "app.saas.example", [{"host": "one.newshop.test"}],
+                      split.endpoints["ca"])
+    assert "host one.newshop.test is a pending custom hostname" in out.response.decision
+    status, _, _ = await split.api("DELETE", f"/hostnames/{made['id']}")
+    assert status == 200 and answers[-1]["changes"] == [{"name": "one.newshop.test", "status": "deleted"}]
+    assert "one.newshop.test" not in split.edge.world.hostnames and worlds == []
+    # A model switch is a new world, with the same index.
+    status, _, _ = await split.api("PUT", "/model", {"model": "v1"})
+    assert status == 200 and len(worlds) == 1 and worlds[0].model == "v1" and worlds[0].hostnames is before.hostnames
+    assert answers[-1]["changes"] == []
+
+
+def test_the_hub_lists_every_hostname_to_a_follower_it_cannot_tell_what_changed():
+    from lab.follow import CHANGES_KEPT, Generations
+
+    g = Generations()
+    assert g.hostnames_since(-1) is None  # a first poll: everything
+    g.bump(["a.test"])
+    g.bump()  # a record, an override: no hostname
+    g.bump(["b.test", "a.test"])
+    assert g.hostnames_since(0) == {"a.test", "b.test"} and g.hostnames_since(2) == {"b.test", "a.test"}
+    assert g.hostnames_since(1) == {"a.test", "b.test"} and g.hostnames_since(3) == set()
+    for i in range(CHANGES_KEPT):
+        g.bump([f"n{i}.test"])
+    assert g.hostnames_since(0) is None and g.hostnames_since(3) is not None and len(g.hostnames_since(3)) == 1000
+    g.hostnames_replaced()
+    assert g.hostnames_since(g.current - 1) is None and g.hostnames_since(g.current) == set()
 
 
 async def test_a_stopped_follower_is_waited_for_then_not(split):
