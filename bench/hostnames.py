@@ -328,14 +328,15 @@ def activate_all(state_dir: Path) -> int:
 
 
 async def waf_routed(args, procs: Procs, lab, res: dict) -> None:
-    """A routed request under model v1-waf, every seeded name an active custom hostname of the
-    routed name's zone: the WAF's allowlist rule holds them all."""
-    anycast = next(l for l in lab.endpoints["edge"] if l["name"] == LISTENER)
+    """A routed request under model v1-waf on the zone's own v1 address (where the WAF's host
+    allowlist applies), every seeded name an active custom hostname of the zone: the
+    allowlist holds them all."""
+    v1 = next(l for l in lab.endpoints["edge"] if l["zone"] == ZONE)
     async with Control(lab.endpoints) as api:
         status, raw = await api.call("PUT", "/model", {"model": "v1-waf"})
         if status != 200:
             raise BenchError(f"PUT /model v1-waf: {status} {raw[:200]!r}")
-        child = procs.start([sys.executable, "-m", "bench.hostnames", "--probe", anycast["host"], str(anycast["port"]),
+        child = procs.start([sys.executable, "-m", "bench.hostnames", "--probe", v1["host"], str(v1["port"]),
                              lab.endpoints["ca"], str(args.idle + 5)], stdout=subprocess.PIPE, stdin=subprocess.PIPE)
         await asyncio.sleep(args.idle)
         out, _ = await asyncio.to_thread(child.communicate, b"", timeout=30)
@@ -343,7 +344,7 @@ async def waf_routed(args, procs: Procs, lab, res: dict) -> None:
     samples = json.loads(out)
     ok = [ms for _, ms in samples if ms is not None]
     res["waf_routed"] = {"p50_ms": pct(ok, 0.5), "p99_ms": pct(ok, 0.99), "n": len(ok),
-                         "failed": len(samples) - len(ok)}
+                         "failed": len(samples) - len(ok), "listener": v1["name"]}
     log(f"routed under v1-waf: {res['waf_routed']}")
 
 
@@ -418,7 +419,7 @@ def report(res: dict) -> None:
                                 f"no request completed during the adds ({r['failed']} failed)",
          ok(r["p99_ratio"] is not None and r["p99_ratio"] <= TARGETS["burst_p99_ratio"])),
         ("routed p50/p99 v1-waf", f"{w['p50_ms']:.2f} / {w['p99_ms']:.2f} ms ({w['n']} requests, {w['failed']} failed; "
-                                  f"model v1-waf, {res['activated']:,} seeded names active in {ZONE})"
+                                  f"model v1-waf on {w['listener']}, {res['activated']:,} seeded names active in {ZONE})"
                                   if w["n"] else f"no request routed ({w['failed']} failed)", ""),
         ("GET /hostnames", f"{res['list_api']['seconds'] * 1000:.0f} ms, {res['list_api']['bytes']:,} bytes, "
                            f"{res['list_api']['hostnames']:,} hostnames", ""),
