@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 VERIFY_INTERVAL = 10.0
 BATCH_BODY_MAX = 256 * 1024  # POST /hostnames with a list; every other body stays within the app's 64 KiB
+WRITE_WAIT = 0.001      # s: how soon a save that another thread's write held up is tried again
+WRITE_WAIT_MAX = 1.0    # s: then it waits for the lock
 SSE_QUEUE = 1000
 SHUTDOWN_TIMEOUT = 0.5
 RCODES = {1: "FORMERR", 2: "SERVFAIL", 4: "NOTIMP", 5: "REFUSED"}
@@ -481,17 +483,29 @@ class Control:
 
     async def _register(self, items: list[dict], batch: bool = False) -> list[hn.Hostname]:
         """The registrations of one request, saved together with those of every other request
-        that reached this point in the same turn of the loop: one commit for all of them (a commit
-        is most of an add's time on the loop, which the edge shares), each request still checked,
-        answered and failed on its own. Durable before the answer, as one add alone."""
+        that reached this point in the same turn of the loop (or while the state was busy): one
+        commit for all of them (a commit is most of an add's time on the loop, which the edge
+        shares), each request still checked, answered and failed on its own. Durable before the
+        answer, as one add alone."""
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         self._queued.append((items, batch, answer))
         if len(self._queued) == 1:
-            loop.call_soon(self._register_queued)  # after the handlers already runnable in this turn
+            loop.call_soon(self._register_queued, loop.time())  # after the handlers runnable in this turn
         return await answer
 
-    def _register_queued(self) -> None:
+    def _register_queued(self, since: float) -> None:
+        """Save what is queued, unless another thread is writing the state (the event sink's
+        batch, up to ~15 ms): then again in a moment, the loop serving the edge meanwhile rather
+        than waiting for the lock (at most WRITE_WAIT_MAX, then it waits as any write does)."""
+        loop = asyncio.get_running_loop()
+        with self.state.free_to_write() as free:
+            if not free and loop.time() - since < WRITE_WAIT_MAX:
+                loop.call_later(WRITE_WAIT, self._register_queued, since)
+                return
+            self._save_queued()
+
+    def _save_queued(self) -> None:
         """Check, save (one transaction), apply, tell: with no pause in between, so the events are
         told in the order of their ids (a turn's requests are few, each list short enough:
         HOSTNAMES_BATCH_MAX)."""

@@ -263,6 +263,18 @@ class State:
                 raise
 
     @contextlib.contextmanager
+    def free_to_write(self) -> Iterator[bool]:
+        """True, holding the lock meanwhile, when no other thread is using the connection (the event
+        sink's batch); else False at once: a caller on the event loop comes back later rather than
+        wait. The writes made meanwhile are this thread's own, not another's."""
+        got = self._lock.acquire(blocking=False)
+        try:
+            yield got
+        finally:
+            if got:
+                self._lock.release()
+
+    @contextlib.contextmanager
     def counting(self) -> Iterator[dict[str, Any]]:
         """What this thread asks of SQLite meanwhile: `statements` (their text) and `steps` (virtual
         machine instructions: a scan takes some per row, an index seek a constant few), so a

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import aiohttp
@@ -196,6 +197,32 @@ async def test_adds_that_arrive_together_are_one_commit_each_answered_on_its_own
             "u1.newshop.test", "HostnameError", "u2.newshop.test"]
         assert lab.state.hostname("u2.newshop.test").status == "pending" and "u2.newshop.test" in lab.world.hostnames
         assert lab.state.hostname("race.newshop.test").id == "ch-race"
+
+
+async def test_an_add_waits_out_another_threads_write_with_the_loop_free(tmp_path, world, certs):
+    """The event sink writes its batch from a worker thread; an add that comes meanwhile does not
+    wait for the state's lock on the loop (the edge's too): it is saved once the batch is done."""
+    async with lab_with(tmp_path, world, certs, []) as lab:
+        writing, done = threading.Event(), threading.Event()
+
+        def slow_batch() -> None:  # a write of another thread, held open until the test says
+            if threading.current_thread() is not threading.main_thread():
+                writing.set()
+                done.wait(10)
+
+        lab.state.before_write = slow_batch
+        other = asyncio.ensure_future(asyncio.to_thread(lab.state.set, "note", "from a worker"))
+        while not writing.is_set():
+            await asyncio.sleep(0.001)
+        add = asyncio.ensure_future(lab.control._register([{"hostname": "wait.newshop.test", "zone": ZONE}]))
+        turns = 0
+        for _ in range(50):  # the loop keeps turning (it would hang here if the add held it)
+            await asyncio.sleep(0.001)
+            turns += 1
+        assert turns == 50 and not add.done() and "wait.newshop.test" not in lab.world.hostnames
+        done.set()
+        assert [h.name for h in await add] == ["wait.newshop.test"] and await other is None
+        assert lab.state.hostname("wait.newshop.test").status == "pending"
 
 
 def test_with_checkpoints_apart_a_commit_only_appends_and_the_checkpointer_copies(tmp_path):
