@@ -183,7 +183,8 @@ class Fold:
 
     def _conn(self, conn: str) -> dict:
         c = self._conns.get(conn)
-        if c is None:  # its requests (trace -> None, the newest kept: an HTTP/2 connection may carry millions), from the first
+        # Its requests, from the first: trace -> None, the newest kept (an HTTP/2 connection may carry millions).
+        if c is None:
             c = self._conns[conn] = {"requests": ()}
         return c
 

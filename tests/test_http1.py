@@ -466,8 +466,8 @@ async def test_head_refusal_sends_no_body(lab):
 
 
 @pytest.mark.parametrize("last", ["HTTP/1.1\r\nConnection: close", "HTTP/1.0"], ids=["close", "http10"])
-@pytest.mark.parametrize("after", ["GET / HTTP/1.1\r\nHost: {host}\r\nX-Lab-Trace: {trace}\r\n\r\n", "\x16\x03garbage\r\n\r\n"],
-                         ids=["request", "garbage"])
+@pytest.mark.parametrize("after", ["GET / HTTP/1.1\r\nHost: {host}\r\nX-Lab-Trace: {trace}\r\n\r\n",
+                                   "\x16\x03garbage\r\n\r\n"], ids=["request", "garbage"])
 async def test_nothing_after_a_last_request_is_read(lab, last, after, request):
     """Sent in the same write as a last request: neither answered nor forwarded, not even refused."""
     trace = f"t-last-{abs(hash(request.node.name)) % 10**8}"
