@@ -56,7 +56,23 @@ class Events:
         self.field_limit = field_limit
 
     def emit(self, kind: str, trace: str | None = None, **data: Any) -> Event:
-        return self.publish(self._prepare(kind, trace, data))
+        # `prepare` and `publish` in one frame: on every connection's path, several times.
+        limit = self.field_limit
+        if trace is not None and (type(trace) is not str or len(trace) > limit):
+            trace = bounded(trace, limit)
+        event = {"id": next(self._ids), "ts": time.time(), "kind": kind, "trace": trace}
+        for k, v in data.items():  # `bound`, the common cases without a call
+            t = type(v)
+            if t is str:
+                event[k] = v if len(v) <= limit else bounded(v, limit)
+            elif t is int or v is None or t is bool:
+                event[k] = v
+            else:
+                event[k] = bounded(v, limit)
+        self._buf.append(event)
+        for sub in self._subscribers:
+            sub(event)
+        return event
 
     def prepare(self, kind: str, trace: str | None = None, **data: Any) -> Event:
         """An event with its id and time, not yet told: to store it first (State.save_hostname)."""

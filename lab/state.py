@@ -123,6 +123,10 @@ class State:
         # seam for tests of a full or read-only disk where no such disk can be made).
         self.before_write: Any = None
         self._written_with_hostname: set[int] = set()  # event ids save_hostname stored, until the sink offers them
+        # Stored event data in bytes, kept as this (the only writing) connection adds and prunes, so a
+        # pruning reads only the rows it removes; None: unknown, summed once at the next pruning.
+        self._event_bytes: int | None = None
+        self._event_bytes_tx = 0  # what the open transaction adds (or, None, makes unknown), counted at COMMIT
         self._db: sqlite3.Connection | None = None
         self._checkpoint_lock = threading.Lock()
         self._checkpointer: sqlite3.Connection | None = None  # checkpoint()'s own connection
@@ -252,11 +256,15 @@ class State:
         with self._lock, self._errors():
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
+            self._event_bytes_tx = 0
             try:
                 if self.before_write is not None:
                     self.before_write()
                 yield db
                 db.execute("COMMIT")
+                if self._event_bytes is not None:
+                    delta = self._event_bytes_tx
+                    self._event_bytes = None if delta is None else self._event_bytes + delta
             except BaseException:
                 if db.in_transaction:  # SQLite may already have rolled back (disk full, ...)
                     db.execute("ROLLBACK")
@@ -412,7 +420,8 @@ class State:
 
     def _hostname_events(self, db: sqlite3.Connection, events: list[Event]) -> None:
         if events:
-            db.executemany(INSERT_EVENT, event_rows(events))
+            rows = event_rows(events)
+            self._count_event_bytes(len(rows), db.executemany(INSERT_EVENT, rows).rowcount, rows)
             self._written_with_hostname.update(e["id"] for e in events)
 
     # -- DNS admin -----------------------------------------------------------------
@@ -509,9 +518,17 @@ class State:
         with self._tx() as db:
             # executemany's rowcount sums the rows each statement inserted.
             stored = db.executemany(INSERT_EVENT, rows).rowcount
-            ours = self._written_with_hostname & {r[0] for r in rows}
-            self._written_with_hostname -= ours
+            ours = self._written_with_hostname & {r[0] for r in rows} if self._written_with_hostname else ()
+            if ours:  # stored (and counted) with their hostname: skipped here
+                self._written_with_hostname -= ours
+                rows = [r for r in rows if r[0] not in ours]
+            self._count_event_bytes(len(rows), stored, rows)
             return stored + len(ours)
+
+    def _count_event_bytes(self, offered: int, stored: int, rows: list[tuple]) -> None:
+        if self._event_bytes_tx is not None:
+            # Some other id was already stored: which rows were is unknown, so is the sum.
+            self._event_bytes_tx = None if stored != offered else self._event_bytes_tx + sum(len(r[4]) for r in rows)
 
     def events(self, since: int = 0, limit: int = 1000) -> list[Event]:
         rows = self._read("SELECT id, ts, kind, trace, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
@@ -540,15 +557,23 @@ class State:
 
     def prune_events(self, keep: int, keep_bytes: int | None = None) -> int:
         """Forget all but the newest `keep` events, and the oldest beyond `keep_bytes` of
-        stored data: a load test (or a flood of long paths) must not fill the disk."""
+        stored data: a load test (or a flood of long paths) must not fill the disk. Reads only
+        the rows it removes (the stored total is counted as events are written)."""
         with self._tx() as db:
-            gone = db.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (keep,)).rowcount
-            if keep_bytes is not None:
-                # The newest event at which the running total, newest first, passes the budget.
-                row = db.execute("SELECT id FROM (SELECT id, SUM(length(data)) OVER (ORDER BY id DESC) AS total "
-                                 "FROM events) WHERE total > ? LIMIT 1", (keep_bytes,)).fetchone()
+            total = self._event_bytes
+            if total is None:
+                total = db.execute("SELECT coalesce(sum(length(data)), 0) FROM events").fetchone()[0]
+            cut = db.execute("SELECT coalesce(max(id), 0) - ? FROM events", (keep,)).fetchone()[0]
+            freed = db.execute("SELECT coalesce(sum(length(data)), 0) FROM events WHERE id <= ?", (cut,)).fetchone()[0]
+            if keep_bytes is not None and total - freed > keep_bytes:
+                # Oldest first, the event whose removal brings the rest within the budget (SQLite stops there).
+                row = db.execute("SELECT id, total FROM (SELECT id, sum(length(data)) OVER (ORDER BY id) AS total "
+                                 "FROM events WHERE id > ?) WHERE total >= ? LIMIT 1",
+                                 (cut, total - freed - keep_bytes)).fetchone()
                 if row is not None:
-                    gone += db.execute("DELETE FROM events WHERE id <= ?", (row[0],)).rowcount
+                    cut, freed = row[0], freed + row[1]
+            gone = db.execute("DELETE FROM events WHERE id <= ?", (cut,)).rowcount
+            self._event_bytes, self._event_bytes_tx = total, -freed  # the total before, what COMMIT takes off
             return gone
 
     def event_bytes(self) -> int:
@@ -565,6 +590,7 @@ class State:
         with self._tx() as db:
             for table in TABLES:
                 db.execute(f"DELETE FROM {table}")
+            self._event_bytes = None  # summed again (nothing) at the next pruning
 
 
 def _event(row: sqlite3.Row) -> Event:

@@ -43,6 +43,7 @@ from lab.topology import World
 INTERNAL = "lab-internal-"  # trace prefix of the lab's own requests (the live page's loot fetch)
 KEEP = 1000  # strips kept; each index holds at most twice that
 _PER_REQUEST = frozenset({"route.decision", "origin.hit", "origin.error"})
+_TLS_SLOTS = {"tls.clienthello": "hello", "tls.cert": "cert", "tls.error": "error"}  # where a connection keeps each
 
 Event = dict[str, Any]
 
@@ -63,8 +64,8 @@ class _Bounded(dict):
         self.cap = cap
 
     def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        while len(self) > self.cap:
+        dict.__setitem__(self, key, value)
+        if len(self) > self.cap:  # one entry at a time comes in
             del self[next(iter(self))]
 
 
@@ -156,8 +157,9 @@ class Fold:
         conn = e.get("conn")
         if conn:
             c = self._conn(conn)
-            if not c["requests"]:
+            if not c["requests"]:  # its first request: the connection is no strip of its own any more
                 removed |= self._hide("c:" + conn)
+                c["requests"] = _Bounded(self._requests.cap)
             c["requests"][trace] = None
         if not e.get("origin") or trace in self._origin:  # the edge answered itself, or the origin already did
             self._complete(key, world)
@@ -165,9 +167,10 @@ class Fold:
 
     def _tls(self, e: Event, conn: str, world: World) -> tuple[set[str], set[str]]:
         c = self._conn(conn)
-        c[e["kind"].removeprefix("tls.").replace("clienthello", "hello")] = e
+        kind = e["kind"]
+        c[_TLS_SLOTS[kind]] = e
         removed: set[str] = set()
-        if e["kind"] == "tls.clienthello" and e.get("peer"):
+        if kind == "tls.clienthello" and e.get("peer"):
             self._conn_at[e["peer"]] = conn
             tunnel = self._tunnel_at.get(e["peer"])
             if tunnel is not None:
@@ -175,13 +178,14 @@ class Fold:
         if c["requests"]:
             return {"r:" + t for t in c["requests"] if t in self._requests}, removed
         key = "c:" + conn
-        self._show(key, e["id"], world if e["kind"] == "tls.error" else None)
+        self._show(key, e["id"], world if kind == "tls.error" else None)
         return {key}, removed
 
     def _conn(self, conn: str) -> dict:
         c = self._conns.get(conn)
-        if c is None:  # its requests: trace -> None, the newest kept (an HTTP/2 connection may carry millions)
-            c = self._conns[conn] = {"requests": _Bounded(self._requests.cap)}
+        # Its requests, from the first: trace -> None, the newest kept (an HTTP/2 connection may carry millions).
+        if c is None:
+            c = self._conns[conn] = {"requests": ()}
         return c
 
     def _show(self, key: str, event_id: int, completed: World | None = None) -> None:

@@ -463,3 +463,23 @@ async def test_head_refusal_sends_no_body(lab):
         assert status == 200 and headers["x-lab-origin"] == "victim"
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("last", ["HTTP/1.1\r\nConnection: close", "HTTP/1.0"], ids=["close", "http10"])
+@pytest.mark.parametrize("after", ["GET / HTTP/1.1\r\nHost: {host}\r\nX-Lab-Trace: {trace}\r\n\r\n",
+                                   "\x16\x03garbage\r\n\r\n"], ids=["request", "garbage"])
+async def test_nothing_after_a_last_request_is_read(lab, last, after, request):
+    """Sent in the same write as a last request: neither answered nor forwarded, not even refused."""
+    trace = f"t-last-{abs(hash(request.node.name)) % 10**8}"
+    reader, writer = await connect(lab)
+    try:
+        writer.write((f"GET / {last}\r\nHost: {HOST}\r\nX-Lab-Trace: {trace}\r\n\r\n"
+                      + after.format(host=HOST, trace=trace + "-after")).encode("latin-1"))
+        status, headers, _ = await read_response(reader)
+        assert status == 200
+        assert await closed_by_peer(reader) == b""
+    finally:
+        writer.close()
+    (decision,) = [e for e in lab.events.trace(trace) if e["kind"] == "route.decision"]
+    assert [e for e in lab.events.since(0) if e["kind"] == "route.decision" and e["conn"] == decision["conn"]] \
+        == [decision]

@@ -392,6 +392,63 @@ def test_event_log_pruned_by_bytes_keeps_the_newest(tmp_path):
         assert st.prune_events(1000, keep_bytes=10 * one) == 0
 
 
+def test_pruning_keeps_what_fits_as_events_come_and_go(tmp_path):
+    """The stored total is counted as rows come and go, not summed per pruning: through skipped
+    rows, a failed write, events stored with their hostname and prunings, each pruning keeps
+    exactly the newest events that fit both budgets (as summing the table would say)."""
+    budget, keep = 30_000, 120
+    with State(tmp_path) as st:
+        def stored():
+            db = sqlite3.connect(tmp_path / DB_NAME)
+            try:
+                return db.execute("SELECT id, length(data) FROM events ORDER BY id DESC").fetchall()
+            finally:
+                db.close()
+
+        next_id = 1
+        for n in range(40):
+            batch = [{"id": next_id + i, "ts": 0.0, "kind": "origin.hit", "trace": None, "pad": "p" * (i * 37 % 900)}
+                     for i in range(40)]
+            next_id += len(batch)
+            st.add_events(batch)
+            if n % 13 == 6:  # stored already: nothing added (which rows, SQLite does not say: summed again)
+                assert st.add_events(batch[-3:]) == 0
+            if n % 9 == 4:  # a write that fails leaves nothing, counted or stored
+                st.before_write = lambda: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error"))
+                with pytest.raises(StateError):
+                    st.add_events([{"id": next_id, "ts": 0.0, "kind": "origin.hit", "trace": None, "pad": "x" * 5000}])
+                st.before_write = None
+            if n % 7 == 3:  # stored with its hostname, then offered again by the sink
+                event = {"id": next_id, "ts": 0.0, "kind": "hostname.status", "trace": None, "pad": "h" * 700}
+                st.save_hostname(hostname(f"h{n}", name=f"www{n}.newshop.test"), event)
+                assert st.add_events([event]) == 1
+                next_id += 1
+            rows, total, expected = stored(), 0, set()
+            for id_, size in rows:  # newest first, while both budgets hold
+                if len(expected) == keep or total + size > budget:
+                    break
+                total += size
+                expected.add(id_)
+            st.prune_events(keep, keep_bytes=budget)
+            assert {id_ for id_, _ in stored()} == expected
+        assert 0 < st.event_bytes() <= budget
+        # A pruning reads the rows it removes, not the table: as many steps with 10x more rows kept.
+        steps = []
+        for size in (2_000, 20_000):
+            st.add_events([{"id": next_id + i, "ts": 0.0, "kind": "origin.hit", "trace": None} for i in range(size)])
+            next_id += size
+            st.prune_events(size)
+            event = {"id": next_id, "ts": 0.0, "kind": "hostname.status", "trace": None}
+            st.save_hostname(hostname(f"big{size}", name=f"big{size}.newshop.test"), event)
+            st.add_events([event] + [{"id": next_id + i, "ts": 0.0, "kind": "origin.hit", "trace": None}
+                                     for i in range(1, 50)])
+            next_id += 50
+            with st.counting() as seen:
+                assert st.prune_events(size, keep_bytes=10**9) == 50
+            steps.append(seen["steps"])
+        assert steps[1] < 1.5 * steps[0], steps
+
+
 def test_a_schema_1_database_is_migrated_and_keeps_its_hostnames(tmp_path):
     from lab.state import APPLICATION_ID, SCHEMA
 

@@ -167,7 +167,8 @@ class H1Protocol(asyncio.Protocol):
                 if not self.stopped:  # not one of our _Stop: a bug here, to be seen
                     raise
             except httptools.HttpParserError as e:
-                self._refuse(Malformed(str(e) or "bad request"))
+                if not self.stopped:  # else: bytes after a last request (llhttp refuses them), dropped
+                    self._refuse(Malformed(str(e) or "bad request"))
             msg = self.msg
             if msg is not None and not msg.in_body and not self.stopped:
                 # httptools holds a header field it has not finished; this bounds it.
@@ -290,8 +291,9 @@ class H1Protocol(asyncio.Protocol):
                           path_qs, headers, bytes(msg.body))
         self.queue.append((req, not msg.keep_alive, msg.version))
         if not msg.keep_alive:
+            # The last request: llhttp itself refuses what follows (no _Stop: raising through
+            # the parser costs more than the rest of a small request's parse).
             self.stopped = True
-            raise _Stop
 
     # ---- refusals -------------------------------------------------------------
     def _refuse(self, problem: Malformed, *, linger: bool = True) -> None:
