@@ -104,10 +104,11 @@ def _waf(world: World, zone: Zone, host: str | None, sni: str | None, listener: 
          allowlist: bool) -> waf.RuleHit | None:
     authorized = world.authorized_hosts(zone)
     wildcard = wildcard_of(host) if host else None
-    if wildcard in authorized:  # an active wildcard custom hostname authorizes the names it covers
-        authorized += (host,)
+    # An active wildcard custom hostname authorizes the names it covers.
+    covered = host if wildcard in authorized else None
     return waf.evaluate(zone.rules, zone=zone.name, authorized=authorized, host=host or "",
-                        sni=sni or "", dst=listener.host, path=path, include_allowlist=allowlist)
+                        sni=sni or "", dst=listener.host, path=path, include_allowlist=allowlist,
+                        covered=covered)
 
 
 def _blocked(model: str, zone: Zone, hit: waf.RuleHit, host: str | None) -> Decision:

@@ -143,12 +143,14 @@ def _zone_context(name: str, authorized: tuple[str, ...] | None) -> _ZoneContext
 
 
 def evaluate(rules: tuple[Rule, ...], *, zone: str, authorized: tuple[str, ...], host: str, sni: str, dst: str,
-             path: str, include_allowlist: bool) -> RuleHit | None:
+             path: str, include_allowlist: bool, covered: str | None = None) -> RuleHit | None:
     """Run zone `zone`'s rules in order (then the allowlist rule if asked): the first `block`
     match returns a RuleHit, the first `allow` match returns None. Never raises: a rule
     that cannot be compiled or evaluated, or does not yield a bool, blocks (fail closed).
     `authorized`: a tuple of names; membership is asked of it with `in`, so a `topology.Names`
-    (a set made once per change of the index) answers the allowlist in O(1)."""
+    (a set made once per change of the index) answers the allowlist in O(1). `covered`: a name
+    an active wildcard custom hostname authorizes; it counts as one of `authorized` without
+    copying them (a rule that reads `zone.authorized` sees it there too)."""
     try:
         compiled = compile_rules(zone, rules)
     except WafError as e:  # the world loader should have caught it; refuse rather than guess
@@ -156,7 +158,10 @@ def evaluate(rules: tuple[Rule, ...], *, zone: str, authorized: tuple[str, ...],
     if compiled.rules:
         request = {"http": {"host": host or "", "path": path or ""}, "ssl": {"sni": sni or ""},
                    "ip": {"dst": dst or ""}}
-        zc = _zone_context(zone, authorized if compiled.reads_authorized else None)
+        names = None
+        if compiled.reads_authorized:
+            names = (*authorized, covered) if covered and covered not in authorized else authorized
+        zc = _zone_context(zone, names)
         with zc.lock:
             for name in compiled.needs:
                 zc.ctx.add_variable(name, request[name])
@@ -172,6 +177,6 @@ def evaluate(rules: tuple[Rule, ...], *, zone: str, authorized: tuple[str, ...],
                     if rule.action == "allow":
                         return None
                     return RuleHit(rule.id, "block", rule.description or f"blocked by rule {rule.id}")
-    if include_allowlist and (host or "") not in authorized:  # ALLOWLIST_EXPRESSION
+    if include_allowlist and (host or "") != covered and (host or "") not in authorized:  # ALLOWLIST_EXPRESSION
         return _ALLOWLIST_HIT
     return None

@@ -231,3 +231,24 @@ def _count(monkeypatch, module, name: str) -> list:
 
     monkeypatch.setattr(module, name, counting, raising=False)
     return calls
+
+
+def test_a_name_an_active_wildcard_covers_passes_without_copying_the_allowlist(world, monkeypatch):
+    from lab.policy import Target, decide
+    names = [f"h{i:05d}.newshop.test" for i in range(10_000)]
+    hostnames = tuple(CustomHostname(n, SAAS, "active") for n in names) + (CustomHostname("*.wild.test", SAAS, "active"),)
+    w = world.with_hostnames(world.custom_hostnames + hostnames)
+    saas_v1 = w.listener_by_name["saas-v1"]
+    sets = _count(monkeypatch, topology, "frozenset")
+    handed, real_evaluate = [], waf.evaluate
+    monkeypatch.setattr(waf, "evaluate", lambda *a, **kw: handed.append(kw["authorized"]) or real_evaluate(*a, **kw))
+    for i in range(50):
+        d = decide(saas_v1, "app.saas.example", Target((f"shop{i}.wild.test",)), w, "v1-waf")
+        assert d.origin == "saas", d
+    assert decide(saas_v1, "app.saas.example", Target(("wild.test",)), w, "v1-waf").status == 403  # not covered
+    assert len(sets) == 1  # one set of the zone's names for all 51 requests, never a copy of them
+    assert all(a is w.authorized_hosts(w.zone_by_name[SAAS]) for a in handed) and len(handed) == 51
+    # a rule that reads zone.authorized sees the covered name too
+    w, z = with_rules(w, WafRule("known", 'http.host in zone.authorized && http.path == "/known"'))
+    assert waf.evaluate(z.rules, zone=SAAS, authorized=w.authorized_hosts(z), host="a.wild.test", sni="", dst="",
+                        path="/known", include_allowlist=False, covered="a.wild.test").rule_id == "known"
