@@ -694,7 +694,8 @@ def run_h2(load: Load, run: Run, url: str, connect: str, server_pgid: int, lab_p
     rate = warm / max(time.monotonic() - t0, 0.05)
     n = min(args.h2_requests, max(int(rate * args.h2_max_s), 1000))
     if n < args.h2_requests:
-        run.note = f"{n} requests, not {args.h2_requests}: the warm-up's {rate:.0f} req/s would take over {args.h2_max_s} s"
+        run.note = (f"{n} requests, not {args.h2_requests}: the warm-up's {rate:.0f} req/s would take over "
+                    f"{args.h2_max_s} s")
     return load.measured(run, lambda: load._exec(h2load_cmd(load.h2load, url, connect, n), n / rate * 3 + 30),
                          parse_h2load, server_pgid, lab_pgid)
 

@@ -21,7 +21,7 @@ What a connection may cost is bounded by the world's limits, as nginx bounds it:
 
 h2 is pure Python, so what it does per stream is the edge's floor on HTTP/2: its header
 validation and normalisation are off (the checks are `h2_head`'s, the framing of an
-answer `response_fields`', cookie crumbs are joined here, RFC 9113 8.2.3), and what h2
+answer `response_fields`', cookie crumbs joined by `join_cookies`), and what h2
 has to send goes out in one write per read or per loop iteration, not one per frame.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from lab.edge.contract import H2Head, body_too_large, h2_head, new_request, response_fields, sent_body
+from lab.edge.contract import H2Head, body_too_large, h2_head, join_cookies, new_request, response_fields, sent_body
 from lab.edge.core import EdgeCore, Malformed
 from lab.policy import Target
 
@@ -201,9 +201,7 @@ class H2Protocol(asyncio.Protocol):
             self._control()  # a peer ignoring the limit on purpose is the rapid-reset pattern
             return
         # As HTTP/1: bytes kept as latin-1, so any byte is a rule's matter, never a decode error.
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
-        if any(k == b"cookie" for k, _ in raw):
-            headers = _join_cookies(headers)
+        headers = join_cookies([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw])
         head = h2_head(headers, self.limits)
         stream = self.streams[stream_id] = _Stream(headers, head)
         self.idle_since = None
@@ -252,7 +250,8 @@ class H2Protocol(asyncio.Protocol):
         pseudo = head.pseudo
         path = pseudo[":path"]
         req = new_request(self.state, pseudo[":method"],
-                          Target(hosts=tuple(head.hosts), authority=pseudo.get(":authority"), path=path.split("?", 1)[0]),
+                          Target(hosts=tuple(head.hosts), authority=pseudo.get(":authority"),
+                                 path=path.split("?", 1)[0]),
                           path, head.fields, body)
         exchange = self.core.handle(self.conn.listener, req, lambda response: self._answer(stream_id, response))
         if self.streams.get(stream_id) is stream and stream.out is None:
@@ -403,8 +402,3 @@ class H2Protocol(asyncio.Protocol):
         self._pump()
         self._flush()
 
-
-def _join_cookies(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Cookie crumbs as one field, last, as HTTP/1.1 carries it (RFC 9113 8.2.3; what h2 would do)."""
-    cookies = [v for k, v in headers if k == "cookie"]
-    return [h for h in headers if h[0] != "cookie"] + [("cookie", "; ".join(cookies))]
