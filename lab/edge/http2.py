@@ -401,4 +401,3 @@ class H2Protocol(asyncio.Protocol):
         self._process()
         self._pump()
         self._flush()
-
