@@ -80,8 +80,10 @@ class Recording:
 
     def __init__(self) -> None:
         self.heads: list[str] = []
+        self.writers: set[asyncio.StreamWriter] = set()
 
     async def serve(self, reader, writer) -> None:
+        self.writers.add(writer)
         try:
             while True:
                 self.heads.append((await reader.readuntil(b"\r\n\r\n")).decode("latin-1"))
@@ -90,6 +92,13 @@ class Recording:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    def close(self) -> None:
+        """Ends the connections the edge keeps alive: since Python 3.12.1 `Server.wait_closed`
+        waits for them, and the edge's pool holds an idle one open as long as the origin does."""
+        for writer in list(self.writers):
             writer.close()
 
 
@@ -107,6 +116,7 @@ async def recording(lab):
     finally:
         lab.set_world(saved)
         server.close()
+        origin.close()
         await server.wait_closed()
 
 
