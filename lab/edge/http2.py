@@ -67,7 +67,7 @@ class _Stream:
         self.ended = False  # the client's side is done
         self.receiving = True  # its body still counts towards a request (not yet answered)
         self.exchange = None  # the origin leg, cancelled if the stream goes away
-        self.out: memoryview | None = None  # response body still to send
+        self.out: bytes | memoryview | None = None  # response body still to send
 
 
 class H2Protocol(asyncio.Protocol):
@@ -134,30 +134,36 @@ class H2Protocol(asyncio.Protocol):
 
     # ---- reading ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.pending += data
+        if not self.pending and len(data) <= _SLICE and not self.paused and not self.closed:
+            self._receive(data)  # the usual read: one slice, nothing held back, no copy
+        else:
+            self.pending += data
         self._process()
 
     def _process(self) -> None:
         while self.pending and not self.paused and not self.closed:
             chunk = bytes(self.pending[:_SLICE])
             del self.pending[:_SLICE]
-            try:
-                events = self.h2.receive_data(chunk)
-            except h2.exceptions.ProtocolError:
-                self._flush()  # GOAWAY with the error h2 chose
-                self._close()
-                return
-            for event in events:
-                if not self.settings_seen:
-                    if not isinstance(event, h2.events.RemoteSettingsChanged):
-                        self._goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                        return
-                    self.settings_seen = True
-                self._event(event)
-                if self.closed:
+            self._receive(chunk)
+
+    def _receive(self, chunk: bytes) -> None:
+        try:
+            events = self.h2.receive_data(chunk)
+        except h2.exceptions.ProtocolError:
+            self._flush()  # GOAWAY with the error h2 chose
+            self._close()
+            return
+        for event in events:
+            if not self.settings_seen:
+                if not isinstance(event, h2.events.RemoteSettingsChanged):
+                    self._goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR)
                     return
-            self._unstick()
-            self._flush()
+                self.settings_seen = True
+            self._event(event)
+            if self.closed:
+                return
+        self._unstick()
+        self._flush()
 
     def _event(self, event) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -283,9 +289,10 @@ class H2Protocol(asyncio.Protocol):
             self._finish(stream_id, stream)
             return
         if payload:
-            stream.out = memoryview(payload)
-            self.sending[stream_id] = stream
+            stream.out = payload
             self._send(stream_id, stream)
+            if stream.out is not None and not self.closed:
+                self.sending[stream_id] = stream  # the rest when a window or the transport allows
         else:
             self._finish(stream_id, stream)
         self._soon()
@@ -297,12 +304,17 @@ class H2Protocol(asyncio.Protocol):
 
     def _send(self, stream_id: int, stream: _Stream) -> None:
         while stream.out is not None and not self.paused and not self.closed:
+            out = stream.out
             try:
                 window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
                 if window <= 0:
                     break
-                chunk, stream.out = stream.out[:window], stream.out[window:]
-                self.h2.send_data(stream_id, bytes(chunk), end_stream=not stream.out)
+                if len(out) <= window:  # the rest in one frame, as most answers are: no slicing
+                    chunk, stream.out = bytes(out), None
+                else:
+                    view = memoryview(out)
+                    chunk, stream.out = bytes(view[:window]), view[window:]
+                self.h2.send_data(stream_id, chunk, end_stream=stream.out is None)
                 self.queued += len(chunk)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 stream.out = None
