@@ -60,7 +60,7 @@ TARGET_HANDSHAKES_PER_CPU = 0.8  # handshakes per CPU-second of the proxy proces
 TARGET_READY_S = 1.0
 TARGET_HTTP2 = 0.5
 H2_CONNECTIONS, H2_STREAMS = 8, 10   # h2load -c8 -m10: multiplexed, as a browser is
-H2_REQUESTS = 40000                  # per measurement (--quick: 10000), fewer when the warm-up says it would be slow
+H2_REQUESTS = 40000                  # per measurement (--quick: 3000), fewer when the warm-up says it would be slow
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # LD_PRELOADed into the client for the handshake measurements: no SSL object ever gets a
@@ -688,13 +688,14 @@ def run_h2(load: Load, run: Run, url: str, connect: str, server_pgid: int, lab_p
     """One HTTP/2 measurement of `args.h2_requests` requests; a warm-up first, which also bounds the
     run: fewer requests when that many would take longer than `args.h2_max_s` at the warm-up's rate."""
     args = load.args
-    warm = max(args.h2_requests // 20, 500)
+    warm = max(args.h2_requests // 20, 300)
     t0 = time.monotonic()
     load._exec(h2load_cmd(load.h2load, url, connect, warm), 60)
     rate = warm / max(time.monotonic() - t0, 0.05)
     n = min(args.h2_requests, max(int(rate * args.h2_max_s), 1000))
     if n < args.h2_requests:
-        run.note = f"{n} requests, not {args.h2_requests}: the warm-up's {rate:.0f} req/s would take over {args.h2_max_s} s"
+        run.note = (f"{n} requests, not {args.h2_requests}: the warm-up's {rate:.0f} req/s would take over "
+                    f"{args.h2_max_s} s")
     return load.measured(run, lambda: load._exec(h2load_cmd(load.h2load, url, connect, n), n / rate * 3 + 30),
                          parse_h2load, server_pgid, lab_pgid)
 
@@ -715,7 +716,7 @@ def profile_edge(load: Load, procs: Procs, lab: LabProc, url: str, ip: str, port
     connect = f"{ip}:{port}"
     load._close_rate = None
     if http2:  # h2load has no timed mode worth using here: runs of a size that lasts about `seconds`, until it ends
-        n = max(load.args.h2_requests // 20, 500)
+        n = max(load.args.h2_requests // 20, 300)
         t0 = time.monotonic()
         load._exec(h2load_cmd(load.h2load, url, connect, n), 60)
         n = max(int(n / max(time.monotonic() - t0, 0.05) * seconds / 4), 500)
@@ -1254,9 +1255,9 @@ def main(argv: list[str] | None = None) -> int:
                         "http2: under h2load)")
     p.add_argument("--profile-out", metavar="FILE",
                    help="keep py-spy's collapsed stacks in FILE (with both loads, the handshakes' in FILE-handshakes)")
-    p.add_argument("--h2-requests", type=int, help=f"HTTP/2 requests per measurement (default {H2_REQUESTS}; --quick 5000)")
+    p.add_argument("--h2-requests", type=int, help=f"HTTP/2 requests per measurement (default {H2_REQUESTS}; --quick 3000)")
     p.add_argument("--h2-max-s", type=int, help="fewer HTTP/2 requests when the warm-up says they would take longer "
-                                                "(default 60 s; --quick 4 s)")
+                                                "(default 30 s; --quick 2 s)")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames (OpenSSL, uvloop) too")
     p.add_argument("--check", action="store_true", help="exit 1 when a project target is missed")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -1266,9 +1267,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration is None:
         args.duration = 2 if args.quick else 8
     if args.h2_requests is None:
-        args.h2_requests = 5000 if args.quick else H2_REQUESTS
+        args.h2_requests = 3000 if args.quick else H2_REQUESTS
     if args.h2_max_s is None:
-        args.h2_max_s = 4 if args.quick else 60
+        args.h2_max_s = 2 if args.quick else 30
     if args.quick:
         args.warmup = min(args.warmup, 1)
     try:

@@ -75,11 +75,69 @@ async def hung(lab):
         await server.wait_closed()
 
 
+class Recording:
+    """An origin that answers every request 200 and keeps the request heads it read."""
+
+    def __init__(self) -> None:
+        self.heads: list[str] = []
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def serve(self, reader, writer) -> None:
+        self.writers.add(writer)
+        try:
+            while True:
+                self.heads.append((await reader.readuntil(b"\r\n\r\n")).decode("latin-1"))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Lab-Origin: victim\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    def close(self) -> None:
+        """Ends the connections the edge keeps alive: since Python 3.12.1 `Server.wait_closed`
+        waits for them, and the edge's pool holds an idle one open as long as the origin does."""
+        for writer in list(self.writers):
+            writer.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def recording(lab):
+    """Origin `victim` replaced by one that records what the edge forwards."""
+    origin = Recording()
+    server = await asyncio.start_server(origin.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    saved = lab.world
+    lab.set_world(dataclasses.replace(saved, origins=tuple(
+        dataclasses.replace(o, host="127.0.0.1", port=port) if o.name == "victim" else o for o in saved.origins)))
+    try:
+        yield origin
+    finally:
+        lab.set_world(saved)
+        server.close()
+        origin.close()
+        await server.wait_closed()
+
+
 def edge_side(lab) -> list[H2Protocol]:
     return [c.app for c in lab.edge.connections if isinstance(c.app, H2Protocol)]
 
 
 # ---- streams, bodies, floods, origin legs: the native engine's h2 stack (mitmproxy has its own) ----
+
+async def test_cookie_crumbs_reach_an_http1_origin_as_one_field(lab, recording):
+    # RFC 9113 8.2.3: a client may split Cookie into crumbs; HTTP/1.1 carries one field, "; "-joined.
+    peer = await Peer.open(lab)
+    sids = [peer.request(get() + [("cookie", "a=1"), ("accept", "*/*"), ("cookie", "b=2")]),
+            peer.request(get() + [("cookie", "session=x")]), peer.request(get())]
+    await peer.until(lambda: all(peer.done(s) for s in sids))
+    peer.close()
+    assert [peer.status[s] for s in sids] == [200] * 3
+    cookies = sorted([line for line in head.split("\r\n") if line.lower().startswith("cookie:")]
+                     for head in recording.heads)
+    assert cookies == [[], ["cookie: a=1; b=2"], ["cookie: session=x"]]
+
 
 @NATIVE_ONLY
 async def test_the_stream_beyond_the_limit_is_refused_and_the_others_answered(lab):

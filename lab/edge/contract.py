@@ -9,7 +9,8 @@ everything a user could tell apart between them is here, and both import it:
   `world.limits`, and the `tls.clienthello` / `tls.cert` / `tls.error` events, which carry
   the peer's "ip:port" (`lab.strips` joins it to the browser proxy's `proxy.tunnel`);
 - `new_request`: a carrier's parsed request as `EdgeCore` takes it, with its trace;
-- `h1_head` and `h2_head` (`h2_malformed`): the edge's request-head checks, HTTP/1 and HTTP/2;
+- `h1_head` and `h2_head` (`h2_malformed`): the edge's request-head checks, HTTP/1 and HTTP/2,
+  and `join_cookies`, an HTTP/2 request's cookie crumbs as one field for the origin;
 - `body_too_large`: the one body limit (`limits.max_body`), declared or as it arrives;
 - `response_fields`, `reason` and `sent_body`: how an answer is framed (Content-Length
   always, no connection-specific field, `Connection: close` where HTTP/1 closes, no body
@@ -340,6 +341,15 @@ def _h2_request_line(pseudo: dict[str, str]) -> Malformed | None:
     if (" " in path or not path.isprintable()) and any(c <= " " or c == "\x7f" for c in path):
         return Malformed("space or control character in :path")
     return None
+
+
+def join_cookies(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """An HTTP/2 request's cookie crumbs as the one field HTTP/1.1 carries: "; "-joined, last
+    (RFC 9113 8.2.3, as h2 joins them). Before `h2_head`, so its limits count the joined field."""
+    if not any(k == "cookie" for k, _ in headers):
+        return headers
+    cookies = [v for k, v in headers if k == "cookie"]
+    return [h for h in headers if h[0] != "cookie"] + [("cookie", "; ".join(cookies))]
 
 
 def h2_malformed(headers: list[tuple[str, str]], limits: Limits | None = None) -> Malformed | None:

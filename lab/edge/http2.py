@@ -21,7 +21,7 @@ What a connection may cost is bounded by the world's limits, as nginx bounds it:
 
 h2 is pure Python, so what it does per stream is the edge's floor on HTTP/2: its header
 validation and normalisation are off (the checks are `h2_head`'s, the framing of an
-answer `response_fields`', cookie crumbs are joined here, RFC 9113 8.2.3), and what h2
+answer `response_fields`', cookie crumbs joined by `join_cookies`), and what h2
 has to send goes out in one write per read or per loop iteration, not one per frame.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from lab.edge.contract import H2Head, body_too_large, h2_head, new_request, response_fields, sent_body
+from lab.edge.contract import H2Head, body_too_large, h2_head, join_cookies, new_request, response_fields, sent_body
 from lab.edge.core import EdgeCore, Malformed
 from lab.policy import Target
 
@@ -67,7 +67,7 @@ class _Stream:
         self.ended = False  # the client's side is done
         self.receiving = True  # its body still counts towards a request (not yet answered)
         self.exchange = None  # the origin leg, cancelled if the stream goes away
-        self.out: memoryview | None = None  # response body still to send
+        self.out: bytes | memoryview | None = None  # response body still to send
 
 
 class H2Protocol(asyncio.Protocol):
@@ -134,30 +134,36 @@ class H2Protocol(asyncio.Protocol):
 
     # ---- reading ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.pending += data
+        if not self.pending and len(data) <= _SLICE and not self.paused and not self.closed:
+            self._receive(data)  # the usual read: one slice, nothing held back, no copy
+        else:
+            self.pending += data
         self._process()
 
     def _process(self) -> None:
         while self.pending and not self.paused and not self.closed:
             chunk = bytes(self.pending[:_SLICE])
             del self.pending[:_SLICE]
-            try:
-                events = self.h2.receive_data(chunk)
-            except h2.exceptions.ProtocolError:
-                self._flush()  # GOAWAY with the error h2 chose
-                self._close()
-                return
-            for event in events:
-                if not self.settings_seen:
-                    if not isinstance(event, h2.events.RemoteSettingsChanged):
-                        self._goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                        return
-                    self.settings_seen = True
-                self._event(event)
-                if self.closed:
+            self._receive(chunk)
+
+    def _receive(self, chunk: bytes) -> None:
+        try:
+            events = self.h2.receive_data(chunk)
+        except h2.exceptions.ProtocolError:
+            self._flush()  # GOAWAY with the error h2 chose
+            self._close()
+            return
+        for event in events:
+            if not self.settings_seen:
+                if not isinstance(event, h2.events.RemoteSettingsChanged):
+                    self._goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR)
                     return
-            self._unstick()
-            self._flush()
+                self.settings_seen = True
+            self._event(event)
+            if self.closed:
+                return
+        self._unstick()
+        self._flush()
 
     def _event(self, event) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -201,9 +207,7 @@ class H2Protocol(asyncio.Protocol):
             self._control()  # a peer ignoring the limit on purpose is the rapid-reset pattern
             return
         # As HTTP/1: bytes kept as latin-1, so any byte is a rule's matter, never a decode error.
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
-        if any(k == b"cookie" for k, _ in raw):
-            headers = _join_cookies(headers)
+        headers = join_cookies([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw])
         head = h2_head(headers, self.limits)
         stream = self.streams[stream_id] = _Stream(headers, head)
         self.idle_since = None
@@ -252,7 +256,8 @@ class H2Protocol(asyncio.Protocol):
         pseudo = head.pseudo
         path = pseudo[":path"]
         req = new_request(self.state, pseudo[":method"],
-                          Target(hosts=tuple(head.hosts), authority=pseudo.get(":authority"), path=path.split("?", 1)[0]),
+                          Target(hosts=tuple(head.hosts), authority=pseudo.get(":authority"),
+                                 path=path.split("?", 1)[0]),
                           path, head.fields, body)
         exchange = self.core.handle(self.conn.listener, req, lambda response: self._answer(stream_id, response))
         if self.streams.get(stream_id) is stream and stream.out is None:
@@ -284,9 +289,10 @@ class H2Protocol(asyncio.Protocol):
             self._finish(stream_id, stream)
             return
         if payload:
-            stream.out = memoryview(payload)
-            self.sending[stream_id] = stream
+            stream.out = payload
             self._send(stream_id, stream)
+            if stream.out is not None and not self.closed:
+                self.sending[stream_id] = stream  # the rest when a window or the transport allows
         else:
             self._finish(stream_id, stream)
         self._soon()
@@ -298,12 +304,17 @@ class H2Protocol(asyncio.Protocol):
 
     def _send(self, stream_id: int, stream: _Stream) -> None:
         while stream.out is not None and not self.paused and not self.closed:
+            out = stream.out
             try:
                 window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
                 if window <= 0:
                     break
-                chunk, stream.out = stream.out[:window], stream.out[window:]
-                self.h2.send_data(stream_id, bytes(chunk), end_stream=not stream.out)
+                if len(out) <= window:  # the rest in one frame, as most answers are: no slicing
+                    chunk, stream.out = bytes(out), None
+                else:
+                    view = memoryview(out)
+                    chunk, stream.out = bytes(view[:window]), view[window:]
+                self.h2.send_data(stream_id, chunk, end_stream=stream.out is None)
                 self.queued += len(chunk)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 stream.out = None
@@ -402,9 +413,3 @@ class H2Protocol(asyncio.Protocol):
         self._process()
         self._pump()
         self._flush()
-
-
-def _join_cookies(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Cookie crumbs as one field, last, as HTTP/1.1 carries it (RFC 9113 8.2.3; what h2 would do)."""
-    cookies = [v for k, v in headers if k == "cookie"]
-    return [h for h in headers if h[0] != "cookie"] + [("cookie", "; ".join(cookies))]

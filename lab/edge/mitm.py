@@ -64,8 +64,8 @@ from OpenSSL import SSL
 from lab.binding import bind_error
 from lab.edge import hello, pages
 from lab.edge.certstore import ALPN, MIN_VERSION, TLS12_CIPHERS, refusal
-from lab.edge.contract import (ConnState, Engine, h1_head, h2_malformed, new_request, reason, response_fields,
-                               sent_body)
+from lab.edge.contract import (ConnState, Engine, h1_head, h2_malformed, join_cookies, new_request, reason,
+                               response_fields, sent_body)
 from lab.edge.core import Malformed, Request, absolute_authority
 from lab.events import Events
 from lab.pki import LabCA
@@ -408,6 +408,7 @@ def _lab_request(flow: http.HTTPFlow, st: _Conn) -> Request:
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields]
     path_qs = r.path
     if r.is_http2 or r.is_http3:
+        headers = join_cookies(headers)
         authority, absolute = r.authority or None, None  # :authority
     else:
         # mitmproxy keeps an HTTP/1 request target's authority only for the absolute form.
@@ -433,8 +434,8 @@ def _malformed(flow: http.HTTPFlow, limits: Limits) -> Malformed | None:
         pseudo = [(":method", r.method), (":scheme", "https")]
         pseudo += [(":authority", r.authority)] if r.authority else []
         pseudo += [(":path", r.path)]
-        return h2_malformed(pseudo + [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields],
-                            limits)
+        fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields]
+        return h2_malformed(join_cookies(pseudo + fields), limits)
     fields = r.headers.fields
     upgrade = "upgrade" in r.headers and "upgrade" in r.headers.get("connection", "").lower()
     head = h1_head(r.data.method, r.http_version.removeprefix("HTTP/"), fields, limits, upgrade)

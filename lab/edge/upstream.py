@@ -32,7 +32,6 @@ class Failure:
 
 
 Done = Callable[[object], None]  # called once, with (status, headers, body) or a Failure
-_FRAMING_INITIALS = frozenset("cCtT")  # of content-length, connection, transfer-encoding
 
 
 class _ResponseReader:
@@ -71,22 +70,20 @@ class _ResponseReader:
                 continue  # interim response: the final one follows
             self.status = status
             http10 = parts[0] == "HTTP/1.0"
-            headers = self.headers
             for line in lines[1:]:
                 name, sep, value = line.partition(":")
                 if not sep:
                     raise ValueError("bad header line")
                 name, value = name.strip(), value.strip()
-                headers.append((name, value))
-                if name[:1] in _FRAMING_INITIALS:  # few names need a look: not lower() for every one
-                    low = name.lower()
-                    if low == "content-length":
-                        self.length = int(value)
-                    elif low == "transfer-encoding":
-                        self.chunked = "chunked" in value.lower()
-                    elif low == "connection":
-                        self.keep_alive = "close" not in value.lower() and (not http10 or "keep-alive" in value.lower())
-            if http10 and not any(n.lower() == "connection" for n, _ in headers):
+                low = name.lower()
+                if low == "content-length":
+                    self.length = int(value)
+                elif low == "transfer-encoding":
+                    self.chunked = "chunked" in value.lower()
+                elif low == "connection":
+                    self.keep_alive = "close" not in value.lower() and (not http10 or "keep-alive" in value.lower())
+                self.headers.append((name, value))
+            if http10 and not any(n.lower() == "connection" for n, _ in self.headers):
                 self.keep_alive = False
             self.in_head = False
             if self.head_only or status in (204, 304):
