@@ -224,9 +224,9 @@ class Resolver:
             self._expire(self.clock())
         cache = self._udp_cache if transport == "udp" else self._tcp_cache
         hit = cache.get((data[2:], client))
-        if hit is not None:  # its fields were bounded once, when it was cached
-            self.events.publish(self.events.stamp("dns.answer", hit[0], hit[1]))
-            return data[:2] + hit[2]
+        if hit is not None:  # its event was made once, when it was cached
+            self.events.publish(self.events.again(hit[0]))
+            return data[:2] + hit[1]
         wire, info = self.zones.answer(data, client, self.clock(), transport == "tcp")
         if "error" in info:
             if "exception" in info:
@@ -244,12 +244,12 @@ class Resolver:
                     del self._internal[next(iter(self._internal))]
             return wire
         fields = self.events.bound({**info, "client": client, "transport": transport})
-        trace = bounded(trace, self.events.field_limit)
+        event = self.events.stamp("dns.answer", bounded(trace, self.events.field_limit), fields)
         if len(data) <= CACHEABLE:
             if len(cache) >= CACHE_MAX:
                 cache.clear()
-            cache[(data[2:], client)] = (trace, fields, wire[2:])
-        self.events.publish(self.events.stamp("dns.answer", trace, fields))
+            cache[(data[2:], client)] = (dict(event), wire[2:])  # a copy: subscribers get their own
+        self.events.publish(event)
         return wire
 
     # ---- errors -----------------------------------------------------------------------

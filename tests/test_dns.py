@@ -428,6 +428,20 @@ def test_answer_cache_stays_bounded():
     assert len(r._udp_cache) <= CACHE_MAX
 
 
+def test_an_answer_from_the_cache_is_an_event_of_its_own_each_time():
+    events = Events()
+    r = Resolver(load(), events)
+    q = dns.message.make_query("www.victim.example", "A").to_wire()
+    wires = [r.respond(q, HOST) for _ in range(3)]
+    told = [e for e in events.since(0) if e["kind"] == "dns.answer"]
+    assert len(set(wires)) == 1 and len(told) == 3 and len({e["id"] for e in told}) == 3
+    told[0]["client"] = "mutated"  # a reader changing the first, the one the cache was made from...
+    r.respond(q, HOST)
+    last = events.since(told[2]["id"])[0]  # ...changes no later event
+    assert last["client"] == HOST and last["name"] == "www.victim.example"
+    assert [k for k in last if k not in ("id", "ts")] == [k for k in told[0] if k not in ("id", "ts")]
+
+
 async def test_stop_frees_both_udp_and_tcp_and_hangs_up_on_clients(events):
     running = await serve(limited(dns_tcp_idle_timeout=60), events)  # so only stop() can be what hangs up
     resolver, host, port = running.resolver, running.host, running.port
