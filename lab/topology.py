@@ -259,6 +259,7 @@ class Limits:
     origin_max_connections: int = 256      # per origin, open at once; requests beyond wait their turn
     origin_max_response: int = 16 * 1024 * 1024
     origin_max_queued: int = 1024          # requests waiting for a connection to one origin; beyond: 503
+    origin_idle_timeout: float = 60.0      # an unused keep-alive connection to an origin: upstream keepalive_timeout (60 s)
     # the resolver over TCP
     dns_tcp_max_connections: int = 128
     dns_tcp_per_client: int = 16           # so one client cannot take every slot

@@ -102,3 +102,27 @@ async def test_answers_name_the_edge_not_the_origins_software(lab, http2):
     assert r.status == 200 and r.origin == "victim"
     servers = [v for k, v in r.headers if k.lower() == "server"]
     assert servers == ["sni-lab"]
+
+
+async def test_an_idle_keep_alive_connection_to_an_origin_is_closed_after_origin_idle_timeout(lab):
+    connections, closed = [], asyncio.Event()
+
+    async def serve(reader, writer):  # keep-alive until the edge hangs up
+        connections.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")
+        closed.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        with victim_at(lab, server.sockets[0].getsockname()[1], origin_idle_timeout=0.5):
+            assert [(await fetch(lab, http2)).status for http2 in (False, True)] == [200, 200]
+            assert len(connections) == 1  # the second request reused the idle connection
+            await asyncio.wait_for(closed.wait(), 10)  # ...which the edge closes once it has been unused 0.5 s
+            assert (await fetch(lab, False)).status == 200 and len(connections) == 2  # and the next one opens anew
+    finally:
+        server.close()
+        for w in connections:
+            w.close()

@@ -168,6 +168,7 @@ class _OriginConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.used = False
         self.received = False
+        self.idle_until = 0.0  # loop time at which an unused keep-alive connection is closed
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -195,7 +196,7 @@ class _OriginConnection(asyncio.Protocol):
             reader, self.reader, self.exchange = self.reader, None, None
             self.used = True
             if reader.keep_alive and not reader.buf:
-                self.pool._release(self)
+                self.pool._release(self, ex.limits.origin_idle_timeout)
             else:
                 self.transport.close()
             ex._finish((reader.status, reader.headers, bytes(reader.body)))
@@ -236,6 +237,7 @@ class OriginPool:
         self.waiting: dict[tuple[str, int], deque[Exchange]] = defaultdict(deque)
         self.all: set[_OriginConnection] = set()
         self.active: set[Exchange] = set()  # connecting or on the wire
+        self._sweep_at: asyncio.TimerHandle | None = None  # closes idle connections past their time
 
     @property
     def queued(self) -> int:
@@ -292,7 +294,7 @@ class OriginPool:
         ex.task = None
         self.all.add(conn)
         if ex.done is None:  # cancelled just as the connection came up: keep it for the next request
-            self._release(conn)
+            self._release(conn, ex.limits.origin_idle_timeout)
         else:
             conn.send(ex)
 
@@ -311,9 +313,26 @@ class OriginPool:
             ex.timer = None
             self._dispatch(ex)
 
-    def _release(self, conn: _OriginConnection) -> None:
+    def _release(self, conn: _OriginConnection, idle_timeout: float) -> None:
+        # Appended in the order they came free (and taken from the end): the first is the oldest.
+        conn.idle_until = self.loop.time() + idle_timeout
         self.idle[conn.key].append(conn)
+        if self._sweep_at is None or conn.idle_until < self._sweep_at.when():  # a shorter limit came in
+            if self._sweep_at is not None:
+                self._sweep_at.cancel()
+            self._sweep_at = self.loop.call_at(conn.idle_until, self._sweep)
         self._next(conn.key)
+
+    def _sweep(self) -> None:
+        """Close the idle connections whose time is up; come back when the next one's is."""
+        self._sweep_at, now, due = None, self.loop.time(), float("inf")
+        for idle in self.idle.values():
+            while idle and idle[0].idle_until <= now:
+                idle.pop(0).transport.close()  # connection_lost forgets it
+            if idle:
+                due = min(due, idle[0].idle_until)
+        if due != float("inf"):
+            self._sweep_at = self.loop.call_at(due, self._sweep)
 
     def _forget(self, conn: _OriginConnection) -> None:
         if conn in self.all:
@@ -346,6 +365,9 @@ class OriginPool:
                 waiting.remove(ex)
 
     def close(self) -> None:
+        if self._sweep_at is not None:
+            self._sweep_at.cancel()
+            self._sweep_at = None
         for q in self.waiting.values():
             for ex in q:
                 ex.timer.cancel()
