@@ -503,7 +503,14 @@ class Control:
             if not free and loop.time() - since < WRITE_WAIT_MAX:
                 loop.call_later(WRITE_WAIT, self._register_queued, since)
                 return
-            self._save_queued()
+            queued = self._queued
+            try:
+                self._save_queued()
+            except Exception as e:  # a bug, not a refusal: each request gets the error, none waits forever
+                for _, _, answer in queued:
+                    if not answer.done():
+                        answer.set_exception(e)
+                raise
 
     def _save_queued(self) -> None:
         """Check, save (one transaction), apply, tell: with no pause in between, so the events are

@@ -199,6 +199,22 @@ async def test_adds_that_arrive_together_are_one_commit_each_answered_on_its_own
         assert lab.state.hostname("race.newshop.test").id == "ch-race"
 
 
+async def test_a_bug_in_the_shared_save_fails_every_waiting_add_and_keeps_the_next_working(tmp_path, world, certs,
+                                                                                          monkeypatch):
+    async with lab_with(tmp_path, world, certs, [seeded(0)]) as lab:
+        control, real_save = lab.control, lab.control._save
+        monkeypatch.setattr(control, "_save", lambda hostnames: 1 / 0)
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)  # the bug is also logged
+        got = await asyncio.wait_for(asyncio.gather(*(control._register([{"hostname": n, "zone": ZONE}])
+                                                      for n in ("b1.newshop.test", "b2.newshop.test")),
+                                                    return_exceptions=True), 5)
+        assert [type(g).__name__ for g in got] == ["ZeroDivisionError"] * 2
+        assert lab.state.hostname("b1.newshop.test") is None and "b1.newshop.test" not in lab.world.hostnames
+        monkeypatch.setattr(control, "_save", real_save)
+        assert [h.name for h in await control._register([{"hostname": "b1.newshop.test", "zone": ZONE}])] == [
+            "b1.newshop.test"]
+
+
 async def test_an_add_waits_out_another_threads_write_with_the_loop_free(tmp_path, world, certs):
     """The event sink writes its batch from a worker thread; an add that comes meanwhile does not
     wait for the state's lock on the loop (the edge's too): it is saved once the batch is done."""
