@@ -50,6 +50,9 @@ class Hung:
             self.changed.set()
             writer.close()
 
+    def close(self) -> None:
+        """Nothing to end: the edge drops what it opened here (a stream reset, origin_timeout)."""
+
     async def wait(self, cond, timeout: float = 5.0) -> None:
         async def loop():
             while not cond():
@@ -58,10 +61,10 @@ class Hung:
         await asyncio.wait_for(loop(), timeout)
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def hung(lab):
-    """Origin `victim` replaced by one that never answers."""
-    origin = Hung()
+@contextlib.asynccontextmanager
+async def victim_served_by(lab, origin):
+    """Origin `victim` replaced by `origin` (its `serve`), then put back; `origin.close()` before
+    the server's wait_closed, which since Python 3.12.1 waits for the connections still open."""
     server = await asyncio.start_server(origin.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     saved = lab.world
@@ -72,7 +75,15 @@ async def hung(lab):
     finally:
         lab.set_world(saved)
         server.close()
+        origin.close()
         await server.wait_closed()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def hung(lab):
+    """Origin `victim` replaced by one that never answers."""
+    async with victim_served_by(lab, Hung()) as origin:
+        yield origin
 
 
 class Recording:
@@ -105,19 +116,8 @@ class Recording:
 @pytest_asyncio.fixture(loop_scope="module")
 async def recording(lab):
     """Origin `victim` replaced by one that records what the edge forwards."""
-    origin = Recording()
-    server = await asyncio.start_server(origin.serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    saved = lab.world
-    lab.set_world(dataclasses.replace(saved, origins=tuple(
-        dataclasses.replace(o, host="127.0.0.1", port=port) if o.name == "victim" else o for o in saved.origins)))
-    try:
+    async with victim_served_by(lab, Recording()) as origin:
         yield origin
-    finally:
-        lab.set_world(saved)
-        server.close()
-        origin.close()
-        await server.wait_closed()
 
 
 def edge_side(lab) -> list[H2Protocol]:
