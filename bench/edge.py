@@ -821,21 +821,22 @@ def fmt_row(r: Run, base: Run | None, target: float | None) -> str:
         cpu.append(f"client {r.cpu_client_pct:.0f}%")
     if r.cpu_other_pct is not None and r.cpu_other_pct >= 10:
         cpu.append(f"OTHER {r.cpu_other_pct:.0f}%")
-    errs = []
-    if r.non_2xx_3xx:
-        errs.append(f"non-2xx/3xx {r.non_2xx_3xx}")
-    if r.socket_errors:
-        errs.append("socket errors " + ", ".join(f"{k} {v}" for k, v in r.socket_errors.items()))
     lat = f"{r.latency_ms:.1f}ms" if r.latency_ms is not None else ""
     eff = f"{r.per_cpu_s:.0f}" if r.per_cpu_s else ""
     line = f"  {r.label:<44} {r.rps:>9.0f} {rq:>7} {lat:>8} {eff:>8}  cpu: {', '.join(cpu)}{verdict}"
-    if errs:
-        line += "  ERRORS: " + "; ".join(errs)
+    return line + _row_tail(r, "rounds")
+
+
+def _row_tail(r: Run, rounds: str) -> str:
+    """What a row says after its figures: errors, each round's figure, a note."""
+    errs = ([f"non-2xx/3xx {r.non_2xx_3xx}"] if r.non_2xx_3xx else []) + \
+        (["socket errors " + ", ".join(f"{k} {v}" for k, v in r.socket_errors.items())] if r.socket_errors else [])
+    tail = "  ERRORS: " + "; ".join(errs) if errs else ""
     if len(r.rounds) > 1:
-        line += "  rounds: " + "/".join(f"{x:.0f}" for x in r.rounds)
+        tail += f"  {rounds}: " + "/".join(f"{x:.0f}" for x in r.rounds)
     if r.note:
-        line += f"  [{r.note}]"
-    return line
+        tail += f"  [{r.note}]"
+    return tail
 
 
 def print_handshakes(res: dict) -> None:
@@ -864,15 +865,7 @@ def print_handshakes(res: dict) -> None:
         num = lambda v, w: f"{v:>{w}.0f}" if v else f"{'':>{w}}"  # noqa: E731
         line = (f"  {r.label:<44} {num(r.per_proxy_cpu_s, 8)} {num(r.per_cpu_s, 8)} {num(r.proxy_us, 7)} "
                 f"{num(r.client_us, 7)} {r.rps:>7.0f} {f'{rq:.2f}x' if rq is not None else '':>8}  cpu: {', '.join(cpu)}")
-        errs = ([f"non-2xx/3xx {r.non_2xx_3xx}"] if r.non_2xx_3xx else []) + \
-            (["socket errors " + ", ".join(f"{k} {v}" for k, v in r.socket_errors.items())] if r.socket_errors else [])
-        if errs:
-            line += "  ERRORS: " + "; ".join(errs)
-        if len(r.rounds) > 1:
-            line += "  rounds (hs/s): " + "/".join(f"{x:.0f}" for x in r.rounds)
-        if r.note:
-            line += f"  [{r.note}]"
-        print(line)
+        print(line + _row_tail(r, "rounds (hs/s)"))
     if res.get("handshakes_ratio") is not None:
         print(f"  handshakes/s, ours / nginx worker_processes 1: {res['handshakes_ratio']:.2f}x (bounded by the client's "
               f"core; target >= {TARGET_HANDSHAKES}x)")
