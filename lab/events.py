@@ -76,12 +76,7 @@ class Events:
 
     def prepare(self, kind: str, trace: str | None = None, **data: Any) -> Event:
         """An event with its id and time, not yet told: to store it first (State.save_hostname)."""
-        return self._prepare(kind, trace, data)
-
-    def _prepare(self, kind: str, trace: str | None, data: dict[str, Any]) -> Event:
-        if trace is not None and (type(trace) is not str or len(trace) > self.field_limit):
-            trace = bounded(trace, self.field_limit)
-        return self.stamp(kind, trace, self.bound(data))
+        return self.stamp(kind, bounded(trace, self.field_limit), self.bound(data))
 
     def bound(self, data: dict[str, Any]) -> dict[str, Any]:
         """`data` as events store it, each field bounded (`bounded`): done once, `stamp`ed many times."""

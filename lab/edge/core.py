@@ -83,13 +83,10 @@ class EdgeCore:
               method: str | None, path: str | None) -> Decision:
         """The one `route.decision` emitter, for a routed request and a refused one alike."""
         cap = self.world.limits.event_field
-        reason = decision.reason
         self.events.emit("route.decision", trace=trace, conn=conn, listener=listener.name, sni=sni,
                          host=decision.host, model=decision.model, rule=decision.rule, origin=decision.origin,
                          status=decision.status or None, code=decision.code or None,
-                         reason=reason if len(reason) <= cap else excerpt(reason, cap),
-                         method=method if method is None or len(method) <= cap else excerpt(method, cap),
-                         path=path if path is None or len(path) <= cap else excerpt(path, cap))
+                         reason=excerpt(decision.reason, cap), method=excerpt(method, cap), path=excerpt(path, cap))
         return decision
 
     def decide(self, listener: Listener, req: Request) -> Decision:
