@@ -61,3 +61,17 @@ def limits(lab, **changes):
         yield lab.world.limits
     finally:
         lab.set_world(saved)
+
+
+@contextlib.contextmanager
+def victim_at(lab, port: int, **changes):
+    """Origin `victim` at 127.0.0.1:`port` (and these limits); the world is restored afterwards."""
+    saved = lab.world
+    lab.set_world(dataclasses.replace(
+        saved, limits=dataclasses.replace(saved.limits, **changes),
+        origins=tuple(dataclasses.replace(o, host="127.0.0.1", port=port) if o.name == "victim" else o
+                      for o in saved.origins)))
+    try:
+        yield
+    finally:
+        lab.set_world(saved)

@@ -1,6 +1,5 @@
 """The edge over real sockets, on both engines: real TLS verified against the lab CA, real origins."""
 import asyncio
-import dataclasses
 import json
 import ssl
 import subprocess
@@ -13,7 +12,7 @@ from lab.client import probe
 from lab.proxy import Proxy, answer_address
 from lab.run import Lab
 from lab.strips import Fold
-from tests.conftest import need
+from tests.conftest import need, victim_at
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODELS = ("host", "v1", "v1-waf", "v2", "v2-strict")
@@ -238,16 +237,12 @@ async def test_forwarding_sets_proxy_headers(lab, http2):
         writer.close()
 
     server = await asyncio.start_server(origin, "127.0.0.1", 0)
-    saved = lab.world
-    lab.set_world(dataclasses.replace(saved, origins=tuple(
-        dataclasses.replace(o, host="127.0.0.1", port=server.sockets[0].getsockname()[1]) if o.name == "victim" else o
-        for o in saved.origins)))
     hop = [] if http2 else [("Connection", "keep-alive, X-Drop"), ("X-Drop", "1"), ("Keep-Alive", "timeout=5")]
     try:
-        out = await get(lab, "anycast", "www.victim.example", "WWW.Victim.Example", model="v2", http2=http2,
-                        headers=hop + [("X-Forwarded-For", "10.0.0.1"), ("X-Lab-Trace", "t-forward")])
+        with victim_at(lab, server.sockets[0].getsockname()[1]):
+            out = await get(lab, "anycast", "www.victim.example", "WWW.Victim.Example", model="v2", http2=http2,
+                            headers=hop + [("X-Forwarded-For", "10.0.0.1"), ("X-Lab-Trace", "t-forward")])
     finally:
-        lab.set_world(saved)
         server.close()
         await server.wait_closed()
     assert out.response.status == 200 and out.response.body == b"ok"

@@ -1,14 +1,13 @@
 """Origin faults through the edge, on both engines: down, hung, unreachable; the lab's own pages say which."""
 import asyncio
 import contextlib
-import dataclasses
 import socket
 
 import pytest
 import pytest_asyncio
 
 from lab.client import probe
-from tests.conftest import engine_lab
+from tests.conftest import engine_lab, victim_at
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -17,19 +16,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 async def lab(engine, world, tmp_path_factory):
     async with engine_lab(engine, world, tmp_path_factory.mktemp("certs")) as running:
         yield running
-
-
-@contextlib.contextmanager
-def victim_at(lab, port: int, **limits):
-    saved = lab.world
-    lab.set_world(dataclasses.replace(
-        saved, limits=dataclasses.replace(saved.limits, **limits),
-        origins=tuple(dataclasses.replace(o, host="127.0.0.1", port=port) if o.name == "victim" else o
-                      for o in saved.origins)))
-    try:
-        yield
-    finally:
-        lab.set_world(saved)
 
 
 async def fetch(lab, http2):

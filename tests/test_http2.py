@@ -5,7 +5,6 @@ through `lab.set_world`, the way a user's `[limits]` table would.
 """
 import asyncio
 import contextlib
-import dataclasses
 
 import h2.errors
 import h2.events
@@ -15,7 +14,7 @@ import pytest_asyncio
 
 from lab.edge.contract import h2_malformed as malformed
 from lab.edge.http2 import H2Protocol
-from tests.conftest import NATIVE_ONLY, engine_lab, limits
+from tests.conftest import NATIVE_ONLY, engine_lab, limits, victim_at
 from tests.h2peer import Peer, get
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -66,14 +65,10 @@ async def victim_served_by(lab, origin):
     """Origin `victim` replaced by `origin` (its `serve`), then put back; `origin.close()` before
     the server's wait_closed, which since Python 3.12.1 waits for the connections still open."""
     server = await asyncio.start_server(origin.serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    saved = lab.world
-    lab.set_world(dataclasses.replace(saved, origins=tuple(
-        dataclasses.replace(o, host="127.0.0.1", port=port) if o.name == "victim" else o for o in saved.origins)))
     try:
-        yield origin
+        with victim_at(lab, server.sockets[0].getsockname()[1]):
+            yield origin
     finally:
-        lab.set_world(saved)
         server.close()
         origin.close()
         await server.wait_closed()
