@@ -255,6 +255,7 @@ class H2Head:
     fields: list[tuple[str, str]] = field(default_factory=list)  # the regular ones, in order
     hosts: list[str] = field(default_factory=list)  # every `host` field's value
     length: int | None = None  # the first content-length
+    size: int = 0  # the fields' size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (once passed)
 
 
 def h2_head(headers: list[tuple[str, str]], limits: Limits | None = None) -> H2Head:
@@ -321,6 +322,7 @@ def h2_head(headers: list[tuple[str, str]], limits: Limits | None = None) -> H2H
         elif name == "host":
             head.hosts.append(value)
         fields.append((name, value))
+    head.size = total
     head.problem = _h2_request_line(pseudo)
     return head
 

@@ -42,6 +42,8 @@ from lab.policy import Target
 CONTROL_PERIOD = 10.0  # seconds over which h2_control_frames are counted
 _SLICE = 16 * 1024  # bytes handed to h2 at a time: a flood is cut off within one slice
 _FLUSH_AT = 64 * 1024  # response bytes queued in h2 before they are written at once (backpressure stays prompt)
+_HEADS = 16  # header blocks a connection remembers the check of
+_HEAD_BYTES = 4096  # ... when they are no larger than this
 
 
 class _Settings(h2.settings.Settings):
@@ -89,6 +91,9 @@ class H2Protocol(asyncio.Protocol):
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
         })
         self.streams: dict[int, _Stream] = {}
+        # A client repeats its header block from request to request, and its check is pure: a
+        # block that passed is remembered (bounded), so a repeat costs one lookup.
+        self.heads: dict[tuple, tuple[list[tuple[str, str]], H2Head]] = {}
         self.sending: dict[int, _Stream] = {}  # streams with response bytes still to send
         self.queued = 0  # response bytes handed to h2 and not yet written
         self.flush_soon = False  # a write of what h2 has to send is scheduled
@@ -206,9 +211,17 @@ class H2Protocol(asyncio.Protocol):
             self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             self._control()  # a peer ignoring the limit on purpose is the rapid-reset pattern
             return
-        # As HTTP/1: bytes kept as latin-1, so any byte is a rule's matter, never a decode error.
-        headers = join_cookies([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw])
-        head = h2_head(headers, self.limits)
+        key = tuple(raw)
+        known = self.heads.get(key)
+        if known is None:
+            # As HTTP/1: bytes kept as latin-1, so any byte is a rule's matter, never a decode error.
+            headers = join_cookies([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw])
+            known = headers, h2_head(headers, self.limits)
+            if known[1].problem is None and known[1].size <= _HEAD_BYTES:
+                if len(self.heads) >= _HEADS:
+                    self.heads.clear()
+                self.heads[key] = known
+        headers, head = known
         stream = self.streams[stream_id] = _Stream(headers, head)
         self.idle_since = None
         if head.problem is not None:
