@@ -378,6 +378,21 @@ async def test_the_decision_event_keeps_an_excerpt_of_the_path(lab):
     assert decision["origin"] == "victim" and len(decision["path"]) <= lab.world.limits.event_field
 
 
+async def test_a_repeated_header_block_is_decided_and_checked_for_every_stream(lab):
+    """Clients repeat their header block from stream to stream: each is still a request of its own,
+    decided and told once, and a block that differs by one bad field is refused, the good one not."""
+    good = get() + [("x-lab-trace", "t-repeated-block")]
+    peer = await Peer.open(lab)
+    sids = [peer.request(good) for _ in range(3)]
+    bad = peer.request(good + [("x-a", " 1")])
+    again = peer.request(good)
+    await peer.until(lambda: all(peer.done(s) for s in sids + [bad, again]))
+    peer.close()
+    assert [peer.status[s] for s in sids + [bad, again]] == [200, 200, 200, 400, 200]
+    decisions = [e for e in lab.events.trace("t-repeated-block") if e["kind"] == "route.decision"]
+    assert [e["origin"] for e in decisions if e["origin"]] == ["victim"] * 4
+
+
 async def test_malformed_is_one_pure_check_with_statuses():
     assert malformed(get()) is None
     assert malformed(get("*", "OPTIONS")) is None
