@@ -17,7 +17,7 @@ import lab
 
 ROOT = Path(lab.__file__).parent
 PURE = ("lab.compose", "lab.policy", "lab.models", "lab.waf", "lab.hostnames", "lab.oracle", "lab.hostnorm",
-        "lab.topology", "lab.resolver", "lab.strips", "lab.results", "lab.edge.hello",
+        "lab.topology", "lab.resolver", "lab.strips", "lab.results", "lab.edge.hello", "lab.edge.h2conn",
         "lab.workshop.checks", "lab.workshop.room", "lab.edgereport",
         # the real edges' plan and config writers (lab.edges.process starts them)
         "lab.edges", "lab.edges.plan", "lab.edges.nginx", "lab.edges.caddy", "lab.edges.haproxy", "lab.edges.mitm")  # resolver: the DNS answer; strips: the live page's fold

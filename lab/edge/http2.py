@@ -1,4 +1,4 @@
-"""HTTP/2 on the edge with the h2 state machine: each stream is decided on its own.
+"""HTTP/2 on the edge: each stream is decided on its own.
 
 One connection may carry requests for several hosts (connection coalescing); the
 certificate was chosen once, by SNI, but every `:authority` goes through the policy.
@@ -19,22 +19,16 @@ What a connection may cost is bounded by the world's limits, as nginx bounds it:
   nothing (PING answers, responses) is generated;
 - idle: no stream for `idle_timeout`: GOAWAY and close.
 
-h2 is pure Python, so what it does per stream is the edge's floor on HTTP/2: its header
-validation and normalisation are off (the checks are `h2_head`'s, the framing of an
-answer `response_fields`', cookie crumbs joined by `join_cookies`), and what h2
-has to send goes out in one write per read or per loop iteration, not one per frame.
+The framing is `h2conn`'s (why not h2: see there); the checks of a request are `h2_head`'s,
+the framing of an answer `response_fields`', cookie crumbs joined by `join_cookies`, and
+what a connection has to send goes out in one write per read or per loop iteration, not one
+per frame.
 """
 from __future__ import annotations
 
 import asyncio
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
+from lab.edge import h2conn as hc
 from lab.edge.contract import H2Head, body_too_large, h2_head, join_cookies, new_request, response_fields, sent_body
 from lab.edge.core import EdgeCore, Malformed
 from lab.policy import Target
@@ -44,18 +38,6 @@ _SLICE = 16 * 1024  # bytes handed to h2 at a time: a flood is cut off within on
 _FLUSH_AT = 64 * 1024  # response bytes queued in h2 before they are written at once (backpressure stays prompt)
 _HEADS = 16  # header blocks a connection remembers the check of
 _HEAD_BYTES = 4096  # ... when they are no larger than this
-
-
-class _Settings(h2.settings.Settings):
-    """Advertises `h2_max_streams`, but lets h2 accept more.
-
-    h2 turns a stream beyond the advertised limit into a connection error, losing every
-    stream in flight; RFC 9113 5.1.2 allows refusing just that one, which the edge does.
-    """
-
-    @property
-    def max_concurrent_streams(self) -> int:
-        return 2 ** 31 - 1
 
 
 class _Stream:
@@ -78,17 +60,13 @@ class H2Protocol(asyncio.Protocol):
         self.conn = conn  # the TLSConnection: our transport
         self.state = conn.state
         self.limits = limits = core.world.limits  # a connection keeps the limits it started with
-        # h2's own header checks are off both ways: inbound they would kill the whole connection over
-        # what the edge answers on one stream (h2_head), outbound they re-check response_fields.
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=False, normalize_inbound_headers=False,
-            validate_outbound_headers=False, normalize_outbound_headers=False))
         # A body may reach max_body + 1 bytes without a window update: one byte over is how a
         # stream shows it is too large. The connection window bounds them all (connection_made).
-        self.h2.local_settings = _Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2_max_streams,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: min(limits.max_body + 1, 2 ** 31 - 1),
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+        # A stream beyond h2_max_streams is refused here, alone (RFC 9113 5.1.2), not the connection.
+        self.h2 = hc.ServerConnection({
+            hc.MAX_CONCURRENT_STREAMS: limits.h2_max_streams,
+            hc.INITIAL_WINDOW_SIZE: min(limits.max_body + 1, hc.MAX_WINDOW),
+            hc.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
         })
         self.streams: dict[int, _Stream] = {}
         # A client repeats its header block from request to request, and its check is pure: a
@@ -102,7 +80,6 @@ class H2Protocol(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.loop = asyncio.get_running_loop()
-        self.settings_seen = False  # RFC 9113 3.4: the client's preface ends in a SETTINGS frame
         self.control_count = 0
         self.control_since = self.loop.time()
         self.idle_since: float | None = self.loop.time()
@@ -110,12 +87,12 @@ class H2Protocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
-        self.h2.initiate_connection()
-        # It starts at 65535 (RFC 9113 6.9.2). From here on the edge hands bytes back itself, as
-        # bodies are done with (_release), not h2's window manager, which would on arrival.
-        extra = self._window() - self.h2.inbound_flow_control_window
+        self.h2.initiate()
+        # It starts at 65535 (RFC 9113 6.9.2). From here on the edge hands bytes back as bodies
+        # are done with (_release), never on arrival.
+        extra = self._window() - self.h2.in_window
         if extra > 0:
-            self.h2.increment_flow_control_window(extra)
+            self.h2.increment_window(extra)
         self._flush()
         self.timer = self.loop.call_later(self.limits.idle_timeout, self._tick)
 
@@ -153,50 +130,43 @@ class H2Protocol(asyncio.Protocol):
 
     def _receive(self, chunk: bytes) -> None:
         try:
-            events = self.h2.receive_data(chunk)
-        except h2.exceptions.ProtocolError:
-            self._flush()  # GOAWAY with the error h2 chose
+            happenings = self.h2.receive(chunk)
+        except hc.ProtocolError:
+            self._flush()  # the GOAWAY with its code
             self._close()
             return
-        for event in events:
-            if not self.settings_seen:
-                if not isinstance(event, h2.events.RemoteSettingsChanged):
-                    self._goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                    return
-                self.settings_seen = True
-            self._event(event)
+        for happening in happenings:
+            self._event(happening)
             if self.closed:
                 return
         self._unstick()
         self._flush()
 
-    def _event(self, event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            self._request(event.stream_id, event.headers)
-        elif isinstance(event, h2.events.DataReceived):
-            self._data(event)
-        elif isinstance(event, h2.events.StreamEnded):
-            stream = self.streams.get(event.stream_id)
+    def _event(self, happening: tuple) -> None:
+        what, stream_id = happening[0], happening[1]
+        if what is hc.ON_REQUEST:
+            self._request(stream_id, happening[2])
+        elif what is hc.ON_DATA:
+            self._data(stream_id, happening[2], happening[3], happening[4])
+        elif what is hc.ON_ENDED:
+            stream = self.streams.get(stream_id)
             if stream is not None:
                 stream.ended = True
                 if stream.receiving:
-                    self._dispatch(event.stream_id, stream)
-        elif isinstance(event, h2.events.StreamReset):
+                    self._dispatch(stream_id, stream)
+        elif what is hc.ON_RESET:
             self._control()
-            stream = self.streams.get(event.stream_id)
+            stream = self.streams.get(stream_id)
             if stream is not None:
                 stream.ended = True
-                self._finish(event.stream_id, stream)
-        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
-            if isinstance(event, h2.events.RemoteSettingsChanged):
-                self._control()
+                self._finish(stream_id, stream)
+        elif what is hc.ON_WINDOW:
             self._pump()
-        elif isinstance(event, (h2.events.PingReceived, h2.events.PingAckReceived, h2.events.SettingsAcknowledged,
-                                h2.events.PriorityUpdated, h2.events.UnknownFrameReceived)):
-            self._control()
-        elif isinstance(event, h2.events.ConnectionTerminated):
+        elif what is hc.ON_GOAWAY:
             self._flush()
             self._close()
+        else:  # SETTINGS, PING, their ACKs, PRIORITY, unknown frames
+            self._control()
 
     def _control(self) -> None:
         now = self.loop.time()
@@ -204,11 +174,11 @@ class H2Protocol(asyncio.Protocol):
             self.control_since, self.control_count = now, 0
         self.control_count += 1
         if self.control_count > self.limits.h2_control_frames:
-            self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._goaway(hc.ENHANCE_YOUR_CALM)
 
     def _request(self, stream_id: int, raw: list[tuple[bytes, bytes]]) -> None:
         if len(self.streams) >= self.limits.h2_max_streams:
-            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.h2.reset(stream_id, hc.REFUSED_STREAM)
             self._control()  # a peer ignoring the limit on purpose is the rapid-reset pattern
             return
         key = tuple(raw)
@@ -231,15 +201,14 @@ class H2Protocol(asyncio.Protocol):
         """Request body bytes a connection may hold: h2_max_buffered, and one whole body at least."""
         return max(self.limits.h2_max_buffered, self.limits.max_body + 1, 65535)
 
-    def _data(self, event: h2.events.DataReceived) -> None:
-        stream_id, length = event.stream_id, event.flow_controlled_length
+    def _data(self, stream_id: int, data: bytes, length: int, ended: bool) -> None:
         stream = self.streams.get(stream_id)
         if stream is None or not stream.receiving:
             self._give_back(length)  # nobody wants it
             return
-        if not length and not event.stream_ended:
+        if not length and not ended:
             self._control()  # empty DATA frames cost the edge work and the peer nothing
-        stream.body += event.data
+        stream.body += data
         stream.held += length
         self.held += length
         too_large = body_too_large(self.limits, len(stream.body))
@@ -248,13 +217,13 @@ class H2Protocol(asyncio.Protocol):
 
     def _unstick(self) -> None:
         """Every byte of the window is held by a body still arriving: none can finish, so one must go."""
-        if self.h2.inbound_flow_control_window > 0 or not self.held:
+        if self.h2.in_window > 0 or not self.held:
             return
         holders = [sid for sid, s in self.streams.items() if s.held]
         if len(holders) < 2 or any(not self.streams[sid].receiving or self.streams[sid].ended for sid in holders):
             return  # a finished body is on its way to an origin; its bytes come back when it is answered
         newest = max(holders)
-        self.h2.reset_stream(newest, h2.errors.ErrorCodes.REFUSED_STREAM)
+        self.h2.reset(newest, hc.REFUSED_STREAM)
         self.streams[newest].ended = True
         self._finish(newest, self.streams[newest])
 
@@ -298,7 +267,7 @@ class H2Protocol(asyncio.Protocol):
         payload = sent_body(stream.head.pseudo.get(":method", ""), payload)
         try:
             self.h2.send_headers(stream_id, head, end_stream=not payload)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        except hc.StreamClosed:
             self._finish(stream_id, stream)
             return
         if payload:
@@ -319,7 +288,7 @@ class H2Protocol(asyncio.Protocol):
         while stream.out is not None and not self.paused and not self.closed:
             out = stream.out
             try:
-                window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+                window = min(self.h2.window(stream_id), self.h2.max_frame)
                 if window <= 0:
                     break
                 if len(out) <= window:  # the rest in one frame, as most answers are: no slicing
@@ -329,7 +298,7 @@ class H2Protocol(asyncio.Protocol):
                     chunk, stream.out = bytes(view[:window]), view[window:]
                 self.h2.send_data(stream_id, chunk, end_stream=stream.out is None)
                 self.queued += len(chunk)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            except hc.StreamClosed:
                 stream.out = None
             if not stream.out:
                 stream.out = None
@@ -346,8 +315,8 @@ class H2Protocol(asyncio.Protocol):
     def _give_back(self, length: int) -> None:
         if length and not self.closed:
             try:
-                self.h2.increment_flow_control_window(length)
-            except h2.exceptions.ProtocolError:
+                self.h2.increment_window(length)
+            except hc.ProtocolError:
                 pass
 
     def _finish(self, stream_id: int, stream: _Stream) -> None:
@@ -358,10 +327,7 @@ class H2Protocol(asyncio.Protocol):
             stream.exchange.cancel()
             stream.exchange = None
         if not stream.ended and stream.out is None and not self.closed:
-            try:  # answered before the request was complete: ask the peer to stop (RFC 9113 8.1)
-                self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                pass
+            self.h2.reset(stream_id, hc.NO_ERROR)  # answered before the request was complete (RFC 9113 8.1)
         self._release(stream)
         if not self.streams:
             self.idle_since = self.loop.time()
@@ -376,16 +342,13 @@ class H2Protocol(asyncio.Protocol):
             self._close(abort=True)  # the peer stopped reading what it asked for
             return
         if self.idle_since is not None and now - self.idle_since >= idle:
-            self._goaway(h2.errors.ErrorCodes.NO_ERROR)
+            self._goaway(hc.NO_ERROR)
             return
         self.timer = self.loop.call_later(idle - (now - self.idle_since) if self.idle_since is not None else idle,
                                           self._tick)
 
-    def _goaway(self, code: h2.errors.ErrorCodes) -> None:
-        try:
-            self.h2.close_connection(code)
-        except h2.exceptions.ProtocolError:
-            pass
+    def _goaway(self, code: int) -> None:
+        self.h2.goaway(code)
         self._flush()
         self._close()
 
