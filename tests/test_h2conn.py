@@ -86,6 +86,22 @@ def test_the_edge_keeps_to_the_clients_windows_and_frame_size():
     assert of(hc.ON_WINDOW, happenings) and sv.window(1) == 100
 
 
+def test_a_smaller_stream_window_holds_once_the_peer_acknowledged_it():
+    """RFC 9113 6.5.3: until its SETTINGS ACK a peer may count on the default 65535 bytes."""
+    sv = hc.ServerConnection({hc.INITIAL_WINDOW_SIZE: 100})
+    sv.initiate()
+    sv.increment_window(1 << 20)
+    early = c_h2.PREFACE + c_h2.frame(0x4, 0, 0, b"") + c_h2.frame(0x1, 0x4, 1, hpack.Encoder().encode(
+        [(k.decode(), v.decode()) for k, v in GET]))
+    sv.receive(early + c_h2.data(1, b"x" * 1000, end_stream=False))  # before the ACK: within 65535
+    sv.receive(c_h2.frame(0x4, 0x1, 0, b""))  # the ACK
+    sv.receive(c_h2.frame(0x1, 0x4, 3, bytes([0x82, 0x87, 0x84, 0xBE])))
+    sv.receive(c_h2.frame(0x0, 0x0, 3, b"x" * 100))  # exactly the window
+    with pytest.raises(hc.ProtocolError) as e:
+        sv.receive(c_h2.frame(0x0, 0x0, 3, b"x"))
+    assert e.value.code == hc.FLOW_CONTROL_ERROR
+
+
 def test_a_large_answer_head_goes_out_in_continuation_frames():
     cl, sv = connected()
     cl.send_headers(1, GET, end_stream=True)

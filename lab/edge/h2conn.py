@@ -102,7 +102,9 @@ class ServerConnection:
     `send_headers`/`send_data`/`reset`/`goaway`; `data_to_send` is what to write."""
 
     def __init__(self, settings: dict[int, int]) -> None:
-        self.local = dict(settings)  # applied at once: a peer may only send less than it allows
+        self.local = dict(settings)
+        # Until the peer acknowledges them, it may still count on the defaults (RFC 9113 6.5.3).
+        self._stream_window = max(settings.get(INITIAL_WINDOW_SIZE, 65535), 65535)
         self.in_window = 65535  # connection, inbound (RFC 9113 6.9.2); raised with increment_window
         self.out_window = 65535
         self.peer_initial_window = 65535
@@ -366,8 +368,7 @@ class ServerConnection:
             if self_dependent:
                 self._stream_error(sid, PROTOCOL_ERROR, out)
                 return
-            self.streams[sid] = _Stream(self.peer_initial_window, self.local.get(INITIAL_WINDOW_SIZE, 65535),
-                                        not ended)
+            self.streams[sid] = _Stream(self.peer_initial_window, self._stream_window, not ended)
             out.append((ON_REQUEST, sid, fields, None))
             if ended:
                 out.append((ON_ENDED, sid, None, None))
@@ -472,6 +473,7 @@ class ServerConnection:
         if flags & ACK:
             if len(payload):
                 raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            self._stream_window = self.local.get(INITIAL_WINDOW_SIZE, 65535)
             out.append((ON_SETTINGS_ACK, 0, None, None))
             return
         if len(payload) % 6:
