@@ -7,9 +7,9 @@ event, and the bytes go back. Also here: a small client (`query`) and `sni-lab d
 
 Speed: an answer is remembered in wire form, keyed by the query's bytes after the 2-byte
 ID and the client address (targeted overrides make answers differ per client, and the
-event names the client), with its event fields; only a miss is parsed. The cache holds
-for one snapshot and until its earliest override expiry, so a cached answer is never
-stale.
+event names the client), with its event; only a miss is parsed, and a UDP hit is answered
+in the datagram handler itself. The cache holds for one snapshot and until its earliest
+override expiry, so a cached answer is never stale.
 
 TCP clients are bounded in number, per client address (below the total, so one client
 cannot take every slot), in size and in idle time: `world.limits.dns_tcp_*`.

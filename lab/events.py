@@ -148,4 +148,4 @@ class NullEvents(Events):
         return event
 
     def again(self, told: Event) -> Event:
-        return told
+        return {}
