@@ -1,12 +1,16 @@
 """Queries/s of the lab resolver next to dnsmasq, same zone data, same load, one run.
 
-    .venv/bin/python -m bench.dns [--quick] [--seconds 10] [--rounds 8] [--load auto|dnsperf|python] [--json]
+    .venv/bin/python -m bench.dns [--quick] [--seconds 10] [--rounds 8] [--load auto|dnsperf|python] [--log] [--json]
 
 Each server runs in its own process (ours on uvloop), on a loopback address; the load
 is dnsperf when installed (`apt-get install dnsperf`), else a small uvloop UDP client
 keeping a bounded number of queries outstanding. Rounds alternate between the two
 servers so a noisy neighbour hurts both alike; the median round is reported, and the
-ratio is the median of the per-round ratios.
+ratio is the median of the per-round ratios. Queries per CPU-second of each server (its
+user + system time, Linux) are shown too: a neighbour that takes the server's core lowers
+queries/s, not what each query costs. Our events go to the in-memory ring; `--log` also
+writes them to the durable log (an EventSink into a State in a temporary directory, as
+`sni-lab up` does), which costs far more per query than the answer itself.
 Traffic goes to 127.0.0.0/8 only; every child process is ours and is stopped at exit.
 """
 from __future__ import annotations
@@ -46,6 +50,28 @@ def pin_cpus() -> None:
         os.sched_setaffinity(0, set(cpus[:-1]))  # this process and the load it starts
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a process has used so far (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # the name may hold spaces
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def settled_cpu_seconds(pid: int, within: float = 5.0) -> float | None:
+    """`cpu_seconds` once the process has gone (nearly) idle, waiting at most `within` seconds."""
+    now = cpu_seconds(pid)
+    deadline = time.monotonic() + within
+    while now is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        before, now = now, cpu_seconds(pid)
+        if now - before < 0.005:
+            break
+    return now
+
+
 def pin_server(pid: int) -> None:
     if SERVER_CPUS:
         os.sched_setaffinity(pid, SERVER_CPUS)
@@ -67,10 +93,11 @@ def free_port(host: str) -> int:
 
 # ---- the two servers ------------------------------------------------------------------
 
-def serve(host: str) -> None:
+def serve(host: str, durable_log: bool = False) -> None:
     """Child process: run our resolver on uvloop until SIGTERM; print the bound port."""
     from lab.dns import Resolver
     from lab.events import Events
+    from lab.state import EventSink, State
     from lab.world import load
 
     try:
@@ -78,8 +105,14 @@ def serve(host: str) -> None:
     except ImportError:
         run = asyncio.run
 
-    async def main() -> None:
-        resolver = Resolver(load(), Events())  # events stay on: the lab always emits them
+    async def main(directory: str) -> None:
+        world, events = load(), Events()  # events stay on: the lab always emits them
+        sink = None
+        if durable_log:
+            limits = world.limits
+            sink = EventSink(events, State(directory), keep_rows=limits.event_log_rows, keep_bytes=limits.event_log_bytes)
+            await sink.start()
+        resolver = Resolver(world, events)
         resolver.set_record(TXT_NAME, "TXT", TXT_VALUE)
         _, port = await resolver.start(host, 0)
         print(port, flush=True)
@@ -87,19 +120,24 @@ def serve(host: str) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
         await resolver.stop()
+        if sink is not None:
+            await sink.close()
+            sink.state.close()
 
-    run(main())
+    with tempfile.TemporaryDirectory(prefix="bench-dns-") as directory:
+        run(main(directory))
 
 
 @contextlib.contextmanager
-def ours():
-    proc = subprocess.Popen([sys.executable, "-m", "bench.dns", "--serve", OURS_HOST], stdout=subprocess.PIPE, text=True)
+def ours(durable_log: bool = False):
+    proc = subprocess.Popen([sys.executable, "-m", "bench.dns", "--serve", OURS_HOST, *(["--log"] if durable_log else [])],
+                            stdout=subprocess.PIPE, text=True)
     pin_server(proc.pid)
     try:
         line = proc.stdout.readline()
         if not line.strip().isdigit():
             raise SystemExit(f"bench: our resolver did not start (exit {proc.wait()})")
-        yield OURS_HOST, int(line)
+        yield OURS_HOST, int(line), proc.pid
     finally:
         proc.terminate()
         proc.wait(5)
@@ -129,7 +167,7 @@ def dnsmasq(world):
             time.sleep(0.05)
         else:
             raise SystemExit("bench: dnsmasq did not answer")
-        yield DNSMASQ_HOST, port
+        yield DNSMASQ_HOST, port, proc.pid
     finally:
         proc.terminate()
         proc.wait(5)
@@ -155,9 +193,10 @@ def load_dnsperf(host: str, port: int, qs, seconds: float) -> dict:
                              capture_output=True, text=True, timeout=seconds + 30).stdout
     qps = re.search(r"Queries per second:\s+([\d.]+)", out)
     lost = re.search(r"Queries lost:\s+(\d+)", out)
-    if not qps:
+    done = re.search(r"Queries completed:\s+(\d+)", out)
+    if not qps or not done:
         raise SystemExit(f"bench: could not read dnsperf's output:\n{out}")
-    return {"qps": float(qps.group(1)), "lost": int(lost.group(1)) if lost else 0}
+    return {"qps": float(qps.group(1)), "lost": int(lost.group(1)) if lost else 0, "answered": int(done.group(1))}
 
 
 def load_python(host: str, port: int, qs, seconds: float, outstanding: int = 200) -> dict:
@@ -195,9 +234,17 @@ def load_python(host: str, port: int, qs, seconds: float, outstanding: int = 200
         elapsed = time.perf_counter() - start
         transport.close()
         # A query lost in flight shrinks the window for good; report it rather than hide it.
-        return {"qps": client.answered / elapsed, "lost": client.sent - client.answered - outstanding}
+        return {"qps": client.answered / elapsed, "lost": client.sent - client.answered - outstanding,
+                "answered": client.answered}
 
     return run(main())
+
+
+def per_cpu_second(rounds: list[dict]) -> float | None:
+    cpu = [r["cpu"] for r in rounds]
+    if None in cpu or not sum(cpu):
+        return None
+    return sum(r["answered"] for r in rounds) / sum(cpu)
 
 
 # ---- main ---------------------------------------------------------------------------
@@ -208,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="3 s per server in 3 rounds")
     p.add_argument("--load", choices=("auto", "dnsperf", "python"), default="auto")
+    p.add_argument("--log", action="store_true", help="our events also go to the durable log, as in `sni-lab up`")
     p.add_argument("--json", action="store_true")
     p.add_argument("--serve", metavar="HOST", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.log)
         return 0
 
     from lab.world import load
@@ -227,27 +275,41 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench: dnsperf not found (apt-get install dnsperf, or --load python)")
     run_load = load_dnsperf if loader == "dnsperf" else load_python
 
+    def measured(host: str, port: int, pid: int) -> dict:
+        before = cpu_seconds(pid)
+        r = run_load(host, port, qs, seconds)
+        after = settled_cpu_seconds(pid)  # with the work the round left behind (the durable log's writes)
+        r["cpu"] = None if before is None or after is None else after - before
+        return r
+
     results: dict[str, list[dict]] = {"sni-lab": [], "dnsmasq": []}
-    with ours() as (oh, op), dnsmasq(world) as (dh, dp):
+    with ours(args.log) as server, dnsmasq(world) as reference:
         for _ in range(args.rounds):
-            results["sni-lab"].append(run_load(oh, op, qs, seconds))
-            results["dnsmasq"].append(run_load(dh, dp, qs, seconds))
+            results["sni-lab"].append(measured(*server))
+            results["dnsmasq"].append(measured(*reference))
     summary = {name: {"qps": statistics.median(r["qps"] for r in rs), "lost": sum(r["lost"] for r in rs),
-                      "rounds": [round(r["qps"]) for r in rs]} for name, rs in results.items()}
+                      "per_cpu_second": per_cpu_second(rs), "rounds": [round(r["qps"]) for r in rs]}
+               for name, rs in results.items()}
     # Rounds are paired in time (ours, then dnsmasq), so the median of the per-pair
     # ratios shrugs off a neighbour that slowed one stretch of the run for both.
     ratio = statistics.median(o["qps"] / d["qps"] for o, d in zip(results["sni-lab"], results["dnsmasq"]) if d["qps"])
+    ours_cpu, theirs_cpu = summary["sni-lab"]["per_cpu_second"], summary["dnsmasq"]["per_cpu_second"]
+    ratio_cpu = ours_cpu / theirs_cpu if ours_cpu and theirs_cpu else None
     if args.json:
-        print(json.dumps({"load": loader, "seconds_per_round": seconds, "server_cpus": sorted(SERVER_CPUS), "queries": [f"{n} {t}" for n, t in qs],
-                          "results": summary, "ratio": round(ratio, 3)}, indent=2))
+        print(json.dumps({"load": loader, "seconds_per_round": seconds, "durable_log": args.log, "server_cpus": sorted(SERVER_CPUS), "queries": [f"{n} {t}" for n, t in qs],
+                          "results": summary, "ratio": round(ratio, 3),
+                          "ratio_per_cpu_second": ratio_cpu and round(ratio_cpu, 3)}, indent=2))
     else:
         pinned = f", servers pinned to CPU {min(SERVER_CPUS)}" if SERVER_CPUS else ""
         print(f"load: {loader}, {args.rounds} alternating rounds of {seconds:g}s per server, "
-              f"{len(qs)} names, loopback UDP{pinned}")
-        print(f"{'server':<10} {'queries/s':>11} {'lost':>6}  rounds")
+              f"{len(qs)} names, loopback UDP{pinned}; our events {'also to the durable log' if args.log else 'in memory'}")
+        print(f"{'server':<10} {'queries/s':>11} {'q/CPU-s':>9} {'lost':>6}  rounds")
         for name, s in summary.items():
-            print(f"{name:<10} {s['qps']:>11,.0f} {s['lost']:>6}  {', '.join(f'{q:,}' for q in s['rounds'])}")
+            cpu = f"{s['per_cpu_second']:,.0f}" if s["per_cpu_second"] else "-"
+            print(f"{name:<10} {s['qps']:>11,.0f} {cpu:>9} {s['lost']:>6}  {', '.join(f'{q:,}' for q in s['rounds'])}")
         print(f"ratio sni-lab/dnsmasq: {ratio:.2f} (median of the paired rounds)")
+        if ratio_cpu:
+            print(f"ratio per CPU-second: {ratio_cpu:.2f} (all rounds: answers over the server's user+system time)")
     return 0
 
 

@@ -7,9 +7,9 @@ event, and the bytes go back. Also here: a small client (`query`) and `sni-lab d
 
 Speed: an answer is remembered in wire form, keyed by the query's bytes after the 2-byte
 ID and the client address (targeted overrides make answers differ per client, and the
-event names the client), with its event fields; only a miss is parsed. The cache holds
-for one snapshot and until its earliest override expiry, so a cached answer is never
-stale.
+event names the client), with its event; only a miss is parsed, and a UDP hit is answered
+in the datagram handler itself. The cache holds for one snapshot and until its earliest
+override expiry, so a cached answer is never stale.
 
 TCP clients are bounded in number, per client address (below the total, so one client
 cannot take every slot), in size and in idle time: `world.limits.dns_tcp_*`.
@@ -225,7 +225,7 @@ class Resolver:
         cache = self._udp_cache if transport == "udp" else self._tcp_cache
         hit = cache.get((data[2:], client))
         if hit is not None:  # its event was made once, when it was cached
-            self.events.publish(self.events.again(hit[0]))
+            self.events.again(hit[0])
             return data[:2] + hit[1]
         wire, info = self.zones.answer(data, client, self.clock(), transport == "tcp")
         if "error" in info:
@@ -368,7 +368,9 @@ class Resolver:
 
 class _UDP(asyncio.DatagramProtocol):
     def __init__(self, resolver: Resolver, sock: socket.socket) -> None:
-        self.respond = resolver.respond
+        self.resolver = resolver
+        self.cache = resolver._udp_cache  # cleared on every change, never replaced
+        self.again = resolver.events.again
         # Answers go straight on the socket: cheaper than the transport, and when the
         # send buffer is full the answer is dropped, never queued (UDP clients retry),
         # so memory stays bounded under a flood.
@@ -376,12 +378,20 @@ class _UDP(asyncio.DatagramProtocol):
         self.closed = asyncio.get_running_loop().create_future()
 
     def datagram_received(self, data: bytes, addr) -> None:
-        wire = self.respond(data, addr[0])
-        if wire is not None:
-            try:
-                self.sendto(wire, addr)
-            except OSError:
-                pass
+        # Most queries repeat one already answered: respond's cache hit, inline (a call less
+        # per packet). A miss, or any packet while an override may expire, goes to respond.
+        hit = self.cache.get((data[2:], addr[0]))
+        if hit is None or self.resolver._expiring:
+            wire = self.resolver.respond(data, addr[0])
+            if wire is None:
+                return
+        else:
+            self.again(hit[0])
+            wire = data[:2] + hit[1]
+        try:
+            self.sendto(wire, addr)
+        except OSError:
+            pass
 
     def error_received(self, exc) -> None:
         pass  # ICMP errors from clients that went away

@@ -95,11 +95,15 @@ class Events:
         return {"id": next(self._ids), "ts": time.time(), "kind": kind, "trace": trace, **data}
 
     def again(self, told: Event) -> Event:
-        """`told` once more, with an id and time of its own: a copy of the dict is cheaper than
-        building it again (the resolver tells each cached answer so)."""
+        """Tell `told` once more, with an id and time of its own: a copy of the dict is cheaper
+        than building it again (the resolver tells each cached answer so), and `publish` in
+        this frame, once per UDP query."""
         event = told.copy()
         event["id"] = next(self._ids)
         event["ts"] = time.time()
+        self._buf.append(event)
+        for sub in self._subscribers:
+            sub(event)
         return event
 
     def publish(self, event: Event) -> Event:
@@ -142,3 +146,6 @@ class NullEvents(Events):
 
     def publish(self, event: Event) -> Event:
         return event
+
+    def again(self, told: Event) -> Event:
+        return {}

@@ -442,6 +442,27 @@ def test_an_answer_from_the_cache_is_an_event_of_its_own_each_time():
     assert [k for k in last if k not in ("id", "ts")] == [k for k in told[0] if k not in ("id", "ts")]
 
 
+async def test_a_repeated_udp_query_gets_its_own_id_and_event_and_a_change_at_once(lab):
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        s.connect((lab.host, lab.port))
+
+        async def exchange(qid: int) -> dns.message.Message:
+            s.send(_good_query(qid))
+            return dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(s, 65535), 5))
+
+        replies = [await exchange(qid) for qid in (1, 2, 3)]  # the last two from the cache
+        lab.resolver.set_record("www.victim.example", "A", "127.0.0.77")
+        changed = await exchange(4)
+    assert [r.id for r in replies] == [1, 2, 3] and all(addresses(r) == [ANYCAST] for r in replies)
+    assert changed.id == 4 and addresses(changed) == ["127.0.0.77"]
+    told = [e for e in answers(lab.events) if e["name"] == "www.victim.example"]
+    assert len(told) == 4 and len({e["id"] for e in told}) == 4
+    assert [e["answers"] for e in told] == [[ANYCAST]] * 3 + [["127.0.0.77"]]
+    assert all(e["transport"] == "udp" and e["client"] == HOST for e in told)
+
+
 async def test_stop_frees_both_udp_and_tcp_and_hangs_up_on_clients(events):
     running = await serve(limited(dns_tcp_idle_timeout=60), events)  # so only stop() can be what hangs up
     resolver, host, port = running.resolver, running.host, running.port
