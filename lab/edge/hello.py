@@ -79,10 +79,10 @@ def client_hello(data: bytes) -> Hello | None:
 
 
 def _vector(data: bytes, pos: int, width: int, end: int) -> int:
-    """Where the vector at `pos` (its length in `width` bytes) ends; HelloError if past `end`."""
+    """Where the vector at `pos` (its length in `width` bytes, 1 or 2) ends; HelloError if past `end`."""
     if pos + width > end:
         raise HelloError("truncated ClientHello")
-    stop = pos + width + int.from_bytes(data[pos:pos + width], "big")
+    stop = pos + width + (data[pos] if width == 1 else data[pos] << 8 | data[pos + 1])
     if stop > end:
         raise HelloError("truncated ClientHello")
     return stop
