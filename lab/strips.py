@@ -21,9 +21,11 @@ decision, origin reached, verdict. Events are joined by ids, never by order:
 
 Nobody watching costs little: `defer` keeps a request's events (`route.decision`,
 `origin.*`, one or two per request) with their world in a deque of the newest
-`4 * keep` and folds them when the strips are next read; since the strips do not depend
-on the order of events, the rest (connections, DNS, tunnels: few, and joined to requests
-long after) is folded at once. The strips read are the ones folding everything at once
+`4 * keep`, and a connection's (`tls.*`, at most three per connection) in one of the
+newest `6 * keep`, which outlives the `2 * keep` connections folding at once remembers;
+both are folded, in the order they came, when the strips are next read. The rest (DNS,
+tunnels: few, and joined to requests long after) is folded at once; the strips do not
+depend on the order of events. The strips read are the ones folding everything at once
 would show.
 
 The lab's own traffic is `internal`, hidden unless asked for: a trace that starts with
@@ -33,6 +35,7 @@ request completed (kept with the strip): a setup undone later must not change wh
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from typing import Any, Iterable
 
@@ -86,26 +89,32 @@ class Fold:
         self._origin: _Bounded = _Bounded(cap)     # trace -> origin.hit or origin.error
         self._worlds: _Bounded = _Bounded(cap)     # key -> the world when its request completed
         self._at: _Bounded = _Bounded(cap)         # key -> id of the event that made it a strip
-        # A request's events, not folded yet, with the world at each: at most `cap` requests' worth.
+        # A request's events, not folded yet, with the world at each: at most `cap` requests' worth;
+        # a connection's the same way, at least `cap` connections' worth.
         self._later: deque[tuple[Event, World]] = deque(maxlen=2 * cap)
+        self._later_conns: deque[tuple[Event, World]] = deque(maxlen=3 * cap)
 
     # ---- folding ------------------------------------------------------------------
     def add(self, e: Event, world: World) -> tuple[set[str], set[str]]:
         """Fold one event; returns (keys of strips changed, keys of strips no longer shown)."""
-        if self._later:
+        if self._later or self._later_conns:
             self._catch_up()
         return self._add(e, world)
 
     def defer(self, e: Event, world: World) -> None:
         """Fold `e` when the strips are next read (nobody is told what changed)."""
-        if e.get("kind") in _PER_REQUEST:
+        kind = e.get("kind")
+        if kind in _PER_REQUEST:
             self._later.append((e, world))
+        elif kind in _TLS_SLOTS:
+            self._later_conns.append((e, world))
         else:
             self._add(e, world)
 
     def _catch_up(self) -> None:
         later, self._later = self._later, deque(maxlen=self._later.maxlen)
-        for e, world in later:
+        conns, self._later_conns = self._later_conns, deque(maxlen=self._later_conns.maxlen)
+        for e, world in heapq.merge(conns, later, key=_event_id):  # as they came: ids grow
             self._add(e, world)
 
     def _add(self, e: Event, world: World) -> tuple[set[str], set[str]]:
@@ -257,7 +266,7 @@ class Fold:
     # ---- reading ------------------------------------------------------------------
     def strips(self, limit: int = 200, internal: bool = False) -> list[dict]:
         """Newest first."""
-        if self._later:
+        if self._later or self._later_conns:
             self._catch_up()
         out = []
         for key in sorted(self._at, key=self._at.__getitem__, reverse=True):
@@ -270,7 +279,7 @@ class Fold:
 
     def strip(self, key: str) -> dict | None:
         """The strip as the page shows it, or None when it is no longer shown."""
-        if self._later:
+        if self._later or self._later_conns:
             self._catch_up()
         if key not in self._at:
             return None
@@ -312,6 +321,10 @@ class Fold:
             return True
         # The verifier asks from the lab's own address and names no request.
         return bool(dns and not dns.get("trace") and dns.get("client") in self.internal_clients and not decision)
+
+
+def _event_id(later: tuple[Event, World]) -> int:
+    return later[0]["id"]
 
 
 def _rank(dns: Event) -> tuple:

@@ -193,6 +193,32 @@ def test_a_fold_nobody_reads_shows_what_folding_at_once_shows(run):
         assert len(at_once.strips(limit=keep, internal=True)) == keep
 
 
+def test_a_fold_nobody_reads_shows_what_folding_at_once_shows_for_new_connections(run):
+    # A handshake load: each request on a connection of its own, more connections than the fold keeps,
+    # with the run's own (long-lived, and failed) connections first.
+    world = run["world"]
+    events = run["events"]
+    conns = {e["conn"] for e in events if e["kind"] == "route.decision" and e.get("conn")}
+    flood = [e for e in events if e["kind"] in ("route.decision", "origin.hit")
+             or (e["kind"] in ("tls.clienthello", "tls.cert") and e.get("conn") in conns)]
+    flood.sort(key=lambda e: e["id"])
+    assert {"tls.clienthello", "tls.cert", "route.decision"} <= {e["kind"] for e in flood}
+
+    def copied(e, n):
+        conn = e.get("conn")
+        return {**e, "id": e["id"] + n * 10**6, "trace": f"{e['trace']}-{n}",
+                **({"conn": f"{conn}-{n}"} if conn else {}), **({"peer": f"{e['peer']}-{n}"} if e.get("peer") else {})}
+
+    events = list(events) + [copied(e, n) for n in range(1, 200) for e in flood]
+    assert sum(e["kind"] == "tls.clienthello" for e in events) > 6 * 50  # more than it holds back at keep=50
+    for keep in (1000, 50):
+        at_once, later = Fold({world.control.host}, keep=keep), Fold({world.control.host}, keep=keep)
+        for e in events:
+            at_once.add(e, world)
+            later.defer(e, world)
+        assert later.strips(limit=keep, internal=True) == at_once.strips(limit=keep, internal=True)
+
+
 @pytest.mark.parametrize("names, name, covered", [
     (["victim.example", "*.victim.example"], "www.victim.example", True),
     (["victim.example", "*.victim.example"], "victim.example", True),

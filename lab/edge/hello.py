@@ -7,6 +7,7 @@ Pure: bytes in, a value out; no I/O.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 HANDSHAKE = 22
@@ -16,6 +17,8 @@ HOST_NAME = 0
 MAX_RECORD = 1 << 14
 MAX_HELLO = 1 << 16  # larger than any real ClientHello (post-quantum key shares included)
 MAX_RECORDS = 8  # real clients send one record, two at most for a very large hello
+
+_EXTENSION = struct.Struct(">HH").unpack_from  # an extension's type and length
 
 # Alert descriptions (RFC 8446 §6)
 DECODE_ERROR = 50
@@ -79,10 +82,10 @@ def client_hello(data: bytes) -> Hello | None:
 
 
 def _vector(data: bytes, pos: int, width: int, end: int) -> int:
-    """Where the vector at `pos` (its length in `width` bytes) ends; HelloError if past `end`."""
+    """Where the vector at `pos` (its length in `width` bytes, 1 or 2) ends; HelloError if past `end`."""
     if pos + width > end:
         raise HelloError("truncated ClientHello")
-    stop = pos + width + int.from_bytes(data[pos:pos + width], "big")
+    stop = pos + width + (data[pos] if width == 1 else data[pos] << 8 | data[pos + 1])
     if stop > end:
         raise HelloError("truncated ClientHello")
     return stop
@@ -107,16 +110,15 @@ def _sni(body: bytes, pos: int, end: int) -> bytes | None:
     while pos < stop:
         if pos + 4 > stop:
             raise HelloError("truncated ClientHello")
-        kind = body[pos] << 8 | body[pos + 1]
-        ext_end = pos + 4 + (body[pos + 2] << 8 | body[pos + 3])
-        if ext_end > stop:
+        kind, length = _EXTENSION(body, pos)
+        pos += 4 + length
+        if pos > stop:
             raise HelloError("truncated ClientHello")
         if kind in seen:
             raise HelloError(f"extension {kind} twice")
         seen.add(kind)
         if kind == SERVER_NAME:
-            sni = server_name(body[pos + 4:ext_end])
-        pos = ext_end
+            sni = server_name(body[pos - length:pos])
     return sni
 
 
