@@ -32,8 +32,9 @@ def need(edge: str) -> None:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lab(world):
-    """The lab without its own edge: origins, resolver and control plane, listeners' ports free."""
-    async with Lab.ephemeral(world, run_edge=False) as running_lab:
+    """The lab without its own edge: origins, resolver and control plane, listeners' ports free
+    (not the world file's 8443: a lab the user has running there must not meet these edges)."""
+    async with Lab.ephemeral(world.with_free_ports(), run_edge=False) as running_lab:
         yield running_lab
 
 
@@ -191,7 +192,7 @@ async def test_the_configs_follow_a_world_moved_to_another_24():
     if not installed:
         pytest.skip("no real edge is installed")
     moved = parse(tomllib.loads(default_path().read_text().replace('"127.0.0.', '"127.0.5.')), "moved.toml")
-    async with Lab.ephemeral(moved, run_edge=False) as other:
+    async with Lab.ephemeral(moved.with_free_ports(), run_edge=False) as other:
         for edge in installed:
             async with running(edge, other.world, "default", other.ca) as started:
                 out = await ask(other, started, "saas-v1", "www.victim.example", "www.victim.example", False)
@@ -204,7 +205,7 @@ async def test_another_v1_zone_and_a_wildcard_custom_hostname_on_every_edge(flav
     installed = [e for e in EDGES if available(e) is None]
     if not installed:
         pytest.skip("no real edge is installed")
-    async with Lab.ephemeral(other_world(world), run_edge=False) as other:
+    async with Lab.ephemeral(other_world(world).with_free_ports(), run_edge=False) as other:
         for edge in installed:
             async with running(edge, other.world, flavour, other.ca) as started:
                 for listener, name, origin in [("spare-v1", "app.other.example", "saas2"),
