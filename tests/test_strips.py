@@ -185,12 +185,9 @@ def test_a_fold_nobody_reads_shows_what_folding_at_once_shows(run):
                                     for n in range(1, 200) for e in flood]
     assert sum(e["kind"] in ("route.decision", "origin.hit") for e in events) > 4 * 1000  # more than it holds back
     for keep in (1000, 50):
-        at_once, later = Fold({world.control.host}, keep=keep), Fold({world.control.host}, keep=keep)
-        for e in events:
-            at_once.add(e, world)
-            later.defer(e, world)
-        assert later.strips(limit=keep, internal=True) == at_once.strips(limit=keep, internal=True)
-        assert len(at_once.strips(limit=keep, internal=True)) == keep
+        later, at_once = _folded_later_and_at_once(events, world, keep)
+        assert later == at_once
+        assert len(at_once) == keep
 
 
 def test_a_fold_nobody_reads_shows_what_folding_at_once_shows_for_new_connections(run):
@@ -212,11 +209,17 @@ def test_a_fold_nobody_reads_shows_what_folding_at_once_shows_for_new_connection
     events = list(events) + [copied(e, n) for n in range(1, 200) for e in flood]
     assert sum(e["kind"] == "tls.clienthello" for e in events) > 6 * 50  # more than it holds back at keep=50
     for keep in (1000, 50):
-        at_once, later = Fold({world.control.host}, keep=keep), Fold({world.control.host}, keep=keep)
-        for e in events:
-            at_once.add(e, world)
-            later.defer(e, world)
-        assert later.strips(limit=keep, internal=True) == at_once.strips(limit=keep, internal=True)
+        later, at_once = _folded_later_and_at_once(events, world, keep)
+        assert later == at_once
+
+
+def _folded_later_and_at_once(events, world, keep: int):
+    """The strips of a fold nobody read while `events` came (deferred), and of one folding each at once."""
+    at_once, later = Fold({world.control.host}, keep=keep), Fold({world.control.host}, keep=keep)
+    for e in events:
+        at_once.add(e, world)
+        later.defer(e, world)
+    return later.strips(limit=keep, internal=True), at_once.strips(limit=keep, internal=True)
 
 
 @pytest.mark.parametrize("names, name, covered", [
