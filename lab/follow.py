@@ -326,7 +326,6 @@ class DnsFollower:
     """Makes a serving `Resolver` say what the hub's says: world, records, overrides."""
 
     def __init__(self, base: World, resolver: Resolver) -> None:
-        self.base = base
         self.world = WorldFollower(base)
         self.resolver = resolver
         self.local: dict[str, str] = {}  # hub override id -> this resolver's id
