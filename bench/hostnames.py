@@ -41,7 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.edge import CLK_TCK, BenchError, Procs, sni_lab_cmd, start_lab, write_world
+from bench.dns import cpu_seconds
+from bench.edge import BenchError, Procs, sni_lab_cmd, start_lab, write_world
 
 ROUTED = "shop.customer.example"   # the world's active custom hostname: policy, index, certificate
 LISTENER = "anycast"
@@ -140,12 +141,6 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 # ---- the lab process -------------------------------------------------------------------------
-
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
 
 def rss_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) in MB."""
@@ -270,9 +265,9 @@ async def measure(args, procs: Procs, tmp: Path, lab, res: dict) -> None:
         # Idle: what the lab spends on its own (the verifier, the resolver answering it), once
         # the verifier's first round has begun (the code before the schedule slept 10 s first).
         await asyncio.sleep(VERIFIER_START)
-        c0, e0, t0 = cpu_s(pid), await api.last_event(), time.monotonic()
+        c0, e0, t0 = cpu_seconds(pid), await api.last_event(), time.monotonic()
         await asyncio.sleep(args.idle)
-        c1, e1, t1 = cpu_s(pid), await api.last_event(), time.monotonic()
+        c1, e1, t1 = cpu_seconds(pid), await api.last_event(), time.monotonic()
         res["idle"] = {"seconds": round(t1 - t0, 1), "cpu_pct": round(100 * (c1 - c0) / (t1 - t0), 1),
                        "events_per_s": round((e1 - e0) / (t1 - t0), 1)}
         res["rss_mb"], res["rss_peak_mb"] = (round(x) for x in rss_mb(pid))
