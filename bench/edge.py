@@ -21,6 +21,9 @@ Host, so both return the same page; the origin measured directly (plain HTTP) is
 HTTP/2: h2load (ALPN h2) with 8 connections of 10 concurrent streams each, against our edge
 and against nginx with http2 on the same origin (`python -m bench.edge` prints the ratio).
 
+The floor: `bench.floor`, a bare Python TLS server (no lab code, no origin), under the same
+new-handshake load: what no Python edge can go below.
+
 New handshakes: wrk with `Connection: close`, one request per connection. wrk keeps its
 SSL object across reconnects (SSL_shutdown + SSL_clear, which keeps the session), so it
 *does* offer the previous session on every reconnect and a server with tickets on
@@ -59,6 +62,7 @@ TARGET_HANDSHAKES = 0.9       # handshakes/s: bounded by the client's core, so t
 TARGET_HANDSHAKES_PER_CPU = 0.8  # handshakes per CPU-second of the proxy process(es)
 TARGET_READY_S = 1.0
 TARGET_HTTP2 = 0.5
+FLOOR_LABEL = "floor: bare TLS server (bench.floor)"
 H2_CONNECTIONS, H2_STREAMS = 8, 10   # h2load -c8 -m10: multiplexed, as a browser is
 H2_REQUESTS = 40000                  # per measurement (--quick: 3000), fewer when the warm-up says it would be slow
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -478,6 +482,20 @@ def start_nginx(procs: Procs, nginx: str, base: Path, workers: str, ip: str, ori
     return p, port
 
 
+
+def start_floor(procs: Procs, tmp: Path, ip: str, cert: str, key: str, timeout: float = 20.0) -> tuple[subprocess.Popen, int]:
+    """`bench.floor`, the bare Python TLS server, on the listener's address; returns (process, port)."""
+    err = open(tmp / "floor.stderr", "ab")
+    p = procs.start([sys.executable, "-m", "bench.floor", ip, cert, key], stdout=subprocess.PIPE, stderr=err,
+                    stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
+    err.close()
+    line = _read_line(p, timeout)
+    if not line or not line.strip().isdigit():
+        procs.stop(p)
+        raise BenchError("bench.floor did not start: " + (tmp / "floor.stderr").read_text(errors="replace").strip()[-300:])
+    return p, int(line)
+
+
 # ---- load ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -857,8 +875,8 @@ def print_handshakes(res: dict) -> None:
         if r.skipped:
             print(f"  {r.label:<44} {'skipped':>8}  {r.skipped}")
             continue
-        rq = ratio(r, base) if base is not None and r is not base and r.target.startswith("edge") else None
-        cpu = [f"{'edge' if r.target.startswith('edge') else 'nginx'} {r.cpu_server_pct:.0f}%",
+        rq = ratio(r, base) if base is not None and r is not base and not r.target.startswith("nginx") else None
+        cpu = [f"{r.target.split('-')[0]} {r.cpu_server_pct:.0f}%",
                f"origins {r.cpu_lab_pct:.0f}%", f"client {r.cpu_client_pct:.0f}%"]
         if r.cpu_other_pct is not None and r.cpu_other_pct >= 10:
             cpu.append(f"OTHER {r.cpu_other_pct:.0f}%")
@@ -871,6 +889,12 @@ def print_handshakes(res: dict) -> None:
               f"core; target >= {TARGET_HANDSHAKES}x)")
     if res.get("handshakes_ratio_auto") is not None:
         print(f"  ours / nginx worker_processes auto: {res['handshakes_ratio_auto']:.2f}x")
+    floor = next((r for r in runs if r.target == "floor" and not r.skipped), None)
+    if floor is not None and floor.proxy_us:
+        fq, above = res.get("handshakes_floor_per_proxy_cpu_ratio"), res.get("handshakes_above_floor_us")
+        print(f"  the floor (a bare Python TLS server: uvloop, stdlib ssl, no lab code, no origin): {floor.proxy_us} us "
+              f"per handshake" + (f", {fq:.2f}x nginx per CPU-second" if fq is not None else "")
+              + (f"; our edge spends {above} us per handshake above it" if above is not None else ""))
 
 
 def print_report(res: dict) -> None:
@@ -1068,6 +1092,14 @@ def bench(args) -> dict:
             res["targets"][tgt] = {"url": urls[tgt], "address": ip, "workers": workers,
                                    **check_target(f"nginx {workers}", ip, port, ca)}
 
+        # The floor: a bare Python TLS server under the same handshake load (handshakes only).
+        rows["handshakes", "floor"] = Run("floor", FLOOR_LABEL)
+        if ns_ok:
+            p, port = start_floor(procs, tmp, ip, cert, key)
+            urls["floor"], ports["floor"], pgids["floor"] = f"https://{NAME}:{port}/", port, p.pid
+        else:
+            rows["handshakes", "floor"].skipped = why
+
         # HTTP/2: h2load connects where it is told (--connect-to), no hosts file needed; nginx with
         # http2 is a server of its own (worker_processes 1), on the same origin with the same leaf.
         h2: dict[str, tuple[int, int]] = {}  # target -> (port, process group)
@@ -1173,6 +1205,13 @@ def bench(args) -> dict:
             res[f"{key}_per_cpu_ratio"] = round(e.per_cpu_s / n.per_cpu_s, 3) if e and n and e.per_cpu_s and n.per_cpu_s else None
             res[f"{key}_per_proxy_cpu_ratio"] = (round(e.per_proxy_cpu_s / n.per_proxy_cpu_s, 3)
                                                  if e and n and e.per_proxy_cpu_s and n.per_proxy_cpu_s else None)
+        runs = {r.target: r for r in res["handshakes"]}
+        floor, edge, ng = runs.get("floor"), runs.get("edge"), runs.get("nginx-1")
+        res["handshakes_floor_per_proxy_cpu_ratio"] = (round(floor.per_proxy_cpu_s / ng.per_proxy_cpu_s, 3)
+                                                      if floor and ng and floor.per_proxy_cpu_s and ng.per_proxy_cpu_s
+                                                      else None)
+        res["handshakes_above_floor_us"] = (edge.proxy_us - floor.proxy_us
+                                            if floor and edge and floor.proxy_us and edge.proxy_us else None)
         if resumed_rows & {"edge", "nginx-1"}:
             res["handshakes_ratio"] = res["handshakes_per_cpu_ratio"] = res["handshakes_per_proxy_cpu_ratio"] = None
         if resumed_rows & {"edge", "nginx-auto"}:
