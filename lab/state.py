@@ -101,6 +101,7 @@ OVERRIDE_FIELDS = ("id", "name", "type", "value", "client", "expires", "ttl")
 OVERRIDE_TTL = 60
 # checkpoint_apart(): commits checkpoint only past this many WAL pages (64 MB), the checkpointer's backstop.
 CHECKPOINT_BACKSTOP_PAGES = 16384
+ENCODE_SLICE = 200  # events encoded per loop step by the event sink
 PRUNE_EVERY = 20  # event-sink flushes between prunings (sooner when a budget's eighth was written)
 
 
@@ -680,8 +681,13 @@ class EventSink:
         self._buf.clear()
         # Encode here, write there: a worker thread running a Python loop keeps the GIL for a
         # whole switch interval (5 ms) whenever the event loop wants it back; SQLite's own
-        # steps release it.
-        rows = event_rows(batch)
+        # steps release it. Here, a slice at a time: half a second of a busy lab is thousands
+        # of events, tens of ms of JSON in one go (measured: 4,200 in 35 ms, every request
+        # waiting behind it); a slice is ~2 ms, and requests come in between.
+        rows = event_rows(batch[:ENCODE_SLICE])
+        for start in range(ENCODE_SLICE, len(batch), ENCODE_SLICE):
+            await asyncio.sleep(0)
+            rows += event_rows(batch[start:start + ENCODE_SLICE])
         try:
             stored = await asyncio.to_thread(self.state.add_rows, rows)
         except (StateError, sqlite3.Error) as e:
