@@ -20,7 +20,8 @@ from lab.edge.admission import Refusals
 from lab.run import Lab
 from tests.conftest import NATIVE_ONLY, need
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# The async tests share the module's lab, so its loop too (a module-wide mark would also hit the one sync test).
+in_lab_loop = pytest.mark.asyncio(loop_scope="module")
 ROOT = Path(__file__).resolve().parent.parent
 
 VICTIM = ["victim.example", "*.victim.example"]
@@ -112,6 +113,7 @@ def _id(form) -> str:
 
 
 @pytest.mark.parametrize("sni,names,host", SNI_FORMS, ids=[_id(f[0]) for f in SNI_FORMS])
+@in_lab_loop
 async def test_certificate_follows_the_policys_name(lab, sni, names, host):
     lab.set_model("v2")
     before = lab.events.since(0)[-1]["id"] if lab.events.since(0) else 0
@@ -140,6 +142,7 @@ def test_every_catalog_sni_is_covered():
     assert found, "no `sni =` in scenarios/*.toml: the catalog moved?"
 
 
+@in_lab_loop
 async def test_non_ascii_sni_is_one_log_line_and_no_traceback(lab, caplog):
     clock = [0.0]
     lab.edge.refusals = Refusals(lab.events, clock=lambda: clock[0])
@@ -160,6 +163,7 @@ async def test_non_ascii_sni_is_one_log_line_and_no_traceback(lab, caplog):
 
 # ---- resumption ---------------------------------------------------------------------------
 
+@in_lab_loop
 async def test_a_session_never_resumes_on_another_listener_or_name(lab, tmp_path):
     session = tmp_path / "session.pem"
     first = await s_client(lab, "anycast", "www.victim.example", "-tls1_2", "-sess_out", str(session))
@@ -185,6 +189,7 @@ async def test_a_session_never_resumes_on_another_listener_or_name(lab, tmp_path
         "anycast", "www.victim.example", VICTIM, True)
 
 
+@in_lab_loop
 async def test_tls13_never_resumes(lab, tmp_path):
     session = tmp_path / "session.pem"
     out = await s_client(lab, "anycast", "www.victim.example", "-tls1_3", "-sess_out", str(session),
@@ -212,6 +217,7 @@ async def test_tls13_never_resumes(lab, tmp_path):
     ("AES128-SHA256", False),  # CBC, no forward secrecy
     ("AES128-GCM-SHA256", False),  # no forward secrecy
 ])
+@in_lab_loop
 async def test_tls12_offers_aead_suites_only(lab, cipher, ok):
     out = await s_client(lab, "anycast", "www.victim.example", "-tls1_2", "-cipher", cipher)
     if ok:
@@ -221,6 +227,7 @@ async def test_tls12_offers_aead_suites_only(lab, cipher, ok):
 
 
 @NATIVE_ONLY  # mitmproxy's OpenSSL refuses too, but its warning alert waits for its next write: no answer to wait for
+@in_lab_loop
 async def test_a_client_cannot_renegotiate(lab):
     # As nginx: a handshake redone on demand costs the server a handshake for nothing, and the
     # edge's session caches count on one session per connection (lab.edge.tls.SessionContexts).
@@ -248,6 +255,7 @@ async def test_a_client_cannot_renegotiate(lab):
     assert "RENEGOTIATING" in text and "no renegotiation" in text, text[-400:]
 
 
+@in_lab_loop
 async def test_a_client_hello_in_pieces_gets_its_certificate(lab):
     """A ClientHello that arrives over several reads is read whole, then answered like any other."""
     l = lab.world.listener_by_name["anycast"]
@@ -294,6 +302,7 @@ async def test_a_client_hello_in_pieces_gets_its_certificate(lab):
 # ---- handshake timeout ------------------------------------------------------------------
 
 @pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01"], ids=["nothing", "half-a-hello"])
+@in_lab_loop
 async def test_silent_client_is_dropped_after_the_handshake_timeout(lab, sent):
     saved = lab.world
     with_limits(lab, handshake_timeout=0.3)
@@ -351,6 +360,7 @@ async def _health(lab) -> int:
     return int(head.split(b" ", 2)[1])
 
 
+@in_lab_loop
 async def test_per_client_cap_refuses_that_client_only(lab, caplog):
     saved = lab.world
     with_limits(lab, max_connections_per_client=3)
@@ -381,6 +391,7 @@ async def test_per_client_cap_refuses_that_client_only(lab, caplog):
         lab.set_world(saved)
 
 
+@in_lab_loop
 async def test_global_cap_refuses_everyone_beyond_it(lab):
     saved = lab.world
     with_limits(lab, max_connections=2)
