@@ -21,7 +21,7 @@ Host, so both return the same page; the origin measured directly (plain HTTP) is
 HTTP/2: h2load (ALPN h2) with 8 connections of 10 concurrent streams each, against our edge
 and against nginx with http2 on the same origin (`python -m bench.edge` prints the ratio).
 
-The floor: `bench.floor`, a bare Python TLS server (no lab code, no origin), under the same
+The floor: `bench._floor`, a bare Python TLS server (no lab code, no origin), under the same
 new-handshake load: what no Python edge can go below.
 
 New handshakes: wrk with `Connection: close`, one request per connection. wrk keeps its
@@ -62,7 +62,7 @@ TARGET_HANDSHAKES = 0.9       # handshakes/s: bounded by the client's core, so t
 TARGET_HANDSHAKES_PER_CPU = 0.8  # handshakes per CPU-second of the proxy process(es)
 TARGET_READY_S = 1.0
 TARGET_HTTP2 = 0.5
-FLOOR_LABEL = "floor: bare TLS server (bench.floor)"
+FLOOR_LABEL = "floor: bare TLS server (bench._floor)"
 H2_CONNECTIONS, H2_STREAMS = 8, 10   # h2load -c8 -m10: multiplexed, as a browser is
 H2_REQUESTS = 40000                  # per measurement (--quick: 3000), fewer when the warm-up says it would be slow
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -484,15 +484,15 @@ def start_nginx(procs: Procs, nginx: str, base: Path, workers: str, ip: str, ori
 
 
 def start_floor(procs: Procs, tmp: Path, ip: str, cert: str, key: str, timeout: float = 20.0) -> tuple[subprocess.Popen, int]:
-    """`bench.floor`, the bare Python TLS server, on the listener's address; returns (process, port)."""
+    """`bench._floor`, the bare Python TLS server, on the listener's address; returns (process, port)."""
     err = open(tmp / "floor.stderr", "ab")
-    p = procs.start([sys.executable, "-m", "bench.floor", ip, cert, key], stdout=subprocess.PIPE, stderr=err,
+    p = procs.start([sys.executable, "-m", "bench._floor", ip, cert, key], stdout=subprocess.PIPE, stderr=err,
                     stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
     err.close()
     line = _read_line(p, timeout)
     if not line or not line.strip().isdigit():
         procs.stop(p)
-        raise BenchError("bench.floor did not start: " + (tmp / "floor.stderr").read_text(errors="replace").strip()[-300:])
+        raise BenchError("bench._floor did not start: " + (tmp / "floor.stderr").read_text(errors="replace").strip()[-300:])
     return p, int(line)
 
 

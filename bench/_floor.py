@@ -1,6 +1,7 @@
 """The floor under any Python edge on this machine: a bare TLS server, nothing of the lab's.
 
-    .venv/bin/python -m bench.floor HOST CERT KEY    (prints its port, serves until SIGTERM)
+    .venv/bin/python -m bench._floor HOST CERT KEY   (prints its port, serves until SIGTERM; not a bench of
+    its own: `python -m bench` skips modules named with a leading underscore)
 
 uvloop, the stdlib's ssl over MemoryBIO as `lab.edge.tls` drives it, the edge's own TLS
 settings (`certstore.server_context`), and one fixed answer per connection: no ClientHello
@@ -67,7 +68,7 @@ async def serve(host: str, cert: str, key: str) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
-        print("usage: python -m bench.floor HOST CERT KEY", file=sys.stderr)
+        print("usage: python -m bench._floor HOST CERT KEY", file=sys.stderr)
         return 2
     try:
         from uvloop import run
