@@ -482,7 +482,6 @@ def start_nginx(procs: Procs, nginx: str, base: Path, workers: str, ip: str, ori
     return p, port
 
 
-
 def start_floor(procs: Procs, tmp: Path, ip: str, cert: str, key: str, timeout: float = 20.0) -> tuple[subprocess.Popen, int]:
     """`bench._floor`, the bare Python TLS server, on the listener's address; returns (process, port)."""
     err = open(tmp / "floor.stderr", "ab")
