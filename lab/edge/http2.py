@@ -14,7 +14,7 @@ What a connection may cost is bounded by the world's limits, as nginx bounds it:
 - streams: the stream beyond `h2_max_streams` is refused, the others carry on;
 - control frames (SETTINGS, PING, RST_STREAM, PRIORITY, empty DATA, unknown): more than
   `h2_control_frames` in 10 s is a flood (rapid reset, CVE-2023-44487): GOAWAY
-  ENHANCE_YOUR_CALM. Input is fed to h2 in slices, so a flood stops mid-read;
+  ENHANCE_YOUR_CALM. Input is fed to h2conn in slices, so a flood stops mid-read;
 - a peer that does not read: while the transport is paused nothing is read, and so
   nothing (PING answers, responses) is generated;
 - idle: no stream for `idle_timeout`: GOAWAY and close.
@@ -34,8 +34,8 @@ from lab.edge.core import EdgeCore, Malformed
 from lab.policy import Target
 
 CONTROL_PERIOD = 10.0  # seconds over which h2_control_frames are counted
-_SLICE = 16 * 1024  # bytes handed to h2 at a time: a flood is cut off within one slice
-_FLUSH_AT = 64 * 1024  # response bytes queued in h2 before they are written at once (backpressure stays prompt)
+_SLICE = 16 * 1024  # bytes handed to h2conn at a time: a flood is cut off within one slice
+_FLUSH_AT = 64 * 1024  # response bytes queued in h2conn before they are written at once (backpressure stays prompt)
 _HEADS = 16  # header blocks a connection remembers the check of
 _HEAD_BYTES = 4096  # ... when they are no larger than this
 
@@ -73,10 +73,10 @@ class H2Protocol(asyncio.Protocol):
         # block that passed is remembered (bounded), so a repeat costs one lookup.
         self.heads: dict[tuple, tuple[list[tuple[str, str]], H2Head]] = {}
         self.sending: dict[int, _Stream] = {}  # streams with response bytes still to send
-        self.queued = 0  # response bytes handed to h2 and not yet written
-        self.flush_soon = False  # a write of what h2 has to send is scheduled
+        self.queued = 0  # response bytes handed to h2conn and not yet written
+        self.flush_soon = False  # a write of what h2conn has to send is scheduled
         self.held = 0  # request body bytes held on this connection
-        self.pending = bytearray()  # read, not yet given to h2 (while the peer does not read)
+        self.pending = bytearray()  # read, not yet given to h2conn (while the peer does not read)
         self.paused = False
         self.closed = False
         self.loop = asyncio.get_running_loop()
@@ -103,7 +103,7 @@ class H2Protocol(asyncio.Protocol):
             self.conn.write(data)
 
     def _soon(self) -> None:
-        """Write what h2 has to send once this loop iteration is done: the answers of every origin
+        """Write what h2conn has to send once this loop iteration is done: the answers of every origin
         that replied in it go out in one TLS record and one system call."""
         if not self.flush_soon:
             self.flush_soon = True
