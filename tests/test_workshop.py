@@ -172,3 +172,12 @@ def test_room_reports_are_bounded():
         room.record(full, ok, 2.0)
     once = room.record({}, ok, 2.0)
     assert room.record(once, {**ok, "passed": False}, 3.0)["Ada L."]["01-follow-one-request"]["passed"]  # a pass stays
+
+
+def test_the_class_token_works_as_printed_in_the_join_line():
+    from lab.cli import build_parser
+    from lab.workshop.server import class_token
+    parser = build_parser()
+    for token in {class_token() for _ in range(2000)}:  # a URL-safe token would start with '-' ~31 times in 2000
+        args = parser.parse_args(["workshop", "join", "http://127.0.0.1:8000", "--name", "ada", "--token", token])
+        assert args.token == token and room.check_token(token) == token

@@ -66,6 +66,16 @@ def setup(app: web.Application, control) -> "Workshop":
     return w
 
 
+
+def class_token() -> str:
+    """The token attendees type from the projector: hex, so it never starts with '-'.
+
+    A URL-safe token starts with '-' one time in 64, and `--token -x...` then reads as a
+    missing argument to every attendee's shell and argparse.
+    """
+    return secrets.token_hex(8)
+
+
 class Workshop:
     def __init__(self, control, app: web.Application) -> None:
         self.control, self.app = control, app
@@ -406,7 +416,7 @@ class Workshop:
     async def open_room(self, request: web.Request) -> web.Response:
         hosted = self._get(ROOM, {})
         if not hosted.get("token"):
-            hosted = {"token": secrets.token_urlsafe(12), "attendees": {}}
+            hosted = {"token": class_token(), "attendees": {}}
             self._put(ROOM, hosted)
         return web.json_response({"token": hosted["token"], "url": self.control.url,
                                   "attendees": len(hosted.get("attendees", {}))})
