@@ -852,4 +852,5 @@ def _new_id() -> str:
 
 
 def _token() -> str:
-    return secrets.token_urlsafe(18)
+    """An ownership token: hex, so `sni-lab dns set NAME TXT TOKEN` never reads it as a flag."""
+    return secrets.token_hex(16)

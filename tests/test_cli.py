@@ -112,3 +112,12 @@ async def test_printing_commands_into_a_closed_pipe_exit_quietly(up):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_an_ownership_token_works_as_the_value_of_dns_set():
+    from lab.cli import build_parser
+    from lab.control import _token
+    parser = build_parser()
+    for token in {_token() for _ in range(2000)}:  # a URL-safe token would start with '-' ~31 times in 2000
+        args = parser.parse_args(["dns", "set", "_sni-lab-custom-hostname.www.newshop.test", "TXT", token])
+        assert args.value == [token]
