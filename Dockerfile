@@ -15,9 +15,7 @@ COPY lab /src/lab
 COPY scenarios /src/scenarios
 RUN python3 -m venv /opt/sni-lab \
  && if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels; fi \
- && /opt/sni-lab/bin/pip install --no-cache-dir --disable-pip-version-check "$@" /src \
- && site=$(/opt/sni-lab/bin/python -c 'import lab, pathlib; print(pathlib.Path(lab.__file__).parent.parent)') \
- && cp -r /src/scenarios "$site/scenarios"
+ && /opt/sni-lab/bin/pip install --no-cache-dir --disable-pip-version-check "$@" /src
 
 FROM ${BASE}
 # curl and dig for the client toolbox, ip for the edge's addresses, the system trust store.

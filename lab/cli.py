@@ -143,7 +143,7 @@ def _edges_parsers(sub) -> None:
     matrix.add_argument("--edge", metavar="E[,E]", help=f"edges (default: all: {', '.join(EDGES)})")
     matrix.add_argument("--flavour", metavar="F[,F]", help="flavours (default: default,fixed)")
     matrix.add_argument("--tag", action="append", help="only scenarios with this tag (repeatable)")
-    matrix.add_argument("--scenarios", metavar="DIR", help="scenario directory (default: the project's scenarios/)")
+    matrix.add_argument("--scenarios", metavar="DIR", help="scenario directory (default: the built-in catalog, scenarios/)")
     matrix.add_argument("--config", metavar="PATH", help="world file (default: the packaged lab.toml)")
     matrix.add_argument("--certs", metavar="DIR", help="certificates for this run (default: throwaway)")
     matrix.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
@@ -156,7 +156,7 @@ def _scenario_parsers(sub) -> None:
         p.add_argument("--model", metavar="M[,M]" if several_models else "M",
                        help="models to run (default: all)" if several_models else "the model (default: the world's)")
         p.add_argument("--engine", metavar="E[,E]", help="engines: native, mitmproxy (several: compare verdicts)")
-        p.add_argument("--scenarios", metavar="DIR", help="scenario directory (default: the project's scenarios/)")
+        p.add_argument("--scenarios", metavar="DIR", help="scenario directory (default: the built-in catalog, scenarios/)")
         p.add_argument("--fresh", action="store_true", help="start a lab in-process even if one is running")
         p.add_argument("--edge", action="append", metavar="NAME=HOST:PORT",
                        help="run against another edge: where the world's listener NAME is on it (repeatable); "

@@ -30,7 +30,10 @@ from lab.results import NOT_APPLICABLE, CaseResult, RequestResult, matches, pars
 from lab.target import Target, needs_control_plane
 from lab.topology import HOSTNAME_STATUSES, MODELS, PROTECTED, VALIDATION_MODES, CustomHostname, World, Zone
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+_HERE = Path(__file__).resolve().parent
+# A checkout keeps the catalog at its top; a wheel carries the same files as lab/catalog
+# (pyproject's package-dir), so an installed lab runs it too.
+DEFAULT_DIR = _HERE / "catalog" if (_HERE / "catalog").is_dir() else _HERE.parent / "scenarios"
 _REQUEST_KEYS = {"resolve", "listener", "address", "client", "sni", "host", "path", "method", "headers", "http2",
                  "raw", "also"}
 _TOP_KEYS = {"title", "story", "lesson", "tags", "setup", "request", "expect"}
