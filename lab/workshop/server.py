@@ -66,7 +66,6 @@ def setup(app: web.Application, control) -> "Workshop":
     return w
 
 
-
 def class_token() -> str:
     """The token attendees type from the projector: hex, so it never starts with '-'.
 
