@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from bench._proc import cpu_seconds
+
 OURS_HOST, DNSMASQ_HOST = "127.0.0.201", "127.0.0.202"
 SERVER_CPUS: set[int] = set()  # the core the server under test gets to itself (when there are two or more)
 TXT_NAME, TXT_VALUE = "_bench.victim.example", "sni-lab bench"
@@ -48,16 +50,6 @@ def pin_cpus() -> None:
     if len(cpus) >= 2:
         SERVER_CPUS.add(cpus[-1])
         os.sched_setaffinity(0, set(cpus[:-1]))  # this process and the load it starts
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time a process has used so far (Linux /proc), None elsewhere."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()  # the name may hold spaces
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def settled_cpu_seconds(pid: int, within: float = 5.0) -> float | None:

@@ -53,6 +53,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench._proc import CLK_TCK, stat_fields
+
 NAME = "www.victim.example"  # the name the client believes it talks to (SNI and Host)
 LISTENER = "saas-v1"          # the SaaS v1 listener: model v1 routes it to ORIGIN
 ORIGIN = "saas"
@@ -65,7 +67,6 @@ TARGET_HTTP2 = 0.5
 FLOOR_LABEL = "floor: bare TLS server (bench._floor)"
 H2_CONNECTIONS, H2_STREAMS = 8, 10   # h2load -c8 -m10: multiplexed, as a browser is
 H2_REQUESTS = 40000                  # per measurement (--quick: 3000), fewer when the warm-up says it would be slow
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # LD_PRELOADed into the client for the handshake measurements: no SSL object ever gets a
 # session to offer, so every connect is a full handshake whatever the server allows.
@@ -148,14 +149,8 @@ def group_ticks(pgid: int) -> int:
     """CPU ticks (user+system) of every live process in the process group."""
     total = 0
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # fields after the name: state ppid pgrp ...
+        fields = stat_fields(entry) if entry.isdigit() else None
+        if fields is not None and int(fields[2]) == pgid:
             total += int(fields[11]) + int(fields[12])
     return total
 

@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.dns import cpu_seconds
+from bench._proc import cpu_seconds
 from bench.edge import BenchError, Procs, sni_lab_cmd, start_lab, write_world
 
 ROUTED = "shop.customer.example"   # the world's active custom hostname: policy, index, certificate
