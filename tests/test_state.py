@@ -320,7 +320,6 @@ async def test_sink_keeps_events_while_the_db_is_busy(tmp_path):
         assert [e["id"] for e in st.events()] == list(range(6, 106))
 
 
-
 async def test_sink_lets_requests_in_while_it_encodes_a_big_batch(tmp_path, monkeypatch):
     """Half a second of a busy lab is thousands of events: encoded in one loop step, every
     request waited behind it (4,200 events held the loop 35 ms). A slice at a time, the loop
@@ -351,6 +350,7 @@ async def test_sink_lets_requests_in_while_it_encodes_a_big_batch(tmp_path, monk
         assert {n for n in ticks if 0 < n < len(steps)} == set(range(1, len(steps)))  # a turn after every slice
         assert [e["id"] for e in st.events(0, 2000)] == list(range(1, 1001))
         await sink.close()
+
 
 async def test_sink_backfills_startup_events_and_skips_stored_ids(tmp_path):
     events = Events()
